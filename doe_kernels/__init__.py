@@ -1,0 +1,42 @@
+"""doe_kernels: gathered GEMMs that read only the kept neurons of the original weights.
+
+    y = x @ W[idx]^T + b[idx]       gathered_linear(x, W, b, rows=idx)    up / gate / fc1
+    y = h @ W[:, idx]^T + b         gathered_linear(h, W, b, cols=idx)    down / fc2
+    h = act(x @ Wg[idx]^T) * (x @ Wu[idx]^T)   gathered_glu(...)          gated FFNs
+
+Triton kernels on CUDA, the PyTorch reference (``doe_kernels.reference``) elsewhere. This
+package knows nothing about tasks; ``doe`` builds on it.
+"""
+
+from doe_kernels.dispatch import BACKENDS, resolve_backend, use_backend
+from doe_kernels.modules import (
+    GatheredGatedMLP,
+    GatheredLinear,
+    is_neuron_major,
+    linear_weight,
+    to_neuron_major_,
+    to_row_major_,
+)
+from doe_kernels.ops import gathered_glu, gathered_linear
+from doe_kernels.reference import ACTIVATIONS, gathered_glu_ref, gathered_linear_ref
+from doe_kernels.validation import validate_indices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "GatheredGatedMLP",
+    "GatheredLinear",
+    "gathered_glu",
+    "gathered_glu_ref",
+    "gathered_linear",
+    "gathered_linear_ref",
+    "is_neuron_major",
+    "linear_weight",
+    "resolve_backend",
+    "to_neuron_major_",
+    "to_row_major_",
+    "use_backend",
+    "validate_indices",
+]

@@ -1,0 +1,70 @@
+"""Backend choice: Triton for CUDA tensors, the PyTorch reference otherwise, or forced.
+
+``backend="auto"`` resolves through, in order: a ``use_backend(...)`` context, the
+``DOE_BACKEND`` environment variable ("triton" / "torch"), then the device of the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "use_backend", "triton_available"]
+
+BACKENDS = ("auto", "triton", "torch")
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a dependency, but may be broken on exotic hosts
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Force a backend for ``backend="auto"`` calls on this thread (e.g. ``"torch"`` to compare)."""
+    _check_name(backend)
+    previous = getattr(_local, "backend", None)
+    _local.backend = None if backend == "auto" else backend
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Return "triton" or "torch" for an op on tensor ``x``."""
+    if backend == "auto":
+        backend = getattr(_local, "backend", None) or os.environ.get("DOE_BACKEND") or "auto"
+    _check_name(backend)
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' was requested but triton cannot be imported")
+        if x.device.type == "cpu" and not _interpreting():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='torch'"
+            )
+        if x.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='triton' supports CUDA (or interpreted CPU) tensors, got {x.device}")
+    return backend

@@ -1,0 +1,138 @@
+"""Input checks.
+
+Two levels: ``validate_indices`` checks values (range, order, duplicates). It reads the
+index tensor, which on a GPU means a device sync, so callers run it once when an expert is
+built or installed. ``check_*`` functions look only at metadata (shapes, dtypes, devices) and
+run on every op call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["validate_indices", "INDEX_DTYPES"]
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def validate_indices(indices, size: int, *, name: str = "indices") -> torch.Tensor:
+    """Check a neuron index list and return it as a contiguous int32 tensor (same device).
+
+    indices: 1-D integer tensor (or sequence of ints) of kept neuron ids; must be non-empty,
+    sorted ascending, unique, and in [0, size). Raises ValueError / TypeError naming the
+    first offending value.
+    """
+    if not isinstance(indices, torch.Tensor):
+        try:
+            indices = torch.as_tensor(list(indices))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected a 1-D integer tensor, got {type(indices).__name__}") from exc
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected int32 or int64 indices, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(indices.shape)}")
+    n = indices.numel()
+    if n == 0:
+        raise ValueError(f"{name}: expected at least one kept neuron out of {size}, got an empty index list")
+    if n > size:
+        raise ValueError(f"{name}: {n} indices for only {size} neurons")
+    host = indices.detach().to("cpu", torch.int64)
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: index {bad} out of range, expected values in [0, {size})")
+    if n > 1:
+        step = host[1:] - host[:-1]
+        if bool((step == 0).any()):
+            pos = int((step == 0).nonzero()[0])
+            raise ValueError(f"{name}: duplicated index {int(host[pos])} at position {pos + 1}")
+        if bool((step < 0).any()):
+            pos = int((step < 0).nonzero()[0])
+            raise ValueError(
+                f"{name}: expected indices sorted ascending, got {int(host[pos])} before {int(host[pos + 1])} "
+                f"at position {pos + 1} (sort them first, e.g. torch.sort)"
+            )
+    return indices.to(dtype=torch.int32).contiguous()
+
+
+def _check_index(idx: torch.Tensor, device: torch.device, name: str) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of int32/int64 indices, got {type(idx).__name__}")
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected int32 or int64 indices, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D index tensor, got shape {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name}: expected indices on {device} (the weight's device), got {idx.device}")
+
+
+def _check_weight_and_input(x: torch.Tensor, weight: torch.Tensor, wname: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{wname}: expected a 2-D (out_features, in_features) weight, got {_describe(weight)}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension (..., features), got a 0-d tensor")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but {wname} is on {weight.device}: move them to one device")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but {wname} is {weight.dtype}: cast one to the other's dtype")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+
+
+def _check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor, size: int, name: str) -> None:
+    if bias is None:
+        return
+    if bias.shape != (size,):
+        raise ValueError(f"{name}: expected shape ({size},), got {tuple(bias.shape)}")
+    if bias.device != weight.device or bias.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: expected {weight.dtype} on {weight.device} like the weight, got {bias.dtype} on {bias.device}"
+        )
+
+
+def check_linear_args(x, weight, bias, rows, cols) -> tuple[torch.Tensor, bool]:
+    """Metadata checks of gathered_linear; returns (index, is_rows)."""
+    if (rows is None) == (cols is None):
+        raise ValueError(
+            "gathered_linear: expected exactly one of rows= (gather output neurons) or cols= "
+            f"(gather input neurons), got {'both' if rows is not None else 'neither'}"
+        )
+    _check_weight_and_input(x, weight, "weight")
+    is_rows = rows is not None
+    idx = rows if is_rows else cols
+    _check_index(idx, weight.device, "rows" if is_rows else "cols")
+    n_out, n_in = weight.shape
+    expected_in = n_in if is_rows else idx.shape[0]
+    if x.shape[-1] != expected_in:
+        what = f"weight.shape[1] = {n_in}" if is_rows else f"len(cols) = {idx.shape[0]}"
+        raise ValueError(f"x: expected last dimension {expected_in} ({what}), got shape {tuple(x.shape)}")
+    if not is_rows and idx.shape[0] > n_in:
+        raise ValueError(f"cols: {idx.shape[0]} indices for a weight with only {n_in} input features")
+    if is_rows and idx.shape[0] > n_out:
+        raise ValueError(f"rows: {idx.shape[0]} indices for a weight with only {n_out} output features")
+    _check_bias(bias, weight, n_out, "bias")
+    return idx, is_rows
+
+
+def check_glu_args(x, gate_weight, up_weight, rows, gate_bias, up_bias) -> None:
+    """Metadata checks of gathered_glu."""
+    _check_weight_and_input(x, gate_weight, "gate_weight")
+    _check_weight_and_input(x, up_weight, "up_weight")
+    if gate_weight.shape != up_weight.shape:
+        raise ValueError(
+            f"gate_weight and up_weight must have one shape, got {tuple(gate_weight.shape)} and {tuple(up_weight.shape)}"
+        )
+    _check_index(rows, gate_weight.device, "rows")
+    n_out, n_in = gate_weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x: expected last dimension {n_in} (gate_weight.shape[1]), got shape {tuple(x.shape)}")
+    if rows.shape[0] > n_out:
+        raise ValueError(f"rows: {rows.shape[0]} indices for a weight with only {n_out} output features")
+    _check_bias(gate_bias, gate_weight, n_out, "gate_bias")
+    _check_bias(up_bias, up_weight, n_out, "up_bias")

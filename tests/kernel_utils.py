@@ -1,0 +1,22 @@
+"""Shared test constants: the device under test and per-dtype tolerances."""
+
+import os
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: Per-dtype tolerances (atol, rtol) against an fp32 reference on the same inputs. bf16 needs
+#: more than one ulp: the interpreter truncates fp32 -> bf16 instead of rounding.
+TOLERANCES = {
+    torch.float32: (2e-4, 2e-4),  # the kernels use IEEE fp32 dots unless torch allows TF32
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (6e-2, 3e-2),
+}
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def triton_runs() -> bool:
+    """Triton kernels can run: on a GPU, or on CPU tensors under the interpreter."""
+    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,235 @@
+"""gathered_linear / gathered_glu: the Triton kernels against the plain-PyTorch reference.
+
+On CPU the kernels run through Triton's interpreter (set in conftest.py), so shapes stay small.
+Every comparison is against F.linear on an explicitly sliced weight computed in fp32.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from doe_kernels import gathered_glu, gathered_linear, use_backend
+from doe_kernels.ops.gathered_linear import gathered_mm
+from doe_kernels.reference import ACTIVATIONS
+from kernel_utils import DEVICE, DTYPE_IDS, TOLERANCES, triton_runs
+
+pytestmark = pytest.mark.skipif(not triton_runs(), reason="needs a GPU or TRITON_INTERPRET=1")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (M, K, N, kept) with K and N not multiples of any block size, one kept neuron, all kept.
+SHAPES = [
+    (1, 40, 70, 25),
+    (17, 33, 50, 18),
+    (5, 48, 37, 1),
+    (3, 24, 40, 40),
+]
+
+
+def shape_id(s):
+    m, k, n, kept = s
+    return f"M{m}-K{k}-N{n}-kept{kept}"
+
+
+def make_index(n_total, kept, seed=0, dtype=torch.int32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:kept].sort().values.to(dtype).to(DEVICE)
+
+
+def rand(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
+
+
+def assert_matches(out, expected32, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype
+    assert out.shape == expected32.shape
+    torch.testing.assert_close(out.float(), expected32, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_rows_matches_sliced_linear(shape, dtype, with_bias):
+    m, k, n, kept = shape
+    x, w = rand(m, k, dtype=dtype, seed=1), rand(n, k, dtype=dtype, seed=2)
+    b = rand(n, dtype=dtype, seed=3) if with_bias else None
+    idx = make_index(n, kept)
+    out = gathered_linear(x, w, b, rows=idx, backend="triton")
+    ref = F.linear(x.float(), w.float()[idx.long()], None if b is None else b.float()[idx.long()])
+    assert_matches(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("layout", ["row-major", "neuron-major"])
+def test_cols_matches_sliced_linear(shape, dtype, layout):
+    m, k, n, kept = shape  # the down projection: (k hidden) <- (n neurons)
+    w = rand(k, n, dtype=dtype, seed=2)
+    if layout == "neuron-major":
+        w = w.t().contiguous().t()
+    b = rand(k, dtype=dtype, seed=3)
+    idx = make_index(n, kept)
+    h = rand(m, kept, dtype=dtype, seed=1)
+    out = gathered_linear(h, w, b, cols=idx, backend="triton")
+    ref = F.linear(h.float(), w.float()[:, idx.long()], b.float())
+    assert_matches(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=shape_id)
+def test_glu_matches_sliced_reference(shape, activation, dtype):
+    m, k, n, kept = shape
+    x = rand(m, k, dtype=dtype, seed=1)
+    wg, wu = rand(n, k, dtype=dtype, seed=2), rand(n, k, dtype=dtype, seed=3)
+    bg, bu = rand(n, dtype=dtype, seed=4), rand(n, dtype=dtype, seed=5)
+    idx = make_index(n, kept)
+    out = gathered_glu(x, wg, wu, idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
+    li = idx.long()
+    g = F.linear(x.float(), wg.float()[li], bg.float()[li])
+    u = F.linear(x.float(), wu.float()[li], bu.float()[li])
+    ref = ACTIVATIONS[activation](g) * u
+    atol, rtol = TOLERANCES[dtype]
+    # g and u are rounded to the storage dtype before the product; allow for that error scaled by |u|.
+    torch.testing.assert_close(out.float(), ref, atol=atol * (1 + u.abs().max().item()), rtol=rtol)
+
+
+def test_glu_without_bias_and_aliases():
+    x, wg, wu = rand(4, 24, dtype=torch.float32, seed=1), rand(30, 24, dtype=torch.float32, seed=2), rand(
+        30, 24, dtype=torch.float32, seed=3
+    )
+    idx = make_index(30, 11)
+    out = gathered_glu(x, wg, wu, idx, activation="gelu_pytorch_tanh", backend="triton")
+    li = idx.long()
+    ref = F.gelu(x @ wg[li].t(), approximate="tanh") * (x @ wu[li].t())
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_leading_dims_and_noncontiguous_input():
+    base = rand(2, 3, 40, dtype=torch.float32, seed=1)
+    x = base.transpose(0, 1)  # (3, 2, 40), not contiguous
+    assert not x.is_contiguous()
+    w, b = rand(29, 40, dtype=torch.float32, seed=2), rand(29, dtype=torch.float32, seed=3)
+    idx = make_index(29, 9)
+    out = gathered_linear(x, w, b, rows=idx, backend="triton")
+    assert out.shape == (3, 2, 9)
+    torch.testing.assert_close(out, F.linear(x, w[idx.long()], b[idx.long()]), atol=2e-4, rtol=2e-4)
+    h = rand(4, 9 * 2, dtype=torch.float32, seed=4)[:, ::2]  # strided last dim
+    out = gathered_linear(h, w.t(), None, cols=idx, backend="triton")
+    torch.testing.assert_close(out, F.linear(h, w.t()[:, idx.long()]), atol=2e-4, rtol=2e-4)
+
+
+def test_conv1d_style_transposed_weight():
+    # GPT-2 Conv1D stores (in, out): the op reads the (out, in) view through its strides.
+    w_in_out = rand(40, 56, dtype=torch.float16, seed=2)
+    x = rand(6, 40, dtype=torch.float16, seed=1)
+    idx = make_index(56, 20)
+    out = gathered_linear(x, w_in_out.t(), None, rows=idx, backend="triton")
+    assert_matches(out, x.float() @ w_in_out.float()[:, idx.long()], torch.float16)
+
+
+def test_m_zero_returns_empty():
+    w = rand(20, 16, dtype=torch.float32, seed=2)
+    idx = make_index(20, 5)
+    x = torch.empty(0, 16, device=DEVICE)
+    assert gathered_linear(x, w, rows=idx, backend="triton").shape == (0, 5)
+    assert gathered_linear(torch.empty(2, 0, 5, device=DEVICE), w.t(), cols=idx, backend="triton").shape == (2, 0, 16)
+    assert gathered_glu(x, w, w, idx, backend="triton").shape == (0, 5)
+
+
+def test_int32_and_int64_indices_agree():
+    x, w = rand(3, 32, dtype=torch.float32, seed=1), rand(45, 32, dtype=torch.float32, seed=2)
+    i32 = make_index(45, 17, dtype=torch.int32)
+    a = gathered_linear(x, w, rows=i32, backend="triton")
+    b = gathered_linear(x, w, rows=i32.long(), backend="triton")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, F.linear(x, w[i32.long()]), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("gather", ["n", "k"])
+def test_split_k_partials_sum_to_the_same_result(gather, split_k):
+    x32 = rand(3, 100, dtype=torch.float32, seed=1)
+    w = rand(60, 100, dtype=torch.float32, seed=2)
+    b = rand(60, dtype=torch.float32, seed=3)
+    if gather == "n":
+        idx = make_index(60, 21)
+        out = gathered_mm(x32, w, idx, gather="n", bias=b, split_k=split_k)
+        ref = F.linear(x32, w[idx.long()], b[idx.long()])
+    else:
+        idx = make_index(100, 70)
+        h = rand(3, 70, dtype=torch.float32, seed=4)
+        out = gathered_mm(h, w, idx, gather="k", bias=b, split_k=split_k)
+        ref = F.linear(h, w[:, idx.long()], b)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def _grads(fn, *tensors, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return torch.autograd.grad(out, leaves, dy)
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_linear_backward_matches_reference(mode):
+    w, b = rand(37, 29, dtype=torch.float32, seed=2), rand(37, dtype=torch.float32, seed=3)
+    if mode == "rows":
+        idx = make_index(37, 12)
+        x = rand(2, 3, 29, dtype=torch.float32, seed=1)
+        dy = rand(2, 3, 12, dtype=torch.float32, seed=4)
+        ref_fn = lambda x, w, b: F.linear(x, w[idx.long()], b[idx.long()])  # noqa: E731
+        op = lambda x, w, b: gathered_linear(x, w, b, rows=idx, backend="triton")  # noqa: E731
+    else:
+        idx = make_index(29, 12)
+        x = rand(2, 3, 12, dtype=torch.float32, seed=1)
+        dy = rand(2, 3, 37, dtype=torch.float32, seed=4)
+        ref_fn = lambda x, w, b: F.linear(x, w[:, idx.long()], b)  # noqa: E731
+        op = lambda x, w, b: gathered_linear(x, w, b, cols=idx, backend="triton")  # noqa: E731
+    got = _grads(op, x, w, b, dy=dy)
+    want = _grads(ref_fn, x, w, b, dy=dy)
+    for name, g, r in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_linear_backward_input_only_fp16():
+    # The DoE case: frozen weights, gradient only for the input (prompt tuning).
+    w = rand(40, 24, dtype=torch.float16, seed=2)
+    idx = make_index(40, 14)
+    x = rand(5, 24, dtype=torch.float16, seed=1).requires_grad_()
+    dy = rand(5, 14, dtype=torch.float16, seed=4)
+    (dx,) = torch.autograd.grad(gathered_linear(x, w, rows=idx, backend="triton"), x, dy)
+    ref = dy.float() @ w.float()[idx.long()]
+    assert_matches(dx, ref, torch.float16)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_glu_backward_matches_reference(activation):
+    x = rand(4, 24, dtype=torch.float32, seed=1)
+    wg, wu = rand(33, 24, dtype=torch.float32, seed=2), rand(33, 24, dtype=torch.float32, seed=3)
+    bg, bu = rand(33, dtype=torch.float32, seed=4), rand(33, dtype=torch.float32, seed=5)
+    idx = make_index(33, 10)
+    dy = rand(4, 10, dtype=torch.float32, seed=6)
+    li = idx.long()
+    act = ACTIVATIONS[activation]
+
+    def ref_fn(x, wg, wu, bg, bu):
+        return act(F.linear(x, wg[li], bg[li])) * F.linear(x, wu[li], bu[li])
+
+    def op(x, wg, wu, bg, bu):
+        return gathered_glu(x, wg, wu, idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
+
+    for name, g, r in zip(("x", "wg", "wu", "bg", "bu"), _grads(op, x, wg, wu, bg, bu, dy=dy),
+                          _grads(ref_fn, x, wg, wu, bg, bu, dy=dy)):
+        torch.testing.assert_close(g, r, atol=5e-4, rtol=5e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_auto_backend_follows_device_and_context():
+    x, w = rand(2, 16, dtype=torch.float32, seed=1), rand(20, 16, dtype=torch.float32, seed=2)
+    idx = make_index(20, 6)
+    ref = F.linear(x, w[idx.long()])
+    for backend in ("auto", "torch"):
+        torch.testing.assert_close(gathered_linear(x, w, rows=idx, backend=backend), ref, atol=2e-4, rtol=2e-4)
+    with use_backend("torch"):
+        torch.testing.assert_close(gathered_linear(x, w, rows=idx), ref, atol=2e-4, rtol=2e-4)
