@@ -151,8 +151,8 @@ class GatheredGatedMLP(nn.Module):
             )
         self.activation = canonical_activation(activation) if isinstance(activation, str) else activation
         self.base_layer = base_layer
-        # Plain attributes, not submodules: they are registered once, under base_layer.
-        self._gate, self._up, self._down, self._dropout = gate, up, down, dropout
+        # A tuple, so nn.Module does not register them twice: they live under base_layer.
+        self._layers = (gate, up, down, dropout)
         self.backend = backend
         self.total = up.weight.shape[0]
         self.register_buffer("indices", self._checked(indices, up.weight.device), persistent=False)
@@ -164,7 +164,8 @@ class GatheredGatedMLP(nn.Module):
         self.indices = self._checked(indices, self.indices.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down, idx = self._gate, self._up, self._down, self.indices
+        gate, up, down, dropout = self._layers
+        idx = self.indices
         if isinstance(self.activation, str):
             h = gathered_glu(
                 x, gate.weight, up.weight, idx, activation=self.activation,
@@ -173,8 +174,8 @@ class GatheredGatedMLP(nn.Module):
         else:
             g = gathered_linear(x, gate.weight, gate.bias, rows=idx, backend=self.backend)
             h = self.activation(g) * gathered_linear(x, up.weight, up.bias, rows=idx, backend=self.backend)
-        if self._dropout is not None:
-            h = self._dropout(h)
+        if dropout is not None:
+            h = dropout(h)
         if h.dtype != down.weight.dtype:
             h = h.to(down.weight.dtype)
         return gathered_linear(h, down.weight, down.bias, cols=idx, backend=self.backend)
