@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,8 +27,9 @@ from doe_kernels import GatheredGatedMLP, GatheredLinear, to_neuron_major_, to_r
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "model_lock"]
 
 _STATE_ATTR = "_doe_unplug_state"
-_LOCK_ATTR = "_doe_lock"
 _LOCK_GUARD = threading.Lock()
+# Kept outside the model so that copy.deepcopy / pickle of a model still work.
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 LAYOUTS = ("auto", "neuron_major", "original")
 
 
@@ -50,14 +52,11 @@ class _State:
 
 def model_lock(model: nn.Module) -> threading.RLock:
     """The re-entrant lock that serialises switching and inference on ``model``."""
-    lock = model.__dict__.get(_LOCK_ATTR)
-    if lock is None:
-        with _LOCK_GUARD:
-            lock = model.__dict__.get(_LOCK_ATTR)
-            if lock is None:
-                lock = threading.RLock()
-                model.__dict__[_LOCK_ATTR] = lock
-    return lock
+    with _LOCK_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def is_unplugged(model: nn.Module) -> bool:

@@ -272,3 +272,15 @@ def test_threads_never_mix_experts():
     for t in threads:
         t.join()
     assert errors == [] and not doe.is_unplugged(model)
+
+
+def test_model_can_be_deep_copied_after_use():
+    import copy
+
+    model = make_tiny("bert")
+    inputs = sample_inputs(model)
+    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    with doe.unplugged(model, expert):
+        pass
+    clone = copy.deepcopy(model)
+    assert torch.equal(model_logits(clone, inputs), model_logits(model, inputs))
