@@ -1,0 +1,292 @@
+"""Gathered GEMMs vs dense, sliced copies (the cuBLAS bar) and the torch reference.
+
+Ops (x: (M, H); I = FFN width; n = round(keep * I) kept neurons, sorted unique int32):
+
+- ``up``:   rows gather on an nn.Linear up-projection weight (I, H): ``x @ W[idx]^T + b[idx]``.
+- ``down``: cols gather on an nn.Linear down-projection weight (H, I), converted in place to
+  neuron-major storage: ``h @ W[:, idx]^T + b`` with h: (M, n).
+- ``glu``:  fused ``act(x @ Wg[idx]^T) * (x @ Wu[idx]^T)`` (gated shapes only).
+
+Variants: ``dense`` (F.linear on the full weights: what the unpruned model runs),
+``sliced`` (F.linear on pre-made contiguous sliced copies: the speed bar),
+``gathered-triton`` (``doe_kernels`` with backend="triton"), ``gathered-torch``
+(``doe_kernels.reference``: index_select + F.linear).
+
+Test ids read ``{op}-{shape}-M{M}-keep{keep}-{dtype}-{variant}``; the structured parameters go
+into ``benchmark.extra_info`` (suite "kernels") and ``benchmarks.report`` turns the JSON into a
+table and a plot. Timing details (inner loop, warm-up, weight rotation, CUDA graphs): see
+``benchmarks/harness.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
+from doe_kernels.reference import activation_fn, gathered_glu_ref, gathered_linear_ref
+
+SUITE = "kernels"
+GROUP_KEYS = ["op", "shape", "M", "keep", "dtype"]
+OPS = ("up", "down", "glu")
+VARIANTS = ("dense", "sliced", "gathered-triton", "gathered-torch")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inter: int
+    bias: bool  # up/down projections carry a bias (BERT) or not (LLaMA)
+    gated: bool  # the model has a gate projection (glu op applies)
+    activation: str
+
+
+SHAPES = {
+    "tiny": Shape("tiny", 64, 176, bias=True, gated=True, activation="silu"),
+    "bert-base": Shape("bert-base", 768, 3072, bias=True, gated=False, activation="gelu"),
+    "llama7b": Shape("llama7b", 4096, 11008, bias=False, gated=True, activation="silu"),
+}
+
+# sweep -> (shapes, Ms, keeps, dtypes). "full" is the CUDA default, "tiny" the CPU default.
+SWEEPS = {
+    "tiny": (["tiny"], [1, 16], [0.35], ["fp32"]),
+    "quick": (["bert-base", "llama7b"], [1, 16, 2048], [0.35], ["bf16"]),
+    "full": (["bert-base", "llama7b"], [1, 16, 128, 2048, 8192], [0.35, 0.2], ["bf16", "fp16"]),
+}
+
+# The Triton interpreter is slow: on CPU, gathered-triton runs only these (op, shape, M) cases.
+INTERPRET_CASES = {("up", "tiny", 1), ("down", "tiny", 1), ("glu", "tiny", 1)}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: Shape
+    M: int
+    keep: float
+    dtype: str
+    variant: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.shape.name}-M{self.M}-keep{self.keep:g}-{self.dtype}-{self.variant}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.op}-{self.shape.name}-M{self.M}-keep{self.keep:g}-{self.dtype}"
+
+
+def _cases() -> list:
+    """dtype and keep outermost, so a run cut short by DOE_BENCH_BUDGET_S still holds whole
+    (op, shape, M) sweeps for the first dtype / keep ratio."""
+    shapes, Ms, keeps, dtypes = SWEEPS[harness.sweep_name()]
+    out = []
+    for dtype in dtypes:
+        for keep in keeps:
+            for op in OPS:
+                for shape_name in shapes:
+                    shape = SHAPES[shape_name]
+                    if op == "glu" and not shape.gated:
+                        continue
+                    for M in Ms:
+                        for variant in VARIANTS:
+                            case = Case(op, shape, M, keep, dtype, variant)
+                            out.append(pytest.param(case, id=case.id))
+    return out
+
+
+def _triton_skip_reason(case: Case, device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        if not harness.triton_interpret():
+            return "Triton needs CUDA; set TRITON_INTERPRET=1 to run tiny cases through the interpreter"
+        if (case.op, case.shape.name, case.M) not in INTERPRET_CASES:
+            return "Triton interpreter: only the cases in INTERPRET_CASES run on CPU (it is slow)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# case construction (outside the timed region)
+# --------------------------------------------------------------------------------------------
+
+
+class _Maker:
+    """Deterministic random tensors on the benchmark device."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        self.device, self.dtype = device, dtype
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*shape, device=self.device, dtype=torch.float32, generator=self.gen)
+        return (t * scale).to(self.dtype)
+
+
+def _keep_indices(inter: int, keep: float, device: torch.device, seed: int = 1) -> torch.Tensor:
+    n = max(1, round(keep * inter))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(inter, generator=g)[:n].sort().values
+    return idx.to(device=device, dtype=torch.int32)
+
+
+def _param(t: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
+def _copies(t: Optional[torch.Tensor], n: int) -> list:
+    """n tensors with t's values and strides (copy 0 is t itself)."""
+    if t is None:
+        return [None] * n
+    out = [t]
+    for _ in range(n - 1):
+        c = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        c.copy_(t)
+        out.append(c)
+    return out
+
+
+def _nbytes(*ts: Optional[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _build(case: Case, device: torch.device):
+    """Returns (calls, check, meta): one zero-arg callable per rotated weight copy, a callable
+    that returns (output, reference output) for gathered-triton (else None), and the
+    extra_info fields that describe the problem."""
+    shape, dtype = case.shape, harness.DTYPES[case.dtype]
+    H, I, M = shape.hidden, shape.inter, case.M
+    mk = _Maker(device, dtype)
+    idx = _keep_indices(I, case.keep, device)
+    n = idx.numel()
+    idx_long = idx.long()
+    es = torch.empty((), dtype=dtype).element_size()
+    v = case.variant
+    meta = {"H": H, "I": I, "n_keep": n, "bias": shape.bias}
+
+    if case.op in ("up", "glu"):
+        # weights (I, H): the neuron axis is already the outer storage axis.
+        nw = 2 if case.op == "glu" else 1
+        x = mk.randn(M, H)
+        ws = [mk.randn(I, H, scale=H**-0.5) for _ in range(nw)]
+        bs = [mk.randn(I, scale=0.1) if (shape.bias and case.op == "up") else None for _ in range(nw)]
+        kept_bytes = nw * n * H * es + sum(n * es for b in bs if b is not None)
+        dense_bytes = _nbytes(*ws, *bs)
+        meta.update(N=n, K=H, flops=2 * nw * M * n * H, bias=any(b is not None for b in bs))
+        if v == "sliced":
+            ws = [w.index_select(0, idx_long).contiguous() for w in ws]
+            bs = [b.index_select(0, idx_long) if b is not None else None for b in bs]
+        read_bytes = dense_bytes if v == "dense" else kept_bytes
+        ncopy = harness.rotation_copies(device, read_bytes, _nbytes(*ws, *bs))
+        wsets = list(zip(*[_copies(w, ncopy) for w in ws], *[_copies(b, ncopy) for b in bs]))
+        act = activation_fn(shape.activation)
+
+        def make_call(wset) -> Callable[[], torch.Tensor]:
+            w_list, b_list = list(wset[:nw]), list(wset[nw:])
+            if case.op == "up":
+                (w,), (b,) = w_list, b_list
+                if v in ("dense", "sliced"):
+                    return lambda: F.linear(x, w, b)
+                if v == "gathered-torch":
+                    return lambda: gathered_linear_ref(x, w, b, rows=idx)
+                return lambda: gathered_linear(x, w, b, rows=idx, backend="triton")
+            wg, wu = w_list
+            if v in ("dense", "sliced"):
+                return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
+            if v == "gathered-torch":
+                return lambda: gathered_glu_ref(x, wg, wu, idx, activation=shape.activation)
+            return lambda: gathered_glu(x, wg, wu, idx, activation=shape.activation, backend="triton")
+
+        def check():
+            wg, wu = ws[0], ws[-1]
+            if case.op == "up":
+                return make_call(wsets[0])(), gathered_linear_ref(x, wg, bs[0], rows=idx)
+            return make_call(wsets[0])(), gathered_glu_ref(x, wg, wu, idx, activation=shape.activation)
+
+    else:  # down: nn.Linear weight (H, I), converted in place to neuron-major storage
+        w = _param(mk.randn(H, I, scale=I**-0.5))
+        to_neuron_major_(w, 1)
+        assert w.stride() == (1, H), f"to_neuron_major_ left strides {w.stride()}"
+        b = mk.randn(H, scale=0.1) if shape.bias else None
+        h = mk.randn(M, n)
+        kept_bytes = H * n * es + _nbytes(b)
+        dense_bytes = _nbytes(w, b)
+        meta.update(N=H, K=n, flops=2 * M * H * n, layout="neuron-major")
+        if v == "dense":
+            x_in = mk.randn(M, I)
+        elif v == "sliced":
+            w = w.index_select(1, idx_long).contiguous()  # what slicing an nn.Linear gives: row-major (H, n)
+            x_in = h
+        else:
+            x_in = h
+        read_bytes = dense_bytes if v == "dense" else kept_bytes
+        ncopy = harness.rotation_copies(device, read_bytes, _nbytes(w, b))
+        wsets = list(zip(_copies(w.detach(), ncopy), _copies(b, ncopy)))
+
+        def make_call(wset) -> Callable[[], torch.Tensor]:
+            wc, bc = wset
+            if v in ("dense", "sliced"):
+                return lambda: F.linear(x_in, wc, bc)
+            if v == "gathered-torch":
+                return lambda: gathered_linear_ref(x_in, wc, bc, cols=idx)
+            return lambda: gathered_linear(x_in, wc, bc, cols=idx, backend="triton")
+
+        def check():
+            return make_call(wsets[0])(), gathered_linear_ref(h, w.detach(), b, cols=idx)
+
+    meta.update(kept_weight_bytes=kept_bytes, dense_weight_bytes=dense_bytes)
+    calls = [make_call(ws_) for ws_ in wsets]
+    return calls, (check if v == "gathered-triton" else None), meta
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+# fp32 on GPU runs TF32 tl.dot by default (errors ~1e-3 relative to max); 16-bit: a few ulps.
+_TOL = {"fp32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
+    if case.variant == "gathered-triton":
+        reason = _triton_skip_reason(case, bench_device)
+        if reason:
+            pytest.skip(reason)
+    torch.manual_seed(0)
+    calls, check, meta = _build(case, bench_device)
+
+    info = benchmark.extra_info
+    info.update(device_info)
+    info.update(
+        suite=SUITE,
+        group_keys=GROUP_KEYS,
+        op=case.op,
+        shape=case.shape.name,
+        M=case.M,
+        keep=case.keep,
+        dtype=case.dtype,
+        variant=case.variant,
+        **meta,
+    )
+    if case.op == "glu":
+        info["activation"] = case.shape.activation
+    benchmark.group = case.group
+
+    if check is not None:  # outside the timed region: the numbers are for the right op
+        with torch.inference_mode():
+            out, ref = check()
+        err = _rel_err(out, ref)
+        info["max_rel_err"] = err
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        assert math.isfinite(err) and err <= _TOL[case.dtype], f"gathered-triton vs reference: rel err {err:.3g}"
+
+    slow = case.variant == "gathered-triton" and bench_device.type != "cuda"
+    harness.run_timed(benchmark, calls, bench_device, slow=slow)
