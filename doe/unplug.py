@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
-from doe.expert import TaskExpert, model_type_of
+from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe_kernels import GatheredGatedMLP, GatheredLinear, to_neuron_major_, to_row_major_
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "model_lock"]
@@ -80,6 +80,12 @@ def _check_expert(model: nn.Module, expert: TaskExpert, blocks: Sequence[FFNBloc
         if n != block.num_neurons:
             raise ValueError(f"expert block {i} was built for {n} neurons, this model's block "
                              f"{block.name!r} has {block.num_neurons}")
+    if expert.fingerprint is not None:
+        found = model_fingerprint(model, blocks)
+        if found != expert.fingerprint:
+            raise ValueError(f"expert{f' for task {expert.task!r}' if expert.task else ''} was built for a model "
+                             f"with fingerprint {expert.fingerprint}, this model's is {found}: a different "
+                             "configuration or FFN layout")
 
 
 def _resolve_layout(layout: str, weight: torch.Tensor) -> bool:

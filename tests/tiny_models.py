@@ -222,3 +222,30 @@ def sliced_copy(
                 _set_submodule(block.container, block.gate_name, _slice_rows(block.gate, idx))
             _set_submodule(block.container, block.down_name, _slice_cols(block.down, idx))
     return new_model
+
+
+def tiny_tokenizer(texts: Sequence[str] = (), extra_words: Sequence[str] = ()):
+    """A word-level fast tokenizer whose ids fit the tiny models' vocabulary (VOCAB).
+
+    Vocabulary: 4 special tokens, ``extra_words`` (e.g. verbalizer words), then the most
+    frequent lower-cased words of ``texts``; everything else is [UNK].
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = list(dict.fromkeys(w.lower() for w in extra_words))
+    counts = Counter(w for t in texts for w in t.lower().replace(".", " ").replace("?", " ").replace(",", " ").split())
+    for w, _ in counts.most_common():
+        if len(specials) + len(words) >= VOCAB:
+            break
+        if w not in words:
+            words.append(w)
+    vocab = {tok: i for i, tok in enumerate(specials + words[: VOCAB - len(specials)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]")

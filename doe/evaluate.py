@@ -1,0 +1,109 @@
+"""Evaluation: the task metric and latency of the dense prompt-tuned model vs its experts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from doe.expert import TaskExpert
+from doe.prompt import TaskModel, eval_mode
+from doe.tasks import Example, TaskData, compute_metric
+from doe.unplug import unplugged
+
+__all__ = ["EvalRow", "EvalReport", "evaluate", "score_task_model"]
+
+
+@dataclass
+class EvalRow:
+    name: str
+    keep_ratio: float
+    metric: float
+    latency_ms: float  # median per batch
+    speedup: float = 1.0  # dense latency / this latency
+
+
+@dataclass
+class EvalReport:
+    task: str
+    metric_name: str
+    batch_size: int
+    device: str
+    rows: list[EvalRow] = field(default_factory=list)
+
+    def row(self, name: str) -> EvalRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"task {self.task} · metric {self.metric_name} · batch {self.batch_size} · {self.device}",
+            "",
+            f"| model | keep | {self.metric_name} | latency ms/batch | speed-up |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {100 * r.metric:.1f} | {r.latency_ms:.2f} | {r.speedup:.2f}x |")
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
+    """(metric, median ms per batch) of ``task_model`` on ``examples``."""
+    preds: list[int] = []
+    times: list[float] = []
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    with torch.inference_mode(), eval_mode(task_model):
+        task_model(**task_model.encode(batches[0]))  # warm-up (Triton compiles on first call)
+        for batch in batches:
+            enc = task_model.encode(batch)
+            _sync(task_model.device)
+            t0 = time.perf_counter()
+            logits = task_model(**enc)
+            _sync(task_model.device)
+            times.append(time.perf_counter() - t0)
+            preds += logits.argmax(-1).tolist()
+    metric = compute_metric(task_model.spec.metric, preds, [e.label for e in examples])
+    return metric, 1000 * statistics.median(times)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    data: TaskData,
+    dense: TaskModel,
+    experts: Sequence[TaskExpert] = (),
+    *,
+    batch_size: int = 32,
+    max_eval: Optional[int] = None,
+) -> EvalReport:
+    """Metric and latency on ``data.eval``: the dense prompt-tuned ``dense`` and each expert
+    (with its own prompt and head if it carries them and is this task's, else ``dense``'s)."""
+    examples = data.eval[:max_eval] if max_eval else data.eval
+    if not examples:
+        raise ValueError(f"evaluate: task {data.spec.name!r} has no evaluation examples")
+    report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device))
+    metric, latency = score_task_model(dense, examples, batch_size)
+    report.rows.append(EvalRow("dense", 1.0, metric, latency))
+    for expert in experts:
+        # An expert of another task is judged with this task's prompt and head: only its
+        # neurons are borrowed.
+        own = expert.task in (None, data.spec.name)
+        prompt = expert.prompt if own and expert.prompt is not None else dense.prompt.detach()
+        head = expert.head if own and expert.head is not None else dense.head_state()
+        task_model = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head, max_length=dense.max_length)
+        with unplugged(model, expert):
+            metric, ms = score_task_model(task_model, examples, batch_size)
+        name = f"expert@{expert.keep_ratio:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else "")
+        report.rows.append(EvalRow(name, expert.keep_ratio, metric, ms, latency / ms))
+    return report

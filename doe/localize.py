@@ -1,0 +1,155 @@
+"""Localization: keep the top-scoring FFN neurons at a keep ratio; the whole DoE recipe.
+
+    result = doe.find_expert(model, tokenizer, "offline_sentiment")   # tune, score, localize
+    result.expert        # TaskExpert with indices, prompt and head
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from doe.attribution import AttributionConfig, NeuronScores, score_neurons
+from doe.expert import TaskExpert, model_fingerprint
+from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, prompt_tune
+from doe.tasks import TaskData, TaskSpec, get_task, load_task
+from doe.unplug import unplugged
+
+__all__ = ["LocalizationConfig", "localize", "ExpertSearchConfig", "ExpertSearchResult", "find_expert"]
+
+
+@dataclass
+class LocalizationConfig:
+    """keep_ratio: fraction of FFN neurons kept (0.35 = the paper's 65% pruning).
+    scope: "layer" keeps that fraction in every block, "global" ranks all neurons together
+    (each block keeps at least ``min_per_layer``). multiple_of: round each block's count to a
+    multiple the kernels like (e.g. 16), never above the block size."""
+
+    keep_ratio: float = 0.35
+    scope: str = "layer"
+    multiple_of: Optional[int] = None
+    min_per_layer: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
+            raise ValueError(f"LocalizationConfig.keep_ratio: expected a fraction in (0, 1], got {self.keep_ratio!r}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"LocalizationConfig.scope: expected 'layer' or 'global', got {self.scope!r}")
+        if self.multiple_of is not None and (not isinstance(self.multiple_of, int) or self.multiple_of < 1):
+            raise ValueError(f"LocalizationConfig.multiple_of: expected a positive int or None, got {self.multiple_of!r}")
+        if not isinstance(self.min_per_layer, int) or self.min_per_layer < 1:
+            raise ValueError(f"LocalizationConfig.min_per_layer: expected an int >= 1, got {self.min_per_layer!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _round(count: int, total: int, config: LocalizationConfig) -> int:
+    if config.multiple_of:
+        m = config.multiple_of
+        count = max(m, int(round(count / m)) * m)
+    return max(config.min_per_layer, min(count, total))
+
+
+def _layer_counts(means: list[torch.Tensor], config: LocalizationConfig) -> list[int]:
+    totals = [m.numel() for m in means]
+    if config.scope == "layer":
+        return [_round(math.ceil(config.keep_ratio * n - 1e-9), n, config) for n in totals]
+    # Global: rank every neuron of the model together on per-block normalised scores (blocks
+    # differ in scale), then count what each block got.
+    normed = torch.cat([m / m.mean().clamp_min(1e-12) for m in means])
+    k = max(1, math.ceil(config.keep_ratio * normed.numel() - 1e-9))
+    top = torch.topk(normed, k).indices
+    owner = torch.repeat_interleave(torch.arange(len(means)), torch.tensor(totals))
+    per_block = torch.bincount(owner[top], minlength=len(means)).tolist()
+    return [_round(c, n, config) for c, n in zip(per_block, totals)]
+
+
+def localize(
+    model: nn.Module,
+    scores: NeuronScores,
+    config: LocalizationConfig = LocalizationConfig(),
+    *,
+    task: Optional[str] = None,
+    metadata: Optional[dict] = None,
+) -> TaskExpert:
+    """Keep the top-scoring neurons of every FFN block of ``model``; returns a TaskExpert."""
+    means = scores.means()
+    indices = []
+    for m, count in zip(means, _layer_counts(means, config)):
+        # Ties (e.g. zero scores) are broken by index so localization is deterministic.
+        order = torch.argsort(m.double() - torch.arange(m.numel(), dtype=torch.float64) * 1e-12, descending=True,
+                              stable=True)
+        indices.append(order[:count].sort().values.to(torch.int32))
+    meta = {"method": scores.method, "localization": config.to_dict(), **(metadata or {})}
+    return TaskExpert.from_indices(model, indices, task=task, metadata=meta)
+
+
+@dataclass
+class ExpertSearchConfig:
+    """The whole recipe: prompt tuning, scoring, localization, optional re-tuning."""
+
+    prompt: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    localization: LocalizationConfig = field(default_factory=LocalizationConfig)
+    retune_epochs: int = 0  # re-tune the prompt on the expert-localized model (0 = skip)
+
+    def __post_init__(self) -> None:
+        if self.retune_epochs < 0:
+            raise ValueError(f"ExpertSearchConfig.retune_epochs: expected >= 0, got {self.retune_epochs}")
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt.to_dict(), "attribution": self.attribution.to_dict(),
+                "localization": self.localization.to_dict(), "retune_epochs": self.retune_epochs}
+
+
+@dataclass
+class ExpertSearchResult:
+    expert: TaskExpert
+    task_model: TaskModel  # carries the tuned prompt/head of the dense model
+    scores: NeuronScores
+    tuning: PromptTuningResult
+
+
+def find_expert(
+    model: nn.Module,
+    tokenizer,
+    task: str | TaskSpec | TaskData,
+    config: ExpertSearchConfig = ExpertSearchConfig(),
+    *,
+    task_model: Optional[TaskModel] = None,
+    scores: Optional[NeuronScores] = None,
+) -> ExpertSearchResult:
+    """Tune a prompt on the frozen ``model``, score its FFN neurons, keep the top ones.
+
+    Pass ``task_model`` (already tuned) and/or ``scores`` to reuse earlier steps, e.g. to
+    localize one task at several keep ratios. The expert carries the prompt and head.
+    """
+    data = task if isinstance(task, TaskData) else load_task(get_task(task))
+    tuning = None
+    if task_model is None:
+        task_model = TaskModel(model, tokenizer, data.spec, num_tokens=config.prompt.num_tokens,
+                               max_length=config.prompt.max_length, seed=config.prompt.seed)
+        tuning = prompt_tune(task_model, data, config.prompt)
+    if tuning is None:
+        tuning = PromptTuningResult(task_model.prompt.detach().cpu().clone(), task_model.head_state())
+    if scores is None:
+        scores = score_neurons(task_model, data, config.attribution)
+    meta = {"search": config.to_dict(), "model_name": getattr(model.config, "_name_or_path", None) or None}
+    expert = localize(model, scores, config.localization, task=data.spec.name, metadata=meta)
+    prompt, head = tuning.prompt, tuning.head
+    if config.retune_epochs:
+        retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
+                            max_length=config.prompt.max_length)
+        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs})
+        with unplugged(model, expert):
+            result = prompt_tune(retuned, data, retune_cfg)
+        prompt, head = result.prompt, result.head
+    expert.prompt, expert.head = prompt, head
+    expert.fingerprint = model_fingerprint(model)
+    return ExpertSearchResult(expert, task_model, scores, tuning)
+

@@ -1,0 +1,271 @@
+"""Prompt tuning on a frozen model: soft prompt tokens (and, for encoders, a small head).
+
+``TaskModel`` turns any supported backbone into a task classifier without touching its weights:
+
+- encoders (BERT, RoBERTa, DistilBERT, the packaged MiniLM): [prompt; text] -> last hidden
+  state -> mean over text tokens -> a small linear head;
+- decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> next-token logits at
+  the last text token, read at one verbalizer token per label;
+- T5: [prompt; text] into the encoder, the first decoder step's logits at the verbalizer tokens.
+
+Only the prompt (and head) train; ``prompt_tune`` checks that the backbone is bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from doe.tasks import Example, TaskData, TaskSpec
+
+__all__ = ["PromptTuningConfig", "TaskModel", "prompt_tune", "model_kind", "eval_mode", "frozen"]
+
+_ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
+_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+def model_kind(model: nn.Module) -> str:
+    """"encoder", "decoder" or "seq2seq", from config.model_type / is_encoder_decoder."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"expected a transformers model with a .config, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False) or config.model_type in _SEQ2SEQ:
+        return "seq2seq"
+    if config.model_type in _ENCODERS:
+        return "encoder"
+    return "decoder"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Put ``module`` in eval mode and give every submodule its own mode back afterwards
+    (``module.train(flag)`` would flip an eval-mode backbone inside a training-mode wrapper)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@dataclass
+class PromptTuningConfig:
+    """Hyper-parameters of prompt tuning; validated on construction."""
+
+    num_tokens: int = 8
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 3e-2
+    head_lr: float = 1e-2
+    max_length: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "epochs", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PromptTuningConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"PromptTuningConfig.{name}: expected a positive learning rate, got {value!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"PromptTuningConfig.weight_decay: expected >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _backbone(model: nn.Module, kind: str) -> nn.Module:
+    # Encoders run their base model (BertModel inside BertForSequenceClassification): the task
+    # head is ours.
+    if kind == "encoder":
+        return getattr(model, "base_model", model)
+    return model
+
+
+class TaskModel(nn.Module):
+    """A frozen backbone + soft prompt (+ head) that maps examples of one task to class logits.
+
+    forward(input_ids (B, T), attention_mask (B, T)) -> (B, num_labels) logits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        spec: TaskSpec,
+        *,
+        num_tokens: int = 8,
+        prompt: Optional[torch.Tensor] = None,
+        head: Optional[dict[str, torch.Tensor]] = None,
+        max_length: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.kind = model_kind(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = max_length
+        embed = model.get_input_embeddings()
+        hidden = embed.weight.shape[1]
+        if prompt is None:
+            # Initialise from embeddings of random vocabulary tokens (Lester et al., 2021).
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, embed.weight.shape[0], (num_tokens,), generator=g)
+            prompt = embed.weight.detach()[ids.to(embed.weight.device)].float().clone()
+        elif prompt.dim() != 2 or prompt.shape[1] != hidden:
+            raise ValueError(f"prompt: expected shape (n_tokens, {hidden}), got {tuple(prompt.shape)}")
+        self.prompt = nn.Parameter(prompt.detach().float().clone().to(embed.weight.device))
+        self.head: Optional[nn.Linear] = None
+        self.register_buffer("label_token_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        if self.kind == "encoder":
+            self.head = nn.Linear(hidden, len(spec.labels)).to(embed.weight.device)
+            if head is not None:
+                self.head.load_state_dict({k: v.float() for k, v in head.items()})
+        else:
+            self.label_token_ids = self._verbalizer_ids().to(embed.weight.device)
+
+    def _verbalizer_ids(self) -> torch.Tensor:
+        words = self.spec.verbalizer or self.spec.labels
+        ids = []
+        for word in words:
+            pieces = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if not pieces:
+                raise ValueError(f"verbalizer word {word!r} of task {self.spec.name!r} is empty after tokenizing")
+            ids.append(pieces[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"verbalizer of task {self.spec.name!r} maps two labels to one token "
+                             f"({dict(zip(words, ids))}); give distinct words with TaskSpec.verbalizer")
+        return torch.tensor(ids, dtype=torch.long)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.spec.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.prompt] + (list(self.head.parameters()) if self.head is not None else [])
+
+    def head_state(self) -> Optional[dict[str, torch.Tensor]]:
+        return None if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+
+    def encode(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Tokenize a batch (right padding) on the model's device."""
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples]
+        kwargs = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        if any(p is not None for p in pairs):
+            batch = self.tokenizer(texts, [p or "" for p in pairs], **kwargs)
+        else:
+            batch = self.tokenizer(texts, **kwargs)
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embed = self.model.get_input_embeddings()
+        tokens = embed(input_ids)
+        b, n = input_ids.shape[0], self.prompt.shape[0]
+        prompt = self.prompt.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1)
+        inputs_embeds = torch.cat([prompt, tokens], dim=1)
+        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+        if self.kind == "encoder":
+            hidden = _backbone(self.model, "encoder")(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
+            text = hidden[:, n:].float()
+            weights = attention_mask.unsqueeze(-1).float()
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            return self.head(pooled)
+        if self.kind == "seq2seq":
+            start = self.model.config.decoder_start_token_id or 0
+            dec = torch.full((b, 1), start, dtype=torch.long, device=input_ids.device)
+            logits = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=dec).logits
+            return logits[:, 0, self.label_token_ids].float()
+        logits = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).logits
+        last = mask.sum(1) - 1  # right padding: the last real token predicts the label word
+        return logits[torch.arange(b, device=logits.device), last][:, self.label_token_ids].float()
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[Example], batch_size: int = 32) -> list[int]:
+        out: list[int] = []
+        with eval_mode(self):
+            for i in range(0, len(examples), batch_size):
+                out += self(**self.encode(examples[i : i + batch_size])).argmax(-1).tolist()
+        return out
+
+
+@dataclass
+class PromptTuningResult:
+    prompt: torch.Tensor
+    head: Optional[dict[str, torch.Tensor]]
+    losses: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def frozen(params: Sequence[nn.Parameter]):
+    """requires_grad off for ``params``, each flag put back afterwards."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random):
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i : i + batch_size]]
+
+
+def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig) -> PromptTuningResult:
+    """Train the soft prompt (and head) of ``task_model`` on ``data`` (its train split).
+
+    The backbone's parameters are frozen for the duration (their requires_grad flags are put
+    back afterwards) and must come out bit-identical. Works on an unplugged (expert) model
+    too: input gradients flow through the gathered kernels.
+    """
+    examples = data.train if isinstance(data, TaskData) else list(data)
+    if not examples:
+        raise ValueError("prompt_tune: expected at least one training example, got none")
+    backbone_params = list(task_model.model.parameters())
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    groups = [{"params": [task_model.prompt], "lr": config.lr}]
+    if task_model.head is not None:
+        groups.append({"params": list(task_model.head.parameters()), "lr": config.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    # Dropout off: the backbone is a fixed function.
+    with eval_mode(task_model.model), frozen(backbone_params):
+        steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+        bar = tqdm(total=steps, desc=f"prompt tuning {task_model.spec.name}", disable=not config.show_progress,
+                   leave=False)
+        for _ in range(config.epochs):
+            for batch in _batches(examples, config.batch_size, rng):
+                labels = torch.tensor([e.label for e in batch], device=task_model.device)
+                loss = F.cross_entropy(task_model(**task_model.encode(batch)), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+    return PromptTuningResult(task_model.prompt.detach().cpu().clone(), task_model.head_state(), losses)
