@@ -15,7 +15,7 @@ from doe.architectures import (
     register_architecture,
 )
 from doe.expert import TaskExpert
-from doe.unplug import current_expert, is_unplugged, model_lock, restore_, unplug_, unplugged
+from doe.unplug import check_expert, current_expert, is_unplugged, model_lock, restore_, unplug_, unplugged
 
 __version__ = "0.1.0"
 

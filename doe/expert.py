@@ -64,7 +64,9 @@ class TaskExpert:
     fingerprint: ``model_fingerprint`` of that model; unplugging into a model with another
     fingerprint fails.
     prompt: optional (n_tokens, hidden) soft prompt; head: optional state dict of a small
-    task head; both are filled by localization. metadata: free-form, JSON-serialisable.
+    task head, both tuned for the expert-localized model. dense_prompt / dense_head: the same
+    for the dense model (the runtime falls back to them). All are filled by localization.
+    metadata: free-form, JSON-serialisable.
     """
 
     indices: list[torch.Tensor]
@@ -74,7 +76,10 @@ class TaskExpert:
     fingerprint: Optional[str] = None
     prompt: Optional[torch.Tensor] = None
     head: Optional[dict[str, torch.Tensor]] = None
+    dense_prompt: Optional[torch.Tensor] = None
+    dense_head: Optional[dict[str, torch.Tensor]] = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    _staged: dict[str, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.indices, (list, tuple)) or not self.indices:
@@ -91,9 +96,11 @@ class TaskExpert:
             validate_indices(idx, n, name=f"FFN block {i} indices").cpu()
             for i, (idx, n) in enumerate(zip(self.indices, self.num_neurons))
         ]
-        if self.prompt is not None and (not isinstance(self.prompt, torch.Tensor) or self.prompt.dim() != 2):
-            raise ValueError("prompt: expected a (n_tokens, hidden) tensor, got "
-                             f"{getattr(self.prompt, 'shape', type(self.prompt).__name__)}")
+        for name in ("prompt", "dense_prompt"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
+                raise ValueError(f"{name}: expected a (n_tokens, hidden) tensor, got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}")
 
     @classmethod
     def from_indices(
@@ -129,6 +136,14 @@ class TaskExpert:
             metadata=dict(metadata or {}),
         )
 
+    def stage(self, device: torch.device | str) -> list[torch.Tensor]:
+        """The index lists on ``device``, copied there once and cached, so that switching to
+        this expert later moves no bytes at all."""
+        key = str(torch.device(device))
+        if key not in self._staged:
+            self._staged[key] = [idx.to(device) for idx in self.indices]
+        return self._staged[key]
+
     @property
     def num_blocks(self) -> int:
         return len(self.indices)
@@ -157,10 +172,12 @@ class TaskExpert:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"indices.{i}": idx.contiguous() for i, idx in enumerate(self.indices)}
-        if self.prompt is not None:
-            tensors["prompt"] = self.prompt.detach().float().cpu().contiguous()
-        for key, value in (self.head or {}).items():
-            tensors[f"head.{key}"] = value.detach().float().cpu().contiguous()
+        for prefix in ("", "dense_"):
+            prompt, head = getattr(self, prefix + "prompt"), getattr(self, prefix + "head")
+            if prompt is not None:
+                tensors[prefix + "prompt"] = prompt.detach().float().cpu().contiguous()
+            for key, value in (head or {}).items():
+                tensors[f"{prefix}head.{key}"] = value.detach().float().cpu().contiguous()
         config = {
             "format_version": FORMAT_VERSION,
             "doe_version": __version__,
@@ -174,6 +191,7 @@ class TaskExpert:
             "kept": self.kept,
             "prompt_tokens": None if self.prompt is None else int(self.prompt.shape[0]),
             "head_keys": sorted(self.head or {}),
+            "dense_head_keys": sorted(self.dense_head or {}),
             "metadata": self.metadata,
         }
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "doe-expert"})
@@ -209,10 +227,13 @@ class TaskExpert:
         missing = [f"indices.{i}" for i in range(len(num_neurons)) if f"indices.{i}" not in tensors]
         if missing:
             raise ValueError(f"{weights_path}: missing {missing} for the {len(num_neurons)} FFN blocks in the config")
-        head_keys = config.get("head_keys") or []
-        head = {k: tensors[f"head.{k}"] for k in head_keys if f"head.{k}" in tensors}
-        if len(head) != len(head_keys):
-            raise ValueError(f"{weights_path}: head tensors {sorted(set(head_keys) - set(head))} are missing")
+        heads = {}
+        for prefix in ("", "dense_"):
+            keys = config.get(prefix + "head_keys") or []
+            missing = [k for k in keys if f"{prefix}head.{k}" not in tensors]
+            if missing:
+                raise ValueError(f"{weights_path}: {prefix}head tensors {missing} are missing")
+            heads[prefix] = {k: tensors[f"{prefix}head.{k}"] for k in keys} or None
         expert = cls(
             indices=[tensors[f"indices.{i}"] for i in range(len(num_neurons))],
             num_neurons=num_neurons,
@@ -220,7 +241,9 @@ class TaskExpert:
             task=config.get("task"),
             fingerprint=config.get("fingerprint"),
             prompt=tensors.get("prompt"),
-            head=head or None,
+            head=heads[""],
+            dense_prompt=tensors.get("dense_prompt"),
+            dense_head=heads["dense_"],
             metadata=dict(config.get("metadata") or {}),
         )
         if expert.kept != config.get("kept"):

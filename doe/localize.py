@@ -150,6 +150,7 @@ def find_expert(
             result = prompt_tune(retuned, data, retune_cfg)
         prompt, head = result.prompt, result.head
     expert.prompt, expert.head = prompt, head
+    expert.dense_prompt, expert.dense_head = tuning.prompt, tuning.head
     expert.fingerprint = model_fingerprint(model)
     return ExpertSearchResult(expert, task_model, scores, tuning)
 

@@ -24,7 +24,7 @@ from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
 from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe_kernels import GatheredGatedMLP, GatheredLinear, to_neuron_major_, to_row_major_
 
-__all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "model_lock"]
+__all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "model_lock", "check_expert"]
 
 _STATE_ATTR = "_doe_unplug_state"
 _LOCK_GUARD = threading.Lock()
@@ -48,6 +48,7 @@ class _State:
     swaps: list[_Swap]
     wrappers: list[list[nn.Module]]  # per block, the wrappers whose indices it sets
     converted: list[torch.Tensor]  # weights re-stored neuron-major by this package
+    fingerprint: str
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
@@ -68,7 +69,14 @@ def current_expert(model: nn.Module) -> Optional[TaskExpert]:
     return state.expert if state is not None else None
 
 
-def _check_expert(model: nn.Module, expert: TaskExpert, blocks: Sequence[FFNBlock]) -> None:
+def check_expert(model: nn.Module, expert: TaskExpert, blocks: Optional[Sequence[FFNBlock]] = None,
+                 fingerprint: Optional[str] = None) -> None:
+    """Raise if ``expert`` does not fit ``model`` (type, FFN blocks, neuron counts, fingerprint)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if blocks is None:
+        blocks = state.blocks if state is not None else find_ffn_blocks(model)
+    if fingerprint is None and state is not None:
+        fingerprint = state.fingerprint
     if not isinstance(expert, TaskExpert):
         raise TypeError(f"expert: expected a doe.TaskExpert, got {type(expert).__name__}")
     mtype = model_type_of(model)
@@ -81,7 +89,7 @@ def _check_expert(model: nn.Module, expert: TaskExpert, blocks: Sequence[FFNBloc
             raise ValueError(f"expert block {i} was built for {n} neurons, this model's block "
                              f"{block.name!r} has {block.num_neurons}")
     if expert.fingerprint is not None:
-        found = model_fingerprint(model, blocks)
+        found = fingerprint or model_fingerprint(model, blocks)
         if found != expert.fingerprint:
             raise ValueError(f"expert{f' for task {expert.task!r}' if expert.task else ''} was built for a model "
                              f"with fingerprint {expert.fingerprint}, this model's is {found}: a different "
@@ -111,8 +119,8 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def _build_swaps(model: nn.Module, blocks: Sequence[FFNBlock], expert: TaskExpert, backend: str):
     swaps, wrappers = [], []
-    for block, idx in zip(blocks, expert.indices):
-        idx = idx.to(block.up.weight.device)
+    for i, block in enumerate(blocks):
+        idx = expert.stage(block.up.weight.device)[i]
         if block.gated:
             act = block.activation if block.activation is not None else block.act_module
             wrapper = GatheredGatedMLP(block.container, block.gate, block.up, block.down, idx,
@@ -149,15 +157,16 @@ def unplug_(
     with model_lock(model):
         state: Optional[_State] = model.__dict__.get(_STATE_ATTR)
         if state is not None:
-            _check_expert(model, expert, state.blocks)
-            new = [idx.to(ws[0].indices.device) for idx, ws in zip(expert.indices, state.wrappers)]
+            check_expert(model, expert, state.blocks, state.fingerprint)
+            new = [expert.stage(ws[0].indices.device)[i] for i, ws in enumerate(state.wrappers)]
             for ws, idx in zip(state.wrappers, new):
                 for w in ws:
                     w.indices = idx  # validated by TaskExpert; a buffer swap
             state.expert = expert
             return model
         blocks = find_ffn_blocks(model, spec)
-        _check_expert(model, expert, blocks)
+        fingerprint = model_fingerprint(model, blocks)
+        check_expert(model, expert, blocks, fingerprint)
         targets = [w for b in blocks for w in _neuron_major_targets(b)]
         convert = [w for w in targets if _resolve_layout(layout, w)]
         swaps, wrappers = _build_swaps(model, blocks, expert, backend)
@@ -165,7 +174,7 @@ def unplug_(
         converted = [w for w in convert if to_neuron_major_(w, 1)]
         for s in swaps:
             setattr(s.parent, s.attr, s.wrapper)
-        model.__dict__[_STATE_ATTR] = _State(expert, list(blocks), swaps, wrappers, converted)
+        model.__dict__[_STATE_ATTR] = _State(expert, list(blocks), swaps, wrappers, converted, fingerprint)
         return model
 
 

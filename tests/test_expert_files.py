@@ -19,6 +19,8 @@ def make_expert(family="bert", keep=0.35, seed=0):
                                          metadata={"note": "hand-made"})
     expert.prompt = torch.randn(4, 32)
     expert.head = {"weight": torch.randn(3, 32), "bias": torch.randn(3)}
+    expert.dense_prompt = torch.randn(4, 32)
+    expert.dense_head = {"weight": torch.randn(3, 32), "bias": torch.randn(3)}
     return model, expert
 
 
@@ -34,6 +36,8 @@ def test_round_trip_keeps_everything(tmp_path):
     assert loaded.indices[0].dtype == torch.int32
     assert torch.equal(loaded.prompt, expert.prompt)
     assert all(torch.equal(loaded.head[k], expert.head[k]) for k in expert.head)
+    assert torch.equal(loaded.dense_prompt, expert.dense_prompt)
+    assert all(torch.equal(loaded.dense_head[k], expert.dense_head[k]) for k in expert.dense_head)
     assert loaded.metadata == expert.metadata and loaded.fingerprint == expert.fingerprint
     inputs = sample_inputs(model)
     with doe.unplugged(model, loaded):

@@ -192,6 +192,8 @@ def test_find_expert_end_to_end(sentiment, tokenizer, tmp_path):
     n = doe.find_ffn_blocks(model)[0].num_neurons
     assert expert.task == "offline_sentiment" and expert.kept == [-(-35 * n // 100)] * 2
     assert expert.prompt.shape == (4, 32) and set(expert.head) == {"weight", "bias"}
+    assert torch.equal(expert.dense_prompt, result.task_model.prompt.detach())  # the tuned dense prompt
+    assert not torch.equal(expert.prompt, expert.dense_prompt)  # re-tuned on the expert
     assert expert.metadata["method"] == "attribution"
     for block_scores, idx in zip(result.scores.means(), expert.indices):
         assert set(idx.tolist()) == set(torch.topk(block_scores, idx.numel()).indices.tolist())

@@ -1,0 +1,184 @@
+"""The unplug-and-play runtime and the task router, on a tiny BERT with two offline tasks.
+
+Each result is compared with running the same request by hand: the task's TaskModel on the
+model unplugged with that task's expert (or on the dense model).
+"""
+
+import threading
+
+import pytest
+import torch
+
+import doe
+from doe.attribution import AttributionConfig
+from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
+from doe.prompt import PromptTuningConfig, TaskModel
+from doe.router import TaskRouter
+from doe.runtime import Request, UnplugAndPlay
+from doe.tasks import load_task
+from test_unplug import snapshot, assert_same_as, wrappers_in
+from tiny_models import make_tiny, tiny_tokenizer
+
+TASKS = ("offline_sentiment", "offline_topic")
+QUIET = dict(show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    data = {t: load_task(t, max_train=48, max_eval=16) for t in TASKS}
+    words = [w for d in data.values() for w in d.spec.label_words]
+    tok = tiny_tokenizer([e.text for d in data.values() for e in d.train], words)
+    model = make_tiny("bert")
+    config = ExpertSearchConfig(prompt=PromptTuningConfig(num_tokens=4, epochs=2, **QUIET),
+                                attribution=AttributionConfig(**QUIET),
+                                localization=LocalizationConfig(keep_ratio=0.35), retune_epochs=1)
+    folders = {}
+    for t in TASKS:
+        result = find_expert(model, tok, data[t], config)
+        folders[t] = result.expert.save_pretrained(tmp_path_factory.mktemp(t))
+    router = TaskRouter.fit(model, tok, {t: [e.text for e in data[t].train] for t in TASKS})
+    return model, tok, data, folders, router
+
+
+def by_hand(model, tok, expert, spec, texts, on_expert=True):
+    prompt = expert.prompt if on_expert else expert.dense_prompt
+    head = expert.head if on_expert else expert.dense_head
+    tm = TaskModel(model, tok, spec, prompt=prompt, head=head)
+    examples = [doe.tasks.Example(t, 0) for t in texts]
+    with torch.no_grad():
+        if on_expert:
+            with doe.unplugged(model, expert):
+                logits = tm(**tm.encode(examples))
+        else:
+            logits = tm(**tm.encode(examples))
+    return logits.argmax(-1).tolist()
+
+
+def test_named_requests_run_on_their_expert_and_model_is_restored(setup):
+    model, tok, data, folders, _ = setup
+    snap = snapshot(model)
+    rt = UnplugAndPlay(model, tok, max_batch=4)
+    experts = {t: rt.add_expert(folders[t]) for t in TASKS}
+    stream = [("offline_sentiment", e.text) for e in data["offline_sentiment"].eval[:6]]
+    stream += [("offline_topic", e.text) for e in data["offline_topic"].eval[:5]]
+    stream += [("offline_sentiment", e.text) for e in data["offline_sentiment"].eval[6:8]]
+    results = rt.process([{"text": text, "task": task, "id": f"r{i}"} for i, (task, text) in enumerate(stream)])
+    assert [r.id for r in results] == [f"r{i}" for i in range(len(stream))]
+    assert all(r.error is None and not r.routed for r in results)
+    for task in TASKS:
+        idx = [i for i, (t, _) in enumerate(stream) if t == task]
+        want = by_hand(model, tok, experts[task], data[task].spec, [stream[i][1] for i in idx])
+        assert [results[i].label_id for i in idx] == want
+        assert all(results[i].expert == task and results[i].label == data[task].spec.labels[results[i].label_id]
+                   for i in idx)
+    # Batching: 6 sentiment -> 4 + 2, then 5 topic -> 4 + 1, then 2 sentiment.
+    assert [r.batch_size for r in results] == [4] * 4 + [2] * 2 + [4] * 4 + [1] + [2] * 2
+    summary = rt.summary()
+    assert summary["requests"] == len(stream) and summary["errors"] == 0
+    assert summary["switches"] == 4  # in, switch, switch back, restore when idle
+    assert not doe.is_unplugged(model) and not wrappers_in(model)
+    assert_same_as(model, snap)
+
+
+def test_router_identifies_tasks_and_low_confidence_falls_back_to_dense(setup):
+    model, tok, data, folders, router = setup
+    held_out = {t: [e.text for e in data[t].eval] for t in TASKS}
+    accuracy = router.accuracy(model, tok, held_out)
+    assert accuracy > 0.5  # better than chance on two tasks, even for a tiny random model
+    texts = held_out["offline_topic"][:6]
+    tasks, confs = router.route(model, tok, texts)
+    rt = UnplugAndPlay(model, tok, router=router, threshold=0.0)
+    experts = {t: rt.add_expert(folders[t]) for t in TASKS}
+    results = rt.process(texts)
+    assert [r.task for r in results] == tasks and all(r.routed for r in results)
+    torch.testing.assert_close(torch.tensor([r.route_confidence for r in results]), torch.tensor(confs))
+    strict = UnplugAndPlay(model, tok, router=router, threshold=1.0)
+    for t in TASKS:
+        strict.add_expert(folders[t])
+    dense = strict.process(texts)
+    assert all(r.expert == "dense" for r in dense)
+    for r, text in zip(dense, texts):
+        assert r.label_id == by_hand(model, tok, experts[r.task], data[r.task].spec, [text], on_expert=False)[0]
+
+
+def test_router_round_trips(setup, tmp_path):
+    model, tok, data, _, router = setup
+    loaded = TaskRouter.from_pretrained(router.save_pretrained(tmp_path / "router"))
+    texts = [e.text for e in data["offline_sentiment"].eval[:4]]
+    assert loaded.route(model, tok, texts) == router.route(model, tok, texts)
+    with pytest.raises(FileNotFoundError, match="not a router folder"):
+        TaskRouter.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_requests_get_errors_and_the_rest_are_served(setup):
+    model, tok, data, folders, _ = setup
+    rt = UnplugAndPlay(model, tok)
+    rt.add_expert(folders["offline_sentiment"])
+    results = rt.process([
+        {"text": "fine", "task": "offline_sentiment"},
+        {"text": "who knows", "task": "offline_weather"},
+        {"text": "no task and no router"},
+    ])
+    assert results[0].error is None
+    assert "unknown task 'offline_weather'" in results[1].error
+    assert "no router" in results[2].error
+    for bad, message in [({"txt": "x"}, "unknown fields"), (42, "expected a Request, dict or str"),
+                         ({"text": 5}, "'text' must be a string")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            rt.process([bad])
+    assert not doe.is_unplugged(model)
+
+
+def test_a_failing_batch_reports_its_error_and_leaves_the_model_usable(setup, monkeypatch):
+    model, tok, data, folders, _ = setup
+    rt = UnplugAndPlay(model, tok)
+    rt.add_expert(folders["offline_sentiment"])
+    entry = rt._entries["offline_sentiment"]
+
+    def boom(*a, **k):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(entry.on_expert, "encode", boom)
+    results = rt.process([{"text": "ok", "task": "offline_sentiment"}])
+    assert "device on fire" in results[0].error
+    monkeypatch.undo()
+    assert rt.process([{"text": "ok", "task": "offline_sentiment"}])[0].error is None
+    assert not doe.is_unplugged(model)
+
+
+def test_add_expert_validates(setup, tmp_path):
+    model, tok, _, folders, _ = setup
+    rt = UnplugAndPlay(model, tok)
+    other = doe.TaskExpert.from_pretrained(folders["offline_topic"])
+    llama = make_tiny("llama")
+    with pytest.raises(ValueError, match="built for a 'bert' model"):
+        UnplugAndPlay(llama, tok).add_expert(other)
+    with pytest.raises(FileNotFoundError, match="not an expert folder"):
+        rt.add_expert(tmp_path / "missing")
+    bare = doe.TaskExpert(other.indices, other.num_neurons, model_type="bert", task="offline_topic")
+    with pytest.raises(ValueError, match="carries no prompt"):
+        rt.add_expert(bare)
+    with pytest.raises(ValueError, match="threshold"):
+        UnplugAndPlay(model, tok, threshold=1.5)
+
+
+def test_threads_get_their_own_experts(setup):
+    model, tok, data, folders, _ = setup
+    rt = UnplugAndPlay(model, tok)
+    experts = {t: rt.add_expert(folders[t]) for t in TASKS}
+    texts = {t: [e.text for e in data[t].eval[:4]] for t in TASKS}
+    want = {t: by_hand(model, tok, experts[t], data[t].spec, texts[t]) for t in TASKS}
+    failures = []
+
+    def worker(task):
+        for _ in range(4):
+            got = [r.label_id for r in rt.process([Request(x, task=task) for x in texts[task]])]
+            if got != want[task]:
+                failures.append(task)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in TASKS * 2]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == [] and not doe.is_unplugged(model)
