@@ -97,14 +97,18 @@ class ExpertSearchConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
     retune_epochs: int = 0  # re-tune the prompt on the expert-localized model (0 = skip)
+    retune_head_lr: float = 1e-2  # the head only needs to adapt, not to be learned again
 
     def __post_init__(self) -> None:
         if self.retune_epochs < 0:
             raise ValueError(f"ExpertSearchConfig.retune_epochs: expected >= 0, got {self.retune_epochs}")
+        if not self.retune_head_lr > 0:
+            raise ValueError(f"ExpertSearchConfig.retune_head_lr: expected > 0, got {self.retune_head_lr}")
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt.to_dict(), "attribution": self.attribution.to_dict(),
-                "localization": self.localization.to_dict(), "retune_epochs": self.retune_epochs}
+                "localization": self.localization.to_dict(), "retune_epochs": self.retune_epochs,
+                "retune_head_lr": self.retune_head_lr}
 
 
 @dataclass
@@ -145,7 +149,8 @@ def find_expert(
     if config.retune_epochs:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
                             max_length=config.prompt.max_length)
-        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs})
+        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs,
+                                           "head_lr": config.retune_head_lr})
         with unplugged(model, expert):
             result = prompt_tune(retuned, data, retune_cfg)
         prompt, head = result.prompt, result.head

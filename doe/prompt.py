@@ -65,7 +65,7 @@ class PromptTuningConfig:
     epochs: int = 8
     batch_size: int = 16
     lr: float = 3e-2
-    head_lr: float = 1e-2
+    head_lr: float = 5e-2
     max_length: int = 64
     weight_decay: float = 0.0
     seed: int = 0

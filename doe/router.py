@@ -1,5 +1,6 @@
-"""Identify a request's task from its text: nearest task centroid of the dense model's
-mean-pooled representations, with a confidence that the runtime compares to a threshold.
+"""Identify a request's task from its text: a softmax classifier over tasks on the dense
+model's mean-pooled representations (L2-normalised), whose probability is the confidence the
+runtime compares to a threshold.
 """
 
 from __future__ import annotations
@@ -43,34 +44,43 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size
 
 
 class TaskRouter:
-    """Nearest-centroid task classifier on dense representations.
+    """Linear task classifier on dense representations.
 
-    centroids: (num_tasks, hidden), L2-normalised; temperature scales the cosine similarities
-    before the softmax that gives the confidence.
+    weight: (num_tasks, hidden), bias: (num_tasks,), applied to L2-normalised mean-pooled
+    embeddings; confidence = the softmax probability of the chosen task.
     """
 
-    def __init__(self, tasks: Sequence[str], centroids: torch.Tensor, temperature: float = 0.05,
-                 *, normalized: bool = False):
-        if len(tasks) != centroids.shape[0] or len(tasks) < 1:
-            raise ValueError(f"router: {len(tasks)} task names for {centroids.shape[0]} centroids")
-        if temperature <= 0:
-            raise ValueError(f"router temperature: expected > 0, got {temperature}")
+    def __init__(self, tasks: Sequence[str], weight: torch.Tensor, bias: torch.Tensor):
+        if len(tasks) != weight.shape[0] or len(tasks) != bias.shape[0] or len(tasks) < 1:
+            raise ValueError(f"router: {len(tasks)} task names for weights of shape {tuple(weight.shape)} "
+                             f"and bias {tuple(bias.shape)}")
         self.tasks = list(tasks)
-        self.centroids = centroids.float() if normalized else F.normalize(centroids.float(), dim=-1)
-        self.temperature = float(temperature)
+        self.weight, self.bias = weight.float(), bias.float()
 
     @classmethod
-    def fit(cls, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]],
-            temperature: float = 0.05) -> "TaskRouter":
+    def fit(cls, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]], *,
+            steps: int = 300, lr: float = 0.5, weight_decay: float = 1e-4, seed: int = 0) -> "TaskRouter":
+        """Train on each task's example texts (full-batch Adam on cached embeddings: seconds)."""
         empty = [t for t, texts in texts_by_task.items() if not texts]
         if empty or not texts_by_task:
             raise ValueError(f"router: every task needs example texts; none for {empty or 'any task'}")
-        cents = [F.normalize(embed_texts(model, tokenizer, list(texts)), dim=-1).mean(0)
-                 for texts in texts_by_task.values()]
-        return cls(list(texts_by_task), torch.stack(cents), temperature)
+        tasks = list(texts_by_task)
+        x = F.normalize(torch.cat([embed_texts(model, tokenizer, list(texts_by_task[t])) for t in tasks]), dim=-1)
+        y = torch.cat([torch.full((len(texts_by_task[t]),), i) for i, t in enumerate(tasks)])
+        g = torch.Generator().manual_seed(seed)
+        weight = (torch.randn(len(tasks), x.shape[1], generator=g) * 0.01).requires_grad_()
+        bias = torch.zeros(len(tasks), requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.cross_entropy(x @ weight.t() + bias, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return cls(tasks, weight.detach(), bias.detach())
 
     def route_embeddings(self, emb: torch.Tensor) -> tuple[list[str], list[float]]:
-        probs = torch.softmax(F.normalize(emb.float(), dim=-1) @ self.centroids.t() / self.temperature, dim=-1)
+        probs = torch.softmax(F.normalize(emb.float(), dim=-1) @ self.weight.t() + self.bias, dim=-1)
         conf, idx = probs.max(-1)
         return [self.tasks[i] for i in idx.tolist()], conf.tolist()
 
@@ -83,8 +93,8 @@ class TaskRouter:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"centroids": self.centroids.contiguous()}, str(directory / _WEIGHTS))
-        (directory / _CONFIG).write_text(json.dumps({"tasks": self.tasks, "temperature": self.temperature}, indent=2))
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(directory / _WEIGHTS))
+        (directory / _CONFIG).write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
         return directory
 
     @classmethod
@@ -94,12 +104,13 @@ class TaskRouter:
         directory = Path(directory)
         try:
             config = json.loads((directory / _CONFIG).read_text())
-            centroids = load_file(str(directory / _WEIGHTS))["centroids"]
+            tensors = load_file(str(directory / _WEIGHTS))
+            weight, bias = tensors["weight"], tensors["bias"]
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"not a router folder: {exc.filename} is missing") from exc
         except Exception as exc:
             raise ValueError(f"{directory}: corrupted router files ({type(exc).__name__}: {exc})") from exc
-        return cls(config["tasks"], centroids, config.get("temperature", 0.05), normalized=True)
+        return cls(config["tasks"], weight, bias)
 
     def accuracy(self, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]]) -> float:
         """Fraction of held-out texts routed to their own task."""
@@ -111,5 +122,5 @@ class TaskRouter:
         return right / max(total, 1)
 
     def __repr__(self) -> str:
-        return f"TaskRouter(tasks={self.tasks}, temperature={self.temperature})"
+        return f"TaskRouter(tasks={self.tasks})"
 

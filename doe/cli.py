@@ -1,0 +1,281 @@
+"""The ``doe`` command.
+
+    doe demo                                   the whole story, offline, on the packaged MiniLM
+    doe localize --task offline_sentiment --out experts/sentiment
+    doe eval --experts experts/sentiment
+    doe run --experts experts/* --router router/ --requests in.jsonl --out out.jsonl
+    doe bench --suite kernels --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+EPILOG = "Every subcommand has its own --help. Models: 'minilm' (packaged, offline) or a local folder."
+
+
+class UsageError(Exception):
+    """Bad arguments or files: exit code 2."""
+
+
+def _load_model(name: str, device: Optional[str]):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from doe.models import load_minilm
+    from doe.prompt import _ENCODERS
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "minilm":
+        return load_minilm(device=device)
+    if not Path(name).is_dir():
+        raise UsageError(f"--model: expected 'minilm' or a local model folder, got {name!r} (no hub access here)")
+    config = AutoConfig.from_pretrained(name)
+    cls = (AutoModelForSeq2SeqLM if config.is_encoder_decoder
+           else AutoModel if config.model_type in _ENCODERS else AutoModelForCausalLM)
+    return AutoTokenizer.from_pretrained(name), cls.from_pretrained(name).to(device).eval()
+
+
+def _task(args):
+    from doe.tasks import get_task, local_task
+
+    if args.train:
+        if not args.labels:
+            raise UsageError("--train needs --labels (comma-separated label names in id order)")
+        files = {"train": args.train, **({"validation": args.eval_file} if args.eval_file else {})}
+        return local_task(args.task or Path(args.train).stem, files, labels=args.labels.split(","),
+                          text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field)
+    if not args.task:
+        raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
+    return get_task(args.task)
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _add_task_args(p):
+    p.add_argument("--task", help="a registered task (offline_sentiment, sst2, ...; `doe tasks` lists them)")
+    p.add_argument("--train", help="a local csv/json/jsonl/parquet training file instead of --task")
+    p.add_argument("--eval-file", help="the matching held-out file")
+    p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
+    p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
+    p.add_argument("--label-field", default="label", help="label column (default: label)")
+    p.add_argument("--max-train", type=int, help="subsample the training split (seeded, stratified)")
+    p.add_argument("--max-eval", type=int, help="subsample the held-out split")
+
+
+def _cmd_localize(args) -> int:
+    from doe.attribution import AttributionConfig
+    from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
+    from doe.prompt import PromptTuningConfig
+    from doe.tasks import load_task
+
+    tok, model = _load_model(args.model, args.device)
+    data = load_task(_task(args), max_train=args.max_train, max_eval=args.max_eval)
+    keeps = args.keep or [0.35]
+    result = None
+    for keep in keeps:
+        config = ExpertSearchConfig(
+            prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed),
+            attribution=AttributionConfig(method=args.method, max_examples=args.max_examples, seed=args.seed),
+            localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of),
+            retune_epochs=args.retune_epochs,
+        )
+        result = find_expert(model, tok, data, config,
+                             task_model=result.task_model if result else None,
+                             scores=result.scores if result else None)
+        out = Path(args.out) if len(keeps) == 1 else Path(args.out) / f"keep{keep}"
+        result.expert.save_pretrained(out)
+        print(f"{data.spec.name}: kept {sum(result.expert.kept)}/{sum(result.expert.num_neurons)} FFN neurons "
+              f"({result.expert.keep_ratio:.1%}, {args.method}) -> {out}")
+    return 0
+
+
+def _load_experts(paths: Sequence[str]):
+    from doe.expert import TaskExpert
+
+    if not paths:
+        raise UsageError("--experts: give at least one expert folder")
+    return [TaskExpert.from_pretrained(p) for p in paths]
+
+
+def _cmd_eval(args) -> int:
+    from doe.evaluate import evaluate
+    from doe.prompt import TaskModel
+    from doe.tasks import get_task, load_task
+
+    experts = _load_experts(args.experts)
+    tok, model = _load_model(args.model, args.device)
+    spec = _task(args) if (args.task or args.train) else get_task(experts[0].task or "")
+    data = load_task(spec, max_train=1, max_eval=args.max_eval)
+    own = [e for e in experts if e.task == spec.name and e.dense_prompt is not None]
+    if not own:
+        raise UsageError(f"--experts: none is an expert of task {spec.name!r} with a dense prompt, which the "
+                         "dense baseline needs")
+    dense = TaskModel(model, tok, spec, prompt=own[0].dense_prompt, head=own[0].dense_head)
+    report = evaluate(model, tok, data, dense, experts, batch_size=args.batch_size)
+    print(report.to_markdown())
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from doe.router import TaskRouter
+    from doe.runtime import UnplugAndPlay
+
+    # Files first, so that a typo fails before a model is loaded.
+    path = Path(args.requests)
+    if not path.is_file():
+        raise UsageError(f"--requests: {path} does not exist")
+    requests = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                requests.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
+    experts = _load_experts(args.experts)
+    router = TaskRouter.from_pretrained(args.router) if args.router else None
+    tok, model = _load_model(args.model, args.device)
+    rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size)
+    for expert in experts:
+        rt.add_expert(expert)
+    results = rt.process(requests)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
+    summary = rt.summary()
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {len(results)} results to {out}")
+    return 1 if summary["errors"] else 0
+
+
+def _cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (root / "report.py").is_file():
+        raise UsageError("`doe bench` runs the suites of a source checkout (pip install -e .); "
+                         f"no benchmarks/ folder next to the package at {root.parent}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"kernels": ["test_kernels.py"], "models": ["test_models.py"],
+             "all": ["test_kernels.py", "test_models.py"]}[args.suite]
+    jsons = []
+    for f in files:
+        js = out / f"{Path(f).stem.removeprefix('test_')}.json"
+        cmd = [sys.executable, "-m", "pytest", str(root / f), "-q", f"--benchmark-json={js}", *args.pytest_args]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.call(cmd, cwd=root.parent) != 0:
+            return 1
+        jsons.append(str(js))
+    return subprocess.call([sys.executable, "-m", "benchmarks.report", *jsons, "--out", str(out)], cwd=root.parent)
+
+
+def _cmd_demo(args) -> int:
+    from doe.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(cache=Path(args.cache).expanduser(), keep_ratio=args.keep, requests=args.requests,
+                                 fresh=args.fresh, seed=args.seed, device=args.device,
+                                 show_progress=not args.quiet))
+    return 0 if result["identical"] else 1
+
+
+def _cmd_tasks(args) -> int:
+    from doe.tasks import OFFLINE_TASKS, TASKS
+
+    for name, spec in TASKS.items():
+        where = "offline" if name in OFFLINE_TASKS else f"hub: {spec.dataset}" + (f"/{spec.config}" if spec.config else "")
+        print(f"{name:<18} {len(spec.labels)} labels ({', '.join(spec.labels)}) · {spec.metric} · {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="doe", description="Decomposition of Experts: find per-task FFN experts of a transformer and "
+        "serve many tasks from one model by unplugging the rest.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the whole method offline on the packaged MiniLM (start here)",
+                       description="Find experts for the offline tasks (cached), stream held-out requests through "
+                       "the unplug-and-play runtime, and compare with the dense model.")
+    p.add_argument("--cache", default="~/.cache/doe/demo", help="where experts and the router are cached")
+    p.add_argument("--keep", type=float, default=0.35, help="fraction of FFN neurons an expert keeps (default 0.35)")
+    p.add_argument("--requests", type=int, default=240, help="held-out requests to stream (default 240)")
+    p.add_argument("--fresh", action="store_true", help="ignore the cache and localize again")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("localize", help="find a task's expert and save it as a folder",
+                       description="Prompt-tune on the frozen model, score FFN neurons, keep the top ones, "
+                       "optionally re-tune the prompt on the expert, and save the expert folder.")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.add_argument("--out", required=True, help="expert folder to write (one sub-folder per --keep if several)")
+    p.add_argument("--keep", type=float, action="append", help="keep ratio (repeatable; default 0.35)")
+    p.add_argument("--method", default="attribution",
+                   choices=["attribution", "activation", "gradient", "integrated_gradients", "random", "skill"])
+    p.add_argument("--scope", default="layer", choices=["layer", "global"])
+    p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
+    p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")
+    p.add_argument("--retune-epochs", type=int, default=2, help="re-tuning epochs on the expert (default 2; 0 skips)")
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_localize)
+
+    p = sub.add_parser("eval", help="metric and latency: dense prompt-tuned model vs experts",
+                       description="Evaluate experts on the held-out split of their task (or of --task).")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.add_argument("--experts", nargs="+", help="expert folders", default=[])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("run", help="serve a JSONL file of requests through the runtime",
+                       description='Each line: {"text": ..., "task": optional, "text_pair": optional, "id": optional}. '
+                       "Writes one JSON result per line.")
+    _add_model_args(p)
+    p.add_argument("--experts", nargs="+", default=[], help="expert folders")
+    p.add_argument("--router", help="router folder (to serve requests without a task name)")
+    p.add_argument("--threshold", type=float, default=0.5, help="router confidence below which the dense model serves")
+    p.add_argument("--requests", required=True, help="input JSONL")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="run the benchmark suites and write the report",
+                       description="pytest-benchmark suites (from a source checkout) and their markdown/plot report.")
+    p.add_argument("--suite", choices=["kernels", "models", "all"], default="kernels")
+    p.add_argument("--out", default="bench-results", help="folder for JSON, tables and plots")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("tasks", help="list the registered tasks")
+    p.set_defaults(func=_cmd_tasks)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.exit(2, f"doe {args.command}: error: {exc}\n")
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError) as exc:
+        parser.exit(2, f"doe {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The `doe` command on a tiny BERT saved to a folder: localize -> eval -> run, help and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import doe
+from doe.cli import main
+from doe.tasks import load_task
+from tiny_models import make_tiny, tiny_tokenizer
+
+TASK = "offline_question"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    data = load_task(TASK)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    make_tiny("bert", head=False).save_pretrained(folder)
+    tiny_tokenizer([e.text for e in data.train], data.spec.label_words).save_pretrained(folder)
+    return folder
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "doe.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "localize", "eval", "run", "bench", "tasks"):
+        assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "doe.cli", "localize", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--keep" in out.stdout and "--method" in out.stdout
+
+
+def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
+    experts = tmp_path / "experts"
+    args = ["--model", str(model_dir), "--device", "cpu", "--task", TASK, "--max-train", "32"]
+    assert main(["localize", *args, "--out", str(experts), "--keep", "0.35", "--keep", "0.2",
+                 "--epochs", "1", "--retune-epochs", "1", "--prompt-tokens", "2"]) == 0
+    assert "kept" in capsys.readouterr().out
+    e35 = doe.TaskExpert.from_pretrained(experts / "keep0.35")
+    e20 = doe.TaskExpert.from_pretrained(experts / "keep0.2")
+    assert e35.task == TASK and e35.keep_ratio > e20.keep_ratio
+    assert e35.metadata["method"] == "attribution" and e35.prompt.shape[0] == 2
+
+    assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--max-eval", "16", "--experts",
+                 str(experts / "keep0.35"), str(experts / "keep0.2")]) == 0
+    table = capsys.readouterr().out
+    assert "| dense | 1.00 |" in table and "| expert@0.35 |" in table and "| expert@0.20 |" in table
+
+    requests = tmp_path / "in.jsonl"
+    texts = [e.text for e in load_task(TASK, max_eval=5).eval]
+    requests.write_text("".join(json.dumps({"text": t, "task": TASK, "id": i}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--model", str(model_dir), "--device", "cpu", "--experts", str(experts / "keep0.35"),
+                 "--requests", str(requests), "--out", str(out)]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == list(range(len(texts)))
+    assert all(r["expert"] == TASK and r["label"] in ("statement", "question") for r in results)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["localize", "--model", "/no/such/model", "--task", TASK, "--out", "x"], "expected 'minilm' or a local"),
+        (["localize", "--task", "no_such_task", "--out", "x"], "no_such_task"),
+        (["eval", "--experts", "/no/such/expert"], "not an expert folder"),
+        (["eval"], "--experts: give at least one expert folder"),
+        (["localize", "--train", "data.csv", "--out", "x"], "--train needs --labels"),
+    ],
+    ids=["bad-model", "bad-task", "bad-expert", "no-expert", "train-without-labels"],
+)
+def test_errors_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_reports_bad_jsonl(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json}\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--model", str(model_dir), "--device", "cpu", "--requests", str(bad), "--out",
+              str(tmp_path / "o.jsonl")])
+    assert exc.value.code == 2 and "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
+
+
+def test_tasks_lists_offline_and_hub_tasks(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "offline_sentiment" in out and "hub: glue/sst2" in out
