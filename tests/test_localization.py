@@ -50,7 +50,7 @@ def test_prompt_tuning_trains_only_prompt_and_head(family, sentiment, tokenizer)
     assert tm.kind == model_kind(model) and (tm.head is not None) == (tm.kind == "encoder")
     prompt0 = tm.prompt.detach().clone()
     loss0 = _train_loss(tm, sentiment.train)
-    result = prompt_tune(tm, sentiment, PromptTuningConfig(epochs=4, batch_size=16, lr=5e-2, **QUIET))
+    result = prompt_tune(tm, sentiment, PromptTuningConfig(epochs=4, batch_size=16, lr=5e-2, head_lr=1e-2, **QUIET))
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
