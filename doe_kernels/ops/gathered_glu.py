@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, prune_configs
-from doe_kernels.ops.gathered_linear import gathered_mm
+from doe_kernels.ops.gathered_linear import gathered_mm, grouped_tile
 from doe_kernels.reference import activation_fn, canonical_activation
 
 __all__ = ["gathered_glu_mm", "GatheredGLUFunction", "ACTIVATION_IDS"]
@@ -67,15 +67,7 @@ def _gathered_glu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
