@@ -1,12 +1,14 @@
 """DoE: Decomposition of Experts. Run only the FFN neurons a task needs, and put the rest back.
 
-    expert = doe.TaskExpert.from_indices(model, indices)   # one index tensor per FFN block
-    with doe.unplugged(model, expert):                      # gathered FFNs, no weight copied
+    result = doe.find_expert(model, tokenizer, "offline_sentiment")  # tune, score, localize
+    with doe.unplugged(model, result.expert):                        # gathered FFNs, no copy
         model(**batch)
-                                                            # original modules back, exactly
+                                                                     # original modules back, exactly
 """
 
-from doe.architectures import (
+__version__ = "0.1.0"
+
+from doe.architectures import (  # noqa: E402
     SUPPORTED_MODEL_TYPES,
     FFNBlock,
     FFNSpec,
@@ -14,23 +16,60 @@ from doe.architectures import (
     get_ffn_specs,
     register_architecture,
 )
-from doe.expert import TaskExpert
-from doe.unplug import check_expert, current_expert, is_unplugged, model_lock, restore_, unplug_, unplugged
-
-__version__ = "0.1.0"
+from doe.attribution import AttributionConfig, NeuronScores, score_neurons  # noqa: E402
+from doe.evaluate import EvalReport, evaluate  # noqa: E402
+from doe.expert import TaskExpert, model_fingerprint  # noqa: E402
+from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize  # noqa: E402
+from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune  # noqa: E402
+from doe.router import TaskRouter  # noqa: E402
+from doe.runtime import Request, Result, UnplugAndPlay  # noqa: E402
+from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task  # noqa: E402
+from doe.unplug import (  # noqa: E402
+    check_expert,
+    current_expert,
+    is_unplugged,
+    model_lock,
+    restore_,
+    unplug_,
+    unplugged,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "AttributionConfig",
+    "EvalReport",
+    "ExpertSearchConfig",
+    "ExpertSearchResult",
     "FFNBlock",
     "FFNSpec",
+    "LocalizationConfig",
+    "NeuronScores",
+    "PromptTuningConfig",
+    "Request",
+    "Result",
     "TaskExpert",
+    "TaskModel",
+    "TaskRouter",
+    "TaskSpec",
+    "UnplugAndPlay",
+    "check_expert",
     "current_expert",
+    "evaluate",
+    "find_expert",
     "find_ffn_blocks",
     "get_ffn_specs",
+    "get_task",
     "is_unplugged",
+    "load_task",
+    "local_task",
+    "localize",
+    "model_fingerprint",
     "model_lock",
+    "prompt_tune",
     "register_architecture",
+    "register_task",
     "restore_",
+    "score_neurons",
     "unplug_",
     "unplugged",
 ]
