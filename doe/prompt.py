@@ -121,9 +121,9 @@ class TaskModel(nn.Module):
         self.max_length = max_length
         embed = model.get_input_embeddings()
         hidden = embed.weight.shape[1]
+        g = torch.Generator().manual_seed(seed)  # prompt and head init depend on ``seed`` only
         if prompt is None:
             # Initialise from embeddings of random vocabulary tokens (Lester et al., 2021).
-            g = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, embed.weight.shape[0], (num_tokens,), generator=g)
             prompt = embed.weight.detach()[ids.to(embed.weight.device)].float().clone()
         elif prompt.dim() != 2 or prompt.shape[1] != hidden:
@@ -132,9 +132,14 @@ class TaskModel(nn.Module):
         self.head: Optional[nn.Linear] = None
         self.register_buffer("label_token_ids", torch.empty(0, dtype=torch.long), persistent=False)
         if self.kind == "encoder":
-            self.head = nn.Linear(hidden, len(spec.labels)).to(embed.weight.device)
+            self.head = nn.Linear(hidden, len(spec.labels))
             if head is not None:
                 self.head.load_state_dict({k: v.float() for k, v in head.items()})
+            else:
+                with torch.no_grad():
+                    self.head.weight.normal_(0.0, hidden**-0.5, generator=g)
+                    self.head.bias.zero_()
+            self.head.to(embed.weight.device)
         else:
             self.label_token_ids = self._verbalizer_ids().to(embed.weight.device)
 
