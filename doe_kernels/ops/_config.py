@@ -9,6 +9,7 @@ not yet been tuned on an H100 here; the GPU campaign issue re-measures them.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -99,9 +100,14 @@ def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
     """
     if INTERPRET or m > 16 or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton.cdiv(n, 64)
     if tiles >= sms:
         return 1
     split = min(8, triton.cdiv(2 * sms, tiles), max(1, k // 256))
     return max(1, split)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
