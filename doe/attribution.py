@@ -2,7 +2,8 @@
 
 For every FFN intermediate neuron (the input of the down projection, h: (B, T, I)):
 
-    attribution     mean |h * d(gold logit)/dh|             (the DoE paper's score)
+    attribution     mean |h * d(gold logit)/dh|             (the DoE paper's score; with
+                    target="log_prob", d(log p(gold))/dh: the gold label against the others)
     activation      mean |h|
     gradient        mean |d(gold logit)/dh|
     integrated_gradients   mean |h * avg_a d(gold logit)/dh (a * h)|, a in (0, 1], per layer
@@ -29,15 +30,17 @@ from doe.architectures import find_ffn_blocks
 from doe.prompt import TaskModel, frozen, eval_mode
 from doe.tasks import Example, TaskData
 
-__all__ = ["METHODS", "AttributionConfig", "NeuronScores", "score_neurons"]
+__all__ = ["METHODS", "TARGETS", "AttributionConfig", "NeuronScores", "score_neurons"]
 
 METHODS = ("attribution", "activation", "gradient", "integrated_gradients", "random", "skill")
+TARGETS = ("logit", "log_prob")
 _NEEDS_GRAD = ("attribution", "gradient", "integrated_gradients")
 
 
 @dataclass
 class AttributionConfig:
     method: str = "attribution"
+    target: str = "logit"  # what the gradient is of: the gold label's logit or its log-probability
     batch_size: int = 16
     max_examples: Optional[int] = None
     ig_steps: int = 4
@@ -47,6 +50,8 @@ class AttributionConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"AttributionConfig.method: expected one of {METHODS}, got {self.method!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"AttributionConfig.target: expected one of {TARGETS}, got {self.target!r}")
         if self.batch_size < 1 or self.ig_steps < 1:
             raise ValueError(f"AttributionConfig: batch_size and ig_steps must be >= 1, got "
                              f"{self.batch_size} and {self.ig_steps}")
@@ -129,7 +134,10 @@ def _token_mask(task_model: TaskModel, attention_mask: torch.Tensor, h: torch.Te
     return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
 
 
-def _gold(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _gold(logits: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
+    """Sum over the batch of the gold label's logit or log-probability; logits: (B, C)."""
+    if target == "log_prob":
+        logits = torch.log_softmax(logits.float(), dim=-1)
     return logits.gather(1, labels[:, None]).sum()
 
 
@@ -160,11 +168,11 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
             labels = torch.tensor([e.label for e in batch], device=task_model.device)
             labels_all += labels.tolist()
             if config.method == "integrated_gradients":
-                _integrated_gradients(task_model, blocks, enc, labels, config.ig_steps, sums, counts)
+                _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts)
                 continue
             with torch.set_grad_enabled(config.method in _NEEDS_GRAD), _capture_down_inputs(blocks) as hs:
                 logits = task_model(**enc)
-                grads = (torch.autograd.grad(_gold(logits, labels), hs) if config.method in _NEEDS_GRAD
+                grads = (torch.autograd.grad(_gold(logits, labels, config.target), hs) if config.method in _NEEDS_GRAD
                          else [None] * len(hs))
             for i, (h, dh) in enumerate(zip(hs, grads)):
                 mask = _token_mask(task_model, enc["attention_mask"], h)
@@ -180,18 +188,19 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
     return NeuronScores(sums, counts, config.method).all_reduce_()
 
 
-def _integrated_gradients(task_model, blocks, enc, labels, steps, sums, counts) -> None:
+def _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts) -> None:
     """Per layer: h * mean over alpha in {1/steps, ..., 1} of d(gold)/dh at alpha * h."""
     with torch.no_grad(), _capture_down_inputs(blocks) as hs:
         task_model(**enc)
     base = [h.detach() for h in hs]
+    steps = config.ig_steps
     for i in range(len(blocks)):
         total = torch.zeros_like(base[i], dtype=torch.float32)
         for k in range(1, steps + 1):
             scale = {"layer": i, "alpha": k / steps}
             with torch.enable_grad(), _capture_down_inputs(blocks, scale) as hs:
                 logits = task_model(**enc)
-                (dh,) = torch.autograd.grad(_gold(logits, labels), [hs[i]])
+                (dh,) = torch.autograd.grad(_gold(logits, labels, config.target), [hs[i]])
             total += dh.float()
         value = (base[i].float() * total / steps).abs()
         mask = _token_mask(task_model, enc["attention_mask"], base[i]).float()

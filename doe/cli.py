@@ -86,7 +86,8 @@ def _cmd_localize(args) -> int:
     for keep in keeps:
         config = ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed),
-            attribution=AttributionConfig(method=args.method, max_examples=args.max_examples, seed=args.seed),
+            attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
+                                          seed=args.seed),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of),
             retune_epochs=args.retune_epochs,
         )
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, action="append", help="keep ratio (repeatable; default 0.35)")
     p.add_argument("--method", default="attribution",
                    choices=["attribution", "activation", "gradient", "integrated_gradients", "random", "skill"])
+    p.add_argument("--target", default="logit", choices=["logit", "log_prob"],
+                   help="gradient of the gold label's logit (the paper) or of its log-probability")
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
     p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")

@@ -74,7 +74,7 @@ def test_retuning_on_an_expert_flows_through_the_gathered_ffn(sentiment, tokeniz
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def _leaf_reference(tm, examples, method):
+def _leaf_reference(tm, examples, method, target="logit"):
     """Per block: mean over real tokens of |h*dh|, |dh| or |h|, one layer at a time."""
     blocks = doe.find_ffn_blocks(tm.model)
     enc = tm.encode(examples)
@@ -92,6 +92,8 @@ def _leaf_reference(tm, examples, method):
         handle = block.down.register_forward_pre_hook(hook)
         try:
             logits = tm(**enc)
+            if target == "log_prob":
+                logits = torch.log_softmax(logits, dim=-1)
             logits.gather(1, labels[:, None]).sum().backward()
         finally:
             handle.remove()
@@ -101,14 +103,15 @@ def _leaf_reference(tm, examples, method):
     return out
 
 
-@pytest.mark.parametrize("method", ["attribution", "gradient", "activation"])
+@pytest.mark.parametrize("method, target", [("attribution", "logit"), ("attribution", "log_prob"),
+                                            ("gradient", "logit"), ("activation", "logit")])
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_scores_match_a_layer_by_layer_reference(family, method, sentiment, tokenizer):
+def test_scores_match_a_layer_by_layer_reference(family, method, target, sentiment, tokenizer):
     model = make_tiny(family)
     tm = TaskModel(model, tokenizer, sentiment.spec, num_tokens=3)
     examples = sentiment.train[:6]
-    scores = score_neurons(tm, examples, AttributionConfig(method=method, batch_size=4, **QUIET))
-    ref = _leaf_reference(tm, examples, method)
+    scores = score_neurons(tm, examples, AttributionConfig(method=method, target=target, batch_size=4, **QUIET))
+    ref = _leaf_reference(tm, examples, method, target)
     for got, want in zip(scores.means(), ref):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     assert all(p.requires_grad for p in tm.trainable_parameters())  # flags put back
@@ -211,6 +214,7 @@ def test_find_expert_end_to_end(sentiment, tokenizer, tmp_path):
         (lambda: PromptTuningConfig(epochs=0), "epochs: expected a positive int"),
         (lambda: PromptTuningConfig(lr=-1.0), "lr: expected a positive learning rate"),
         (lambda: AttributionConfig(method="saliency"), "method: expected one of"),
+        (lambda: AttributionConfig(target="prob"), "target: expected one of"),
         (lambda: ExpertSearchConfig(retune_epochs=-1), "retune_epochs"),
     ],
 )
