@@ -89,6 +89,7 @@ class GatheredLinear(nn.Module):
             raise ValueError(f"mode: expected 'rows' or 'cols', got {mode!r}")
         weight = linear_weight(base_layer)
         self.base_layer = base_layer
+        self._transposed = _is_conv1d(base_layer)  # decided once: forward stays thin
         self.mode = mode
         self.backend = backend
         self.total = weight.shape[0] if mode == "rows" else weight.shape[1]
@@ -110,7 +111,7 @@ class GatheredLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = linear_weight(self.base_layer)
+        w = self.base_layer.weight.t() if self._transposed else self.base_layer.weight
         if self.mode == "rows":
             return gathered_linear(x, w, self.base_layer.bias, rows=self.indices, backend=self.backend)
         return gathered_linear(x, w, self.base_layer.bias, cols=self.indices, backend=self.backend)
