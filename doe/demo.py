@@ -37,7 +37,7 @@ class DemoConfig:
     requests: int = 240
     max_train: Optional[int] = None
     epochs: int = 5
-    retune_epochs: int = 3
+    retune_epochs: int = 5
     seed: int = 0
     fresh: bool = False
     device: Optional[str] = None
