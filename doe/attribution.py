@@ -127,8 +127,7 @@ def _capture_down_inputs(blocks, scale: Optional[dict] = None):
 def _token_mask(task_model: TaskModel, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """(B, T) mask of real tokens (prompt included) aligned with h, or all ones for (B, T) h's
     that don't carry the prompt (T5 decoder)."""
-    b = attention_mask.shape[0]
-    full = torch.cat([attention_mask.new_ones(b, task_model.prompt.shape[0]), attention_mask], dim=1)
+    full = task_model.full_attention_mask(attention_mask)
     if h.dim() == 3 and h.shape[1] == full.shape[1]:
         return full.to(h.dtype)
     return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)

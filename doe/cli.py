@@ -30,7 +30,7 @@ def _load_model(name: str, device: Optional[str]):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from doe.models import load_minilm
-    from doe.prompt import _ENCODERS
+    from doe.prompt import model_kind
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "minilm":
@@ -38,8 +38,7 @@ def _load_model(name: str, device: Optional[str]):
     if not Path(name).is_dir():
         raise UsageError(f"--model: expected 'minilm' or a local model folder, got {name!r} (no hub access here)")
     config = AutoConfig.from_pretrained(name)
-    cls = (AutoModelForSeq2SeqLM if config.is_encoder_decoder
-           else AutoModel if config.model_type in _ENCODERS else AutoModelForCausalLM)
+    cls = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[model_kind(config)]
     return AutoTokenizer.from_pretrained(name), cls.from_pretrained(name).to(device).eval()
 
 

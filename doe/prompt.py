@@ -32,11 +32,11 @@ _ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
 _SEQ2SEQ = ("t5", "mt5", "umt5")
 
 
-def model_kind(model: nn.Module) -> str:
+def model_kind(model_or_config) -> str:
     """"encoder", "decoder" or "seq2seq", from config.model_type / is_encoder_decoder."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TypeError(f"expected a transformers model with a .config, got {type(model).__name__}")
+    config = getattr(model_or_config, "config", model_or_config)
+    if not hasattr(config, "model_type"):
+        raise TypeError(f"expected a transformers model or config, got {type(model_or_config).__name__}")
     if getattr(config, "is_encoder_decoder", False) or config.model_type in _SEQ2SEQ:
         return "seq2seq"
     if config.model_type in _ENCODERS:
@@ -181,13 +181,18 @@ class TaskModel(nn.Module):
             batch = self.tokenizer(texts, **kwargs)
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
+    def full_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) text mask -> (B, n_prompt + T) with the prompt positions attended."""
+        ones = attention_mask.new_ones(attention_mask.shape[0], self.prompt.shape[0])
+        return torch.cat([ones, attention_mask], dim=1)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         embed = self.model.get_input_embeddings()
         tokens = embed(input_ids)
         b, n = input_ids.shape[0], self.prompt.shape[0]
         prompt = self.prompt.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1)
         inputs_embeds = torch.cat([prompt, tokens], dim=1)
-        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+        mask = self.full_attention_mask(attention_mask)
         if self.kind == "encoder":
             hidden = _backbone(self.model, "encoder")(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
             text = hidden[:, n:].float()
