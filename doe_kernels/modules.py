@@ -169,7 +169,7 @@ class GatheredGatedMLP(nn.Module):
         idx = self.indices
         if isinstance(self.activation, str):
             h = gathered_glu(
-                x, gate.weight, up.weight, idx, activation=self.activation,
+                x, gate.weight, up.weight, rows=idx, activation=self.activation,
                 gate_bias=gate.bias, up_bias=up.bias, backend=self.backend,
             )
         else:
