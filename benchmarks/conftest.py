@@ -23,13 +23,14 @@ import pytest
 import torch
 
 from benchmarks import harness
+from doe_kernels.env import interpreting
 
 
 def pytest_report_header(config):
     device = harness.bench_device()
     return (
         f"doe benchmarks: device={device} sweep={harness.sweep_name(device)} "
-        f"timing={harness.timing_mode(device)} TRITON_INTERPRET={int(harness.triton_interpret())}"
+        f"timing={harness.timing_mode(device)} TRITON_INTERPRET={int(interpreting())}"
     )
 
 

@@ -1,6 +1,6 @@
-"""Timing machinery shared by the DoE benchmark suites (kernels now, whole models later).
+"""Timing machinery shared by the DoE benchmark suites (kernels and whole models).
 
-Why it looks like this (see shared/GPU.md, "Timing on a GPU, honestly"):
+Why it looks like this:
 
 - A decode-size kernel takes ~10-30 us on an H100, about as long as a ``cudaSynchronize``.
   So one benchmark *round* runs the op ``inner`` times back to back and synchronizes once;
@@ -45,12 +45,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from doe_kernels.env import env_flag, interpreting, synchronize
+
 __all__ = [
-    "DTYPES",
     "bench_device",
     "sweep_name",
     "timing_mode",
-    "triton_interpret",
     "configure_cpu_threads",
     "device_info",
     "measure_copy_bandwidth",
@@ -58,15 +58,9 @@ __all__ = [
     "run_timed",
 ]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 _MAX_INNER = 4096
 _ROTATE_MAX_COPIES = 256
 _ROTATE_MAX_ALLOC = 4 << 30  # never allocate more than 4 GiB of weight copies for one case
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def bench_device() -> torch.device:
@@ -82,9 +76,9 @@ def sweep_name(device: Optional[torch.device] = None) -> str:
     device = device or bench_device()
     name = os.environ.get("DOE_BENCH_SWEEP", "").strip().lower()
     if not name:
-        if _env_flag("DOE_BENCH_FULL"):
+        if env_flag("DOE_BENCH_FULL"):
             name = "full"
-        elif _env_flag("DOE_BENCH_QUICK"):
+        elif env_flag("DOE_BENCH_QUICK"):
             name = "quick"
         else:
             name = "full" if device.type == "cuda" else "tiny"
@@ -98,16 +92,6 @@ def timing_mode(device: torch.device) -> str:
     if mode not in {"eager", "graph"}:
         raise ValueError(f"DOE_BENCH_TIMING: expected eager or graph, got {mode!r}")
     return mode if device.type == "cuda" else "eager"
-
-
-def triton_interpret() -> bool:
-    return _env_flag("TRITON_INTERPRET")
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 512 << 20, iters: int = 20) -> Optional[float]:
@@ -154,7 +138,7 @@ def _device_info(device_str: str) -> dict:
         "python": platform.python_version(),
         "sweep": sweep_name(device),
         "timing": timing_mode(device),
-        "triton_interpret": triton_interpret(),
+        "triton_interpret": interpreting(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -262,7 +246,7 @@ def run_timed(
     """
     if not calls:
         raise ValueError("run_timed: no calls")
-    sync = _sync(device)
+    sync = functools.partial(synchronize, device)
     cuda = device.type == "cuda"
     if round_ms is None:
         round_ms = float(os.environ.get("DOE_BENCH_ROUND_MS", 2.0 if cuda else 1.0))

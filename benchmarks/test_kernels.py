@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from benchmarks.suites import KERNELS
 
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
+from doe_kernels.env import interpreting, parse_dtype
 from doe_kernels.reference import activation_fn, gathered_glu_ref, gathered_linear_ref
 
-SUITE = "kernels"
-GROUP_KEYS = ["op", "shape", "M", "keep", "dtype"]
 OPS = ("up", "down", "glu")
-VARIANTS = ("dense", "sliced", "gathered-triton", "gathered-torch")
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def _cases() -> list:
                     if op == "glu" and not shape.gated:
                         continue
                     for M in Ms:
-                        for variant in VARIANTS:
+                        for variant in KERNELS.variants:
                             case = Case(op, shape, M, keep, dtype, variant)
                             out.append(pytest.param(case, id=case.id))
     return out
@@ -105,7 +104,7 @@ def _cases() -> list:
 
 def _triton_skip_reason(case: Case, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
-        if not harness.triton_interpret():
+        if not interpreting():
             return "Triton needs CUDA; set TRITON_INTERPRET=1 to run tiny cases through the interpreter"
         if (case.op, case.shape.name, case.M) not in INTERPRET_CASES:
             return "Triton interpreter: only the cases in INTERPRET_CASES run on CPU (it is slow)"
@@ -160,7 +159,7 @@ def _build(case: Case, device: torch.device):
     """Returns (calls, check, meta): one zero-arg callable per rotated weight copy, a callable
     that returns (output, reference output) for gathered-triton (else None), and the
     extra_info fields that describe the problem."""
-    shape, dtype = case.shape, harness.DTYPES[case.dtype]
+    shape, dtype = case.shape, parse_dtype(case.dtype)
     H, I, M = shape.hidden, shape.inter, case.M
     mk = _Maker(device, dtype)
     idx = _keep_indices(I, case.keep, device)
@@ -266,14 +265,7 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
     info = benchmark.extra_info
     info.update(device_info)
     info.update(
-        suite=SUITE,
-        group_keys=GROUP_KEYS,
-        op=case.op,
-        shape=case.shape.name,
-        M=case.M,
-        keep=case.keep,
-        dtype=case.dtype,
-        variant=case.variant,
+        KERNELS.extra_info(case.variant, op=case.op, shape=case.shape.name, M=case.M, keep=case.keep, dtype=case.dtype),
         **meta,
     )
     if case.op == "glu":

@@ -69,12 +69,10 @@ import torch.nn as nn
 
 import doe
 from benchmarks import harness
+from benchmarks.suites import GOAL_KEEP, MODEL, SWITCH
 from doe_kernels import is_neuron_major, to_row_major_
+from doe_kernels.env import parse_dtype, synchronize
 
-SUITE_MODEL = "model"
-SUITE_SWITCH = "switch"
-MODEL_KEYS = ["model", "dtype", "keep", "batch", "seq", "tokens"]
-SWITCH_KEYS = ["model", "keep"]
 KEEP_ORDER = [1.0, 0.5, 0.35, 0.2]
 
 
@@ -179,7 +177,7 @@ class FwdCase:
 
 #: keep ratios in the order they run: the goal's ratio first, so that a run cut short by
 #: DOE_BENCH_BUDGET_S still holds it for every model and shape (the report sorts them back)
-KEEP_PRIORITY = [0.35, 1.0, 0.2, 0.5]
+KEEP_PRIORITY = [GOAL_KEEP, 1.0, 0.2, 0.5]
 
 
 def _shapes(cfg: ModelCfg, batches: list, seqs: list, decode_batches: list) -> list:
@@ -209,9 +207,6 @@ def _fwd_cases() -> list:
     return out
 
 
-SWITCH_OPS = ["unplug-first", "switch", "restore", "unplug", "sliced-build", "sliced-copy"]
-
-
 @dataclass(frozen=True)
 class SwitchCase:
     op: str
@@ -223,7 +218,7 @@ class SwitchCase:
 
 
 def _switch_cases() -> list:
-    return [pytest.param(SwitchCase(op, k), id=SwitchCase(op, k).id) for k in SWITCH_KEEPS for op in SWITCH_OPS]
+    return [pytest.param(SwitchCase(op, k), id=SwitchCase(op, k).id) for k in SWITCH_KEEPS for op in SWITCH.variants]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0) -> nn.Module
         cls = tf.LlamaModel
     else:
         raise ValueError(cfg.family)
-    with _default_device_dtype(device, harness.DTYPES[cfg.dtype]):
+    with _default_device_dtype(device, parse_dtype(cfg.dtype)):
         model = cls(config)
     model.requires_grad_(False)
     return model.eval()
@@ -441,11 +436,6 @@ _TOL = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _storages(tensors) -> dict:
     """data_ptr -> (bytes, floating) of the distinct storages behind ``tensors``."""
     out = {}
@@ -565,7 +555,7 @@ def _probe_bytes(st: _SwitchState, setup: Callable, target: Callable) -> dict:
     dev = st.device
     setup()
     gc.collect()
-    _sync(dev)
+    synchronize(dev)
     before = _resident(st)
     params = list(st.model.parameters())
     ptrs = [p.data_ptr() for p in params]
@@ -574,7 +564,7 @@ def _probe_bytes(st: _SwitchState, setup: Callable, target: Callable) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         s0 = torch.cuda.memory_stats(dev)["allocated_bytes.all.current"]
     target()
-    _sync(dev)
+    synchronize(dev)
     if cuda:
         stats = torch.cuda.memory_stats(dev)
     after = _resident(st)
@@ -610,15 +600,11 @@ def test_switch_cost(benchmark, case: SwitchCase, bench_device, device_info):
     info.update(device_info)
     nbytes = _probe_bytes(st, setup, target)
     kept_bytes = sum(
-        len(idx) * (3 if cfg.gated else 2) * cfg.hidden * torch.empty((), dtype=harness.DTYPES[cfg.dtype]).element_size()
+        len(idx) * (3 if cfg.gated else 2) * cfg.hidden * torch.empty((), dtype=parse_dtype(cfg.dtype)).element_size()
         for idx in expert_a.indices
     )
     info.update(
-        suite=SUITE_SWITCH,
-        group_keys=SWITCH_KEYS,
-        model=cfg.name,
-        keep=case.keep,
-        variant=case.op,
+        SWITCH.extra_info(case.op, model=cfg.name, keep=case.keep),
         op=case.op,
         op_label=label,
         note=cfg.note,
@@ -637,11 +623,11 @@ def test_switch_cost(benchmark, case: SwitchCase, bench_device, device_info):
 
     def timed():
         target()
-        _sync(dev)
+        synchronize(dev)
 
     def setup_synced():
         setup()
-        _sync(dev)
+        synchronize(dev)
 
     heavy = case.op in ("unplug-first", "sliced-copy", "sliced-build")
     if dev.type == "cuda":
@@ -664,16 +650,9 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
     info = benchmark.extra_info
     info.update(device_info)
     info.update(
-        suite=SUITE_MODEL,
-        group_keys=MODEL_KEYS,
-        model=cfg.name,
+        MODEL.extra_info(case.variant, model=cfg.name, dtype=cfg.dtype, keep=case.keep, batch=case.batch,
+                         seq=case.seq, tokens=case.batch * case.seq),
         family=cfg.family,
-        dtype=cfg.dtype,
-        keep=case.keep,
-        batch=case.batch,
-        seq=case.seq,
-        tokens=case.batch * case.seq,
-        variant=case.variant,
         layers=cfg.layers,
         hidden=cfg.hidden,
         inter=cfg.inter,

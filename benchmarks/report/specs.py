@@ -1,0 +1,169 @@
+"""The known suites' report specs: columns, ratios, checks and plots of ``kernels`` and ``model``,
+and the custom renderer of ``switch``. Row keys and variants come from :mod:`benchmarks.suites`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from benchmarks.report.switch import render_switch
+from benchmarks.report.tables import Check, InfoColumn, Ratio, SuiteSpec, Table, fmt_ratio, generic_spec
+from benchmarks.suites import GOAL_FRACTION, GOAL_KEEP, KERNELS, MODEL, SWITCH
+
+__all__ = ["SUITES", "spec_for"]
+
+
+def _roofline_s(info: dict) -> Optional[float]:
+    """Decode (M <= 16) lower bound: kept-weight bytes / device copy bandwidth."""
+    if not _decode(info):
+        return None
+    bw, nbytes = info.get("copy_bw_GBps"), info.get("kept_weight_bytes")
+    if not bw or not nbytes:
+        return None
+    return nbytes / (bw * 1e9)
+
+
+def _decode(keys: dict) -> bool:
+    return keys.get("M") is not None and keys["M"] <= 16
+
+
+GATHERED = ("gathered-triton", "gathered-torch")
+
+KERNELS_SPEC = SuiteSpec(
+    name=KERNELS.name,
+    title="Gathered GEMM kernels",
+    keys=list(KERNELS.keys),
+    variants=list(KERNELS.variants),
+    split_by=["dtype", "keep"],
+    sort_by_appearance=["keep"],
+    derived={"roofline": _roofline_s},
+    ratios=[
+        Ratio("triton/sliced", ("gathered-triton",), ("sliced",), note="< 1: faster than cuBLAS on a sliced copy"),
+        Ratio("triton/dense", ("gathered-triton",), ("dense",), note="< 1: faster than the unpruned op"),
+        Ratio("torch/sliced", ("gathered-torch",), ("sliced",), note="the index_select reference vs the bar"),
+        Ratio(
+            "triton/roofline",
+            ("gathered-triton",),
+            ("roofline",),
+            when=_decode,
+            note="M <= 16 only; roofline = kept-weight bytes / device copy bandwidth (1.0 is the limit)",
+        ),
+    ],
+    plot_x="M",
+    plot_series=["shape", "keep", "dtype"],
+    plot_facet="op",
+    plot_panels=[
+        Ratio("gathered / sliced  (< 1 beats the sliced copy)", GATHERED, ("sliced",)),
+        Ratio("dense / gathered  (speed-up over dense)", ("dense",), GATHERED),
+    ],
+    notes=[
+        "Times are medians per call in us (median round time / calls per round).",
+        "up: rows gather on (I, H); down: cols gather on the neuron-major (H, I) weight; "
+        "glu: fused act(gate) * up. dense: F.linear on the full weights; sliced: F.linear on "
+        "pre-made contiguous sliced copies (the cuBLAS bar); gathered-torch: index_select + F.linear.",
+    ],
+)
+
+
+def _pruned(keyd: dict) -> bool:
+    return keyd.get("keep") is not None and keyd["keep"] < 1.0
+
+
+def _median(xs: list) -> Optional[float]:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _shape_txt(rec: dict) -> str:
+    return f"b{rec.get('batch')} s{rec.get('seq')}"
+
+
+def _model_summary(table: Table) -> list:
+    lines = []
+    models: dict = {}
+    for rec in table.records:
+        models.setdefault((rec.get("model"), rec.get("dtype")), []).append(rec)
+    for (model, dtype), recs in models.items():
+        note = next((r["info"].get("note") for r in recs if r["info"].get("note")), "")
+        lines.append(f"- **{model}** ({dtype}): {note}" if note else f"- **{model}** ({dtype})")
+        goal = [r for r in recs if r.get("keep") == GOAL_KEEP and "gathered/sliced" in r["ratios"]]
+        if not goal:
+            continue
+        ok = [r for r in goal if r["checks"].get("within 10% of sliced")]
+        gx = _median([r["ratios"].get("gathered x") for r in goal])
+        sx = _median([r["ratios"].get("sliced x") for r in goal])
+        worst = max(goal, key=lambda r: r["ratios"]["gathered/sliced"])
+        lines.append(
+            f"  - goal at keep {GOAL_KEEP:g} (gathered speed-up >= {GOAL_FRACTION:g} x the sliced copy's): "
+            f"met for {len(ok)}/{len(goal)} shapes; median speed-up over dense: gathered "
+            f"{fmt_ratio(gx)}x, sliced {fmt_ratio(sx)}x; worst gathered/sliced "
+            f"{fmt_ratio(worst['ratios']['gathered/sliced'])} ({_shape_txt(worst)})"
+        )
+    lines.append("- dense is timed once per shape; the same time appears in every keep table. "
+                 "At keep 1 masked and sliced are the dense model, so only gathered runs (its gather overhead).")
+    return lines
+
+
+MODEL_SPEC = SuiteSpec(
+    name=MODEL.name,
+    filename="models",
+    title="Model forward with a task expert",
+    keys=list(MODEL.keys),
+    variants=list(MODEL.variants),
+    split_by=["model", "dtype", "keep"],
+    sort_by_appearance=["model", "dtype"],
+    sort_descending=["keep"],
+    broadcast=["keep"],
+    ratios=[
+        Ratio("masked x", ("dense",), ("masked",),
+              note="speed-up over dense of the copy with dropped neurons zeroed (same FLOPs as dense: ~1 expected)"),
+        Ratio("sliced x", ("dense",), ("sliced",), note="speed-up over dense of the sliced copy (the bar)"),
+        Ratio("gathered x", ("dense",), ("gathered",), note="speed-up over dense of the original model under doe.unplug_"),
+        Ratio("gathered/sliced", ("gathered",), ("sliced", "dense"),
+              note="time ratio, < 1: gathered beats the sliced copy; at keep 1 it is gathered/dense (the gather overhead)"),
+    ],
+    info_columns=[
+        InfoColumn("ideal x", "ideal_speedup",
+                   note="Amdahl bound 1 / ((1 - f) + f * keep), f = the FFN's share of a layer's weight bytes "
+                        "(< 256 tokens) or FLOPs (projections + attention scores); ignores embeddings, norms, "
+                        "softmax and launch overhead"),
+    ],
+    checks=[
+        Check("within 10% of sliced", "gathered/sliced", "<=", 1.0 / GOAL_FRACTION, when=_pruned,
+              note=f"yes when gathered x >= {GOAL_FRACTION:g} * sliced x (gathered/sliced <= {1 / GOAL_FRACTION:.3f}); "
+                   f"the project's goal is set at keep {GOAL_KEEP:g}"),
+    ],
+    summary=_model_summary,
+    plot_x="tokens",
+    plot_series=["keep"],
+    plot_facet="model",
+    plot_panels=[
+        Ratio("speed-up over dense", ("dense",), ("gathered", "sliced", "masked")),
+        Ratio("time gathered / sliced (< 1 beats sliced)", ("gathered",), ("sliced",)),
+    ],
+    notes=[
+        "Times are medians per forward call in us (median round time / calls per round).",
+        "dense: the model; masked: a copy with the dropped neurons' up/gate rows and down columns zeroed; "
+        "sliced: a copy with smaller FFN layers holding copies of the kept weights; gathered: the original "
+        "model under doe.unplug_ (Triton gathered kernels on CUDA, the index_select reference on CPU).",
+        "Random weights and random kept neurons; seq 1 rows are decode-like (one token per sequence, no KV cache).",
+    ],
+)
+
+
+SWITCH_SPEC = SuiteSpec(
+    name=SWITCH.name,
+    title="Switching task experts",
+    keys=list(SWITCH.keys),
+    variants=list(SWITCH.variants),
+    render=render_switch,
+)
+
+SUITES: dict = {s.name: s for s in (KERNELS_SPEC, MODEL_SPEC, SWITCH_SPEC)}
+
+
+def spec_for(suite: str, entries: list) -> SuiteSpec:
+    """The spec of a known suite, else a table of times keyed by the entries' ``group_keys``."""
+    return SUITES[suite] if suite in SUITES else generic_spec(suite, entries)

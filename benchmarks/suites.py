@@ -1,0 +1,59 @@
+"""The contract between the benchmark suites and ``benchmarks.report``: one source for each suite.
+
+A benchmark's ``extra_info`` carries ``suite``, ``group_keys`` (the suite's key fields),
+``variant`` and a value for every key field; :meth:`Suite.extra_info` builds exactly that and
+refuses a missing key or an unknown variant. The report reads the same :data:`KERNELS`,
+:data:`MODEL` and :data:`SWITCH` for its row keys and column order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Suite", "KERNELS", "MODEL", "SWITCH", "GOAL_KEEP", "GOAL_FRACTION", "GOAL_SWITCH_S"]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A suite's name, the key fields that make a table row, and its variants in column order."""
+
+    name: str
+    keys: tuple
+    variants: tuple
+
+    def extra_info(self, variant: str, **fields) -> dict:
+        """``suite``, ``group_keys``, ``variant`` and ``fields`` (which must hold every key field)."""
+        missing = [k for k in self.keys if k not in fields]
+        if missing:
+            raise ValueError(f"suite {self.name!r}: extra_info lacks key field(s) {missing}")
+        if variant not in self.variants:
+            raise ValueError(f"suite {self.name!r}: unknown variant {variant!r}; expected one of {self.variants}")
+        return {"suite": self.name, "group_keys": list(self.keys), "variant": variant, **fields}
+
+
+#: benchmarks/test_kernels.py: one gathered GEMM per row.
+KERNELS = Suite(
+    "kernels",
+    keys=("op", "shape", "M", "keep", "dtype"),
+    variants=("dense", "sliced", "gathered-triton", "gathered-torch"),
+)
+
+#: benchmarks/test_models.py, forward latency of a whole model; dense is timed with keep None.
+MODEL = Suite(
+    "model",
+    keys=("model", "dtype", "keep", "batch", "seq", "tokens"),
+    variants=("dense", "masked", "sliced", "gathered"),
+)
+
+#: benchmarks/test_models.py, the cost of moving between experts; a variant is an op.
+SWITCH = Suite(
+    "switch",
+    keys=("model", "keep"),
+    variants=("unplug-first", "switch", "restore", "unplug", "sliced-build", "sliced-copy"),
+)
+
+#: the model goal: at keep 0.35 the gathered model's speed-up over dense is >= 0.9 x the sliced copy's
+GOAL_KEEP = 0.35
+GOAL_FRACTION = 0.9
+#: the switch goal on a 7B-shaped model: switching experts takes < 1 ms
+GOAL_SWITCH_S = 1e-3
