@@ -6,9 +6,7 @@
                                                                      # original modules back, exactly
 """
 
-__version__ = "0.1.0"
-
-from doe.architectures import (  # noqa: E402
+from doe.architectures import (
     SUPPORTED_MODEL_TYPES,
     FFNBlock,
     FFNSpec,
@@ -16,15 +14,15 @@ from doe.architectures import (  # noqa: E402
     get_ffn_specs,
     register_architecture,
 )
-from doe.attribution import AttributionConfig, NeuronScores, score_neurons  # noqa: E402
-from doe.evaluate import EvalReport, evaluate  # noqa: E402
-from doe.expert import TaskExpert, model_fingerprint  # noqa: E402
-from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize  # noqa: E402
-from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune  # noqa: E402
-from doe.router import TaskRouter  # noqa: E402
-from doe.runtime import Request, Result, UnplugAndPlay  # noqa: E402
-from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task  # noqa: E402
-from doe.unplug import (  # noqa: E402
+from doe.attribution import AttributionConfig, NeuronScores, score_neurons
+from doe.evaluate import EvalReport, evaluate
+from doe.expert import TaskExpert, model_fingerprint
+from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize
+from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
+from doe.router import TaskRouter
+from doe.runtime import Request, Result, UnplugAndPlay
+from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task
+from doe.unplug import (
     check_expert,
     current_expert,
     is_unplugged,
@@ -33,6 +31,7 @@ from doe.unplug import (  # noqa: E402
     unplug_,
     unplugged,
 )
+from doe_kernels._version import __version__
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

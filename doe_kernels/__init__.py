@@ -8,7 +8,9 @@ Triton kernels on CUDA, the PyTorch reference (``doe_kernels.reference``) elsewh
 package knows nothing about tasks; ``doe`` builds on it.
 """
 
+from doe_kernels._version import __version__
 from doe_kernels.dispatch import BACKENDS, resolve_backend, use_backend
+from doe_kernels.env import DTYPES, dtype_name, env_flag, interpreting, parse_dtype, synchronize
 from doe_kernels.modules import (
     GatheredGatedMLP,
     GatheredLinear,
@@ -16,27 +18,33 @@ from doe_kernels.modules import (
     linear_weight,
     to_neuron_major_,
     to_row_major_,
+    unwrap,
 )
 from doe_kernels.ops import gathered_glu, gathered_linear
 from doe_kernels.reference import ACTIVATIONS, gathered_glu_ref, gathered_linear_ref
 from doe_kernels.validation import validate_indices
 
-__version__ = "0.1.0"
-
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "DTYPES",
     "GatheredGatedMLP",
     "GatheredLinear",
+    "dtype_name",
+    "env_flag",
     "gathered_glu",
     "gathered_glu_ref",
     "gathered_linear",
     "gathered_linear_ref",
+    "interpreting",
     "is_neuron_major",
     "linear_weight",
+    "parse_dtype",
     "resolve_backend",
+    "synchronize",
     "to_neuron_major_",
     "to_row_major_",
+    "unwrap",
     "use_backend",
     "validate_indices",
 ]

@@ -18,20 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from doe_kernels import gathered_linear, resolve_backend, to_neuron_major_
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from doe_kernels.env import DTYPES, parse_dtype, synchronize
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
     """Median seconds per call."""
     fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(reps):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -68,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=768, help="hidden size H (BERT-base: 768)")
     parser.add_argument("--inter", type=int, default=3072, help="FFN intermediate size I (BERT-base: 3072)")
     parser.add_argument("--keep", type=float, default=0.35, help="fraction of FFN neurons kept (default 0.35)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128], help="batch x sequence rows M")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per case")
@@ -76,7 +74,7 @@ def main(argv=None) -> None:
     if not 0 < args.keep <= 1:
         parser.error(f"--keep: expected a fraction in (0, 1], got {args.keep}")
     cuda = torch.cuda.is_available()
-    dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    dtype = parse_dtype(args.dtype or ("bf16" if cuda else "fp32"))
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     backend = resolve_backend("auto", torch.empty(0, device="cuda" if cuda else "cpu"))
     print(f"device: {device_name} | backend: {backend} | H={args.hidden} I={args.inter} keep={args.keep} "

@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from doe_kernels.env import interpreting
+
 __all__ = ["BACKENDS", "resolve_backend", "use_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -26,10 +28,6 @@ def triton_available() -> bool:
     except Exception:  # pragma: no cover - triton is a dependency, but may be broken on exotic hosts
         return False
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_name(backend: str) -> str:
@@ -60,7 +58,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' was requested but triton cannot be imported")
-        if x.device.type == "cpu" and not _interpreting():
+        if x.device.type == "cpu" and not interpreting():
             raise RuntimeError(
                 "backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before triton is imported, or use backend='torch'"

@@ -1,8 +1,8 @@
 """Shared test constants: the device under test and per-dtype tolerances."""
 
-import os
-
 import torch
+
+from doe_kernels.env import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -14,9 +14,6 @@ TOLERANCES = {
     torch.bfloat16: (6e-2, 3e-2),
 }
 
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def triton_runs() -> bool:
     """Triton kernels can run: on a GPU, or on CPU tensors under the interpreter."""
-    return DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return DEVICE == "cuda" or interpreting()

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from doe_kernels import gathered_glu, gathered_linear, use_backend
+from doe_kernels import dtype_name, gathered_glu, gathered_linear, use_backend
 from doe_kernels.ops.gathered_linear import gathered_mm
 from doe_kernels.reference import ACTIVATIONS
-from kernel_utils import DEVICE, DTYPE_IDS, TOLERANCES, triton_runs
+from kernel_utils import DEVICE, TOLERANCES, triton_runs
 
 pytestmark = pytest.mark.skipif(not triton_runs(), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -48,7 +48,7 @@ def assert_matches(out, expected32, dtype):
     torch.testing.assert_close(out.float(), expected32, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_rows_matches_sliced_linear(shape, dtype, with_bias):
@@ -61,7 +61,7 @@ def test_rows_matches_sliced_linear(shape, dtype, with_bias):
     assert_matches(out, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("layout", ["row-major", "neuron-major"])
 def test_cols_matches_sliced_linear(shape, dtype, layout):
@@ -77,7 +77,7 @@ def test_cols_matches_sliced_linear(shape, dtype, layout):
     assert_matches(out, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=shape_id)
 def test_glu_matches_sliced_reference(shape, activation, dtype):
