@@ -27,7 +27,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from doe.architectures import find_ffn_blocks
-from doe.prompt import TaskModel, frozen, eval_mode
+from doe.models import eval_mode, frozen
+from doe.prompt import TaskModel
 from doe.tasks import Example, TaskData
 
 __all__ = ["METHODS", "TARGETS", "AttributionConfig", "NeuronScores", "score_neurons"]

@@ -29,8 +29,7 @@ def _load_model(name: str, device: Optional[str]):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from doe.models import load_minilm
-    from doe.prompt import model_kind
+    from doe.models import load_minilm, model_kind
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "minilm":
@@ -160,7 +159,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (root / "report.py").is_file():
+    if not (root / "report" / "__main__.py").is_file():
         raise UsageError("`doe bench` runs the suites of a source checkout (pip install -e .); "
                          f"no benchmarks/ folder next to the package at {root.parent}")
     out = Path(args.out)

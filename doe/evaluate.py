@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 
 from doe.expert import TaskExpert
-from doe.prompt import TaskModel, eval_mode
+from doe.models import eval_mode
+from doe.prompt import TaskModel
 from doe.tasks import Example, TaskData, compute_metric
 from doe.unplug import unplugged
+from doe_kernels.env import synchronize
 
 __all__ = ["EvalRow", "EvalReport", "evaluate", "score_task_model"]
 
@@ -53,11 +55,6 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
     """(metric, median ms per batch) of ``task_model`` on ``examples``."""
     preds: list[int] = []
@@ -67,10 +64,10 @@ def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_s
         task_model(**task_model.encode(batches[0]))  # warm-up (Triton compiles on first call)
         for batch in batches:
             enc = task_model.encode(batch)
-            _sync(task_model.device)
+            synchronize(task_model.device)
             t0 = time.perf_counter()
             logits = task_model(**enc)
-            _sync(task_model.device)
+            synchronize(task_model.device)
             times.append(time.perf_counter() - t0)
             preds += logits.argmax(-1).tolist()
     metric = compute_metric(task_model.spec.metric, preds, [e.label for e in examples])

@@ -13,7 +13,6 @@ Only the prompt (and head) train; ``prompt_tune`` checks that the backbone is bi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -24,37 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
-__all__ = ["PromptTuningConfig", "TaskModel", "prompt_tune", "model_kind", "eval_mode", "frozen"]
-
-_ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
-_SEQ2SEQ = ("t5", "mt5", "umt5")
-
-
-def model_kind(model_or_config) -> str:
-    """"encoder", "decoder" or "seq2seq", from config.model_type / is_encoder_decoder."""
-    config = getattr(model_or_config, "config", model_or_config)
-    if not hasattr(config, "model_type"):
-        raise TypeError(f"expected a transformers model or config, got {type(model_or_config).__name__}")
-    if getattr(config, "is_encoder_decoder", False) or config.model_type in _SEQ2SEQ:
-        return "seq2seq"
-    if config.model_type in _ENCODERS:
-        return "encoder"
-    return "decoder"
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Put ``module`` in eval mode and give every submodule its own mode back afterwards
-    (``module.train(flag)`` would flip an eval-mode backbone inside a training-mode wrapper)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, mode in modes:
-            m.training = mode
+__all__ = ["PromptTuningConfig", "TaskModel", "prompt_tune"]
 
 
 @dataclass
@@ -222,19 +194,6 @@ class PromptTuningResult:
     prompt: torch.Tensor
     head: Optional[dict[str, torch.Tensor]]
     losses: list[float] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def frozen(params: Sequence[nn.Parameter]):
-    """requires_grad off for ``params``, each flag put back afterwards."""
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from doe.prompt import eval_mode, model_kind
+from doe.models import eval_mode, model_kind
 
 __all__ = ["TaskRouter", "embed_texts"]
 

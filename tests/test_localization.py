@@ -14,7 +14,8 @@ import doe
 from doe.attribution import AttributionConfig, NeuronScores, _skill_scores, score_neurons
 from doe.evaluate import evaluate
 from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
-from doe.prompt import PromptTuningConfig, TaskModel, model_kind, prompt_tune
+from doe.models import model_kind
+from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
 from doe.tasks import load_task
 from tiny_models import make_tiny, tiny_tokenizer
 

