@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from transformers import activations as _hf_act
 from transformers.pytorch_utils import Conv1D
 
+from doe_kernels.modules import unwrap
+
 __all__ = [
     "FFNSpec",
     "FFNBlock",
@@ -320,7 +322,7 @@ def _resolve(container: nn.Module, block_name: str, path: str, role: str) -> Any
 
 def _projection(container: nn.Module, block_name: str, path: str, role: str) -> tuple[nn.Module, str, int, int]:
     """Resolve a projection; return (module, kind, in_features, out_features)."""
-    module = _resolve(container, block_name, path, role)
+    module = unwrap(_resolve(container, block_name, path, role))
     fqn = f"{block_name}.{path}" if block_name else path
     if isinstance(module, Conv1D):
         kind = "conv1d"
@@ -416,6 +418,8 @@ def find_ffn_blocks(
 ) -> list[FFNBlock]:
     """All FFN blocks of ``model`` in ``named_modules()`` order.
 
+    Sees through gathered wrappers: on an unplugged model it finds the original modules.
+
     ``spec=None`` looks the spec up by ``model.config.model_type``. With several specs, the first
     one whose pattern matches a module wins. Raises ``ValueError`` when nothing matches, a path is
     missing or shapes disagree, and ``TypeError`` for projections that are not Linear / Conv1D.
@@ -437,7 +441,7 @@ def find_ffn_blocks(
                             f"FFN block pattern '{s.block_pattern}' matched '{name}', which is inside the "
                             f"block '{prev.name}' matched before; make block_pattern more specific"
                         )
-                blocks.append(_build_block(name, module, s))
+                blocks.append(_build_block(name, unwrap(module), s))
                 break
 
     if not blocks:

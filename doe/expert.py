@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import operator
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
+from doe.locking import model_lock
 from doe_kernels import validate_indices
 
 __all__ = ["TaskExpert", "model_type_of", "model_fingerprint", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -48,59 +52,120 @@ def model_fingerprint(model: nn.Module, blocks: Optional[Sequence[FFNBlock]] = N
     config = getattr(model, "config", None)
     structure = {k: getattr(config, k) for k in _STRUCTURE_KEYS if config is not None and hasattr(config, k)}
     if blocks is None:
-        blocks = find_ffn_blocks(model)
+        with model_lock(model):
+            blocks = find_ffn_blocks(model)
     structure["ffn"] = [[b.name, b.kind, b.num_neurons, b.hidden_size, b.gated] for b in blocks]
     text = json.dumps(structure, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename folder ``new`` to ``target``; an existing ``target`` is swapped out first and
+    removed only after the rename succeeded."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _neuron_count(value: Any, i: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError as exc:
+        raise TypeError(f"num_neurons[{i}]: expected an integer neuron count, got {value!r}") from exc
+    if n < 1:
+        raise ValueError(f"num_neurons[{i}]: expected a positive neuron count, got {n}")
+    return n
+
+
+def _digest(indices: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for idx in indices:
+        h.update(len(idx).to_bytes(8, "little"))
+        h.update(idx.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class TaskExpert:
     """Per-FFN-block kept neuron ids for one task.
 
-    indices: one (n_i,) int32 tensor per FFN block, sorted ascending and unique, n_i >= 1.
-    num_neurons: the intermediate size of each block the expert was built for.
-    model_type: config.model_type of that model (None for a user-described architecture).
-    fingerprint: ``model_fingerprint`` of that model; unplugging into a model with another
-    fingerprint fails.
-    prompt: optional (n_tokens, hidden) soft prompt; head: optional state dict of a small
-    task head, both tuned for the expert-localized model. dense_prompt / dense_head: the same
-    for the dense model (the runtime falls back to them). All are filled by localization.
-    metadata: free-form, JSON-serialisable.
+    Args:
+        indices: one (n_i,) integer tensor (or list) per FFN block, sorted ascending and
+            unique, 1 <= n_i <= num_neurons[i]. Copied and validated here; afterwards
+            ``expert.indices`` hands out copies, so nothing outside can change what was
+            validated.
+        num_neurons: the intermediate size of each block the expert was built for.
+        model_type: config.model_type of that model (None for a user-described architecture).
+        task: the task's name.
+        fingerprint: ``model_fingerprint`` of that model; unplugging into a model with another
+            fingerprint fails.
+        prompt: optional (n_tokens, hidden) soft prompt; head: optional state dict of a small
+            task head, both tuned for the expert-localized model. dense_prompt / dense_head:
+            the same for the dense model (the runtime falls back to them). All are filled by
+            localization.
+        metadata: free-form, JSON-serialisable.
+
+    Two experts are equal when their indices, sizes, model type, fingerprint, task, prompts,
+    heads and metadata are; the hash covers the (immutable) indices and sizes only.
     """
 
-    indices: list[torch.Tensor]
-    num_neurons: list[int]
-    model_type: Optional[str] = None
-    task: Optional[str] = None
-    fingerprint: Optional[str] = None
-    prompt: Optional[torch.Tensor] = None
-    head: Optional[dict[str, torch.Tensor]] = None
-    dense_prompt: Optional[torch.Tensor] = None
-    dense_head: Optional[dict[str, torch.Tensor]] = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    _staged: dict[str, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.indices, (list, tuple)) or not self.indices:
+    def __init__(
+        self,
+        indices: Sequence[Any],
+        num_neurons: Sequence[int],
+        model_type: Optional[str] = None,
+        task: Optional[str] = None,
+        fingerprint: Optional[str] = None,
+        prompt: Optional[torch.Tensor] = None,
+        head: Optional[dict[str, torch.Tensor]] = None,
+        dense_prompt: Optional[torch.Tensor] = None,
+        dense_head: Optional[dict[str, torch.Tensor]] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
+        if not isinstance(indices, (list, tuple)) or not indices:
             raise ValueError(f"indices: expected a non-empty list with one index tensor per FFN block, "
-                             f"got {type(self.indices).__name__}")
-        self.num_neurons = [int(n) for n in self.num_neurons]
-        if len(self.num_neurons) != len(self.indices):
-            raise ValueError(f"num_neurons has {len(self.num_neurons)} entries but indices has "
-                             f"{len(self.indices)} FFN blocks")
-        for i, n in enumerate(self.num_neurons):
-            if n < 1:
-                raise ValueError(f"num_neurons[{i}]: expected a positive neuron count, got {n}")
-        self.indices = [
-            validate_indices(idx, n, name=f"FFN block {i} indices").cpu()
-            for i, (idx, n) in enumerate(zip(self.indices, self.num_neurons))
-        ]
-        for name in ("prompt", "dense_prompt"):
-            value = getattr(self, name)
+                             f"got {type(indices).__name__}")
+        if not isinstance(num_neurons, (list, tuple)):
+            raise TypeError(f"num_neurons: expected a list of neuron counts, got {type(num_neurons).__name__}")
+        sizes = tuple(_neuron_count(n, i) for i, n in enumerate(num_neurons))
+        if len(sizes) != len(indices):
+            raise ValueError(f"num_neurons has {len(sizes)} entries but indices has {len(indices)} FFN blocks")
+        # clone(): the caller's tensors never become the expert's (or a live model's) indices.
+        self._indices = tuple(
+            validate_indices(idx, n, name=f"FFN block {i} indices").cpu().clone()
+            for i, (idx, n) in enumerate(zip(indices, sizes))
+        )
+        self._num_neurons = sizes
+        self._versions = tuple(t._version for t in self._indices)
+        self._digest = _digest(self._indices)
+        self._staged: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._staged_versions: dict[str, tuple[int, ...]] = {}
+        for name, value in (("prompt", prompt), ("dense_prompt", dense_prompt)):
             if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
                 raise ValueError(f"{name}: expected a (n_tokens, hidden) tensor, got "
                                  f"{getattr(value, 'shape', type(value).__name__)}")
+        for name, value in (("head", head), ("dense_head", dense_head)):
+            if value is not None and not (isinstance(value, dict)
+                                          and all(isinstance(v, torch.Tensor) for v in value.values())):
+                raise TypeError(f"{name}: expected a state dict (str -> tensor), got {type(value).__name__}")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata: expected a dict, got {type(metadata).__name__}")
+        self.model_type, self.task, self.fingerprint = model_type, task, fingerprint
+        self.prompt, self.head = prompt, head
+        self.dense_prompt, self.dense_head = dense_prompt, dense_head
+        self.metadata = dict(metadata or {})
 
     @classmethod
     def from_indices(
@@ -114,15 +179,17 @@ class TaskExpert:
     ) -> "TaskExpert":
         """Build an expert by hand: ``indices`` holds one 1-D integer tensor (or list) per FFN
         block of ``model``, in registry order. Each is sorted here; duplicates, out-of-range
-        values and empty blocks are errors."""
-        blocks = find_ffn_blocks(model, spec)
+        values and empty blocks are errors. Works on an unplugged model too."""
         if not isinstance(indices, (list, tuple)):
             raise TypeError(f"indices: expected a list with one index tensor per FFN block, got {type(indices).__name__}")
+        with model_lock(model):
+            blocks = find_ffn_blocks(model, spec)
+            fingerprint = model_fingerprint(model, blocks)
         if len(indices) != len(blocks):
             raise ValueError(f"indices: expected {len(blocks)} index tensors (one per FFN block of this "
                              f"{model_type_of(model) or type(model).__name__} model), got {len(indices)}")
         sorted_indices = []
-        for i, idx in enumerate(indices):
+        for idx in indices:
             t = torch.as_tensor(idx)
             if t.dtype in (torch.int32, torch.int64) and t.dim() == 1:
                 t = t.sort().values
@@ -132,52 +199,116 @@ class TaskExpert:
             num_neurons=[b.num_neurons for b in blocks],
             model_type=model_type_of(model),
             task=task,
-            fingerprint=model_fingerprint(model, blocks),
+            fingerprint=fingerprint,
             metadata=dict(metadata or {}),
         )
 
-    def stage(self, device: torch.device | str) -> list[torch.Tensor]:
+    # ------------------------------------------------------------------ indices
+
+    @property
+    def indices(self) -> tuple[torch.Tensor, ...]:
+        """Copies of the kept ids, one (n_i,) int32 CPU tensor per FFN block (changing them
+        changes nothing: an expert's indices are fixed when it is built)."""
+        self.verify()
+        return tuple(t.clone() for t in self._indices)
+
+    @indices.setter
+    def indices(self, value) -> None:
+        raise AttributeError("TaskExpert.indices is read-only: build a new expert "
+                             "(TaskExpert(...) or TaskExpert.from_indices(model, indices))")
+
+    @property
+    def num_neurons(self) -> list[int]:
+        return list(self._num_neurons)
+
+    @property
+    def digest(self) -> str:
+        """sha256 (16 hex chars) of the indices, recorded when they were validated."""
+        return self._digest
+
+    def verify(self) -> None:
+        """Raise if the validated indices were changed in place since (a cheap version check:
+        no tensor is read unless a version moved)."""
+        if tuple(t._version for t in self._indices) == self._versions:
+            return
+        if _digest(self._indices) != self._digest:
+            raise RuntimeError(f"{self!r}: its validated indices were modified in place; build a new expert")
+        self._versions = tuple(t._version for t in self._indices)
+
+    def stage(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
         """The index lists on ``device``, copied there once and cached, so that switching to
-        this expert later moves no bytes at all."""
+        this expert later moves no bytes at all. A staged copy changed in place since (seen by
+        its version counter, without a device sync) is staged again from the validated ids."""
+        self.verify()
         key = str(torch.device(device))
-        if key not in self._staged:
-            self._staged[key] = [idx.to(device) for idx in self.indices]
-        return self._staged[key]
+        staged = self._staged.get(key)
+        if staged is None or tuple(t._version for t in staged) != self._staged_versions[key]:
+            staged = tuple(idx.to(device, copy=True) for idx in self._indices)
+            self._staged[key] = staged
+            self._staged_versions[key] = tuple(t._version for t in staged)
+        return staged
 
     @property
     def num_blocks(self) -> int:
-        return len(self.indices)
+        return len(self._indices)
 
     @property
     def kept(self) -> list[int]:
-        return [int(i.numel()) for i in self.indices]
+        return [int(i.numel()) for i in self._indices]
 
     @property
     def keep_ratio(self) -> float:
         """Kept neurons over all FFN neurons."""
-        return sum(self.kept) / sum(self.num_neurons)
+        return sum(self.kept) / sum(self._num_neurons)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskExpert):
+            return NotImplemented
+        if self is other:
+            return True
+        simple = ("_digest", "_num_neurons", "model_type", "task", "fingerprint", "metadata")
+        if any(getattr(self, k) != getattr(other, k) for k in simple):
+            return False
+        if not all(torch.equal(a, b) for a, b in zip(self._indices, other._indices)):
+            return False
+        for name in ("prompt", "dense_prompt"):
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None) or (a is not None and not (a.shape == b.shape and torch.equal(a, b))):
+                return False
+        for name in ("head", "dense_head"):
+            a, b = getattr(self, name) or {}, getattr(other, name) or {}
+            if set(a) != set(b) or not all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+                return False
+        return True
+
+    def __hash__(self) -> int:
+        return hash((self._digest, self._num_neurons))
 
     def __repr__(self) -> str:
         return (f"TaskExpert(task={self.task!r}, model_type={self.model_type!r}, blocks={self.num_blocks}, "
-                f"kept={sum(self.kept)}/{sum(self.num_neurons)} ({self.keep_ratio:.1%}))")
+                f"kept={sum(self.kept)}/{sum(self._num_neurons)} ({self.keep_ratio:.1%}))")
 
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``expert_config.json`` and ``expert.safetensors`` (indices, prompt, head) to a folder."""
+        """Write ``expert_config.json`` and ``expert.safetensors`` (indices, prompt, head) to a folder.
+
+        The folder is written whole or not at all: into a temporary sibling first, then renamed
+        into place (an existing folder is replaced only once the new one is complete).
+        """
         from safetensors.torch import save_file
 
         from doe import __version__
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        # clone(): prompts and heads may share storage (a dense head reused for the expert).
         tensors = {f"indices.{i}": idx.contiguous() for i, idx in enumerate(self.indices)}
         for prefix in ("", "dense_"):
             prompt, head = getattr(self, prefix + "prompt"), getattr(self, prefix + "head")
             if prompt is not None:
-                tensors[prefix + "prompt"] = prompt.detach().float().cpu().contiguous()
+                tensors[prefix + "prompt"] = prompt.detach().float().cpu().clone()
             for key, value in (head or {}).items():
-                tensors[f"{prefix}head.{key}"] = value.detach().float().cpu().contiguous()
+                tensors[f"{prefix}head.{key}"] = value.detach().float().cpu().clone()
         config = {
             "format_version": FORMAT_VERSION,
             "doe_version": __version__,
@@ -189,13 +320,21 @@ class TaskExpert:
             "keep_ratio": self.keep_ratio,
             "num_neurons": self.num_neurons,
             "kept": self.kept,
+            "digest": self.digest,
             "prompt_tokens": None if self.prompt is None else int(self.prompt.shape[0]),
             "head_keys": sorted(self.head or {}),
             "dense_head_keys": sorted(self.dense_head or {}),
             "metadata": self.metadata,
         }
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "doe-expert"})
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "doe-expert"})
+            (tmp / CONFIG_NAME).write_text(text)
+            _replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod
@@ -212,7 +351,7 @@ class TaskExpert:
                                         f"{WEIGHTS_NAME}, as written by TaskExpert.save_pretrained)")
         try:
             config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"{config_path}: corrupted expert config ({exc})") from exc
         if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
             found = config.get("format_version") if isinstance(config, dict) else type(config).__name__
@@ -234,18 +373,26 @@ class TaskExpert:
             if missing:
                 raise ValueError(f"{weights_path}: {prefix}head tensors {missing} are missing")
             heads[prefix] = {k: tensors[f"{prefix}head.{k}"] for k in keys} or None
-        expert = cls(
-            indices=[tensors[f"indices.{i}"] for i in range(len(num_neurons))],
-            num_neurons=num_neurons,
-            model_type=config.get("model_type"),
-            task=config.get("task"),
-            fingerprint=config.get("fingerprint"),
-            prompt=tensors.get("prompt"),
-            head=heads[""],
-            dense_prompt=tensors.get("dense_prompt"),
-            dense_head=heads["dense_"],
-            metadata=dict(config.get("metadata") or {}),
-        )
+        for key in ("task", "model_type", "fingerprint"):
+            if not isinstance(config.get(key), (str, type(None))):
+                raise ValueError(f"{config_path}: {key!r} must be a string or null, got {config.get(key)!r}")
+        if not isinstance(config.get("metadata"), (dict, type(None))):
+            raise ValueError(f"{config_path}: 'metadata' must be an object, got {config.get('metadata')!r}")
+        try:
+            expert = cls(
+                indices=[tensors[f"indices.{i}"] for i in range(len(num_neurons))],
+                num_neurons=num_neurons,
+                model_type=config.get("model_type"),
+                task=config.get("task"),
+                fingerprint=config.get("fingerprint"),
+                prompt=tensors.get("prompt"),
+                head=heads[""],
+                dense_prompt=tensors.get("dense_prompt"),
+                dense_head=heads["dense_"],
+                metadata=config.get("metadata"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{directory}: not a valid expert ({exc})") from exc
         if expert.kept != config.get("kept"):
             raise ValueError(f"{directory}: kept counts {expert.kept} disagree with the config's {config.get('kept')}")
         return expert

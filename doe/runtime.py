@@ -16,16 +16,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from doe.expert import TaskExpert
-from doe.prompt import TaskModel, eval_mode
+from doe.models import eval_mode
+from doe.prompt import TaskModel
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
-from doe.unplug import check_expert, current_expert, model_lock, restore_, unplug_
+from doe.unplug import Installed, check_expert, current_expert, installed, model_lock, restore_, unplug_
+from doe_kernels.env import synchronize
 
 __all__ = ["Request", "Result", "UnplugAndPlay"]
 
@@ -81,6 +83,15 @@ class Result:
         return asdict(self)
 
 
+class _Identity(NamedTuple):
+    """How one request was matched to a task."""
+
+    task: Optional[str]
+    routed: bool
+    confidence: Optional[float]
+    error: Optional[str]
+
+
 @dataclass
 class _Entry:
     spec: TaskSpec
@@ -119,53 +130,60 @@ class UnplugAndPlay:
 
     def add_expert(self, expert: Union[TaskExpert, str, Path], spec: Optional[TaskSpec] = None) -> TaskExpert:
         """Register a task expert (a TaskExpert or an expert folder). Validated against the model
-        now; its index lists are staged on the model's device once."""
+        now; its index lists are staged on the model's device once. Safe while other threads
+        are serving."""
         if not isinstance(expert, TaskExpert):
             expert = TaskExpert.from_pretrained(expert)
         spec = spec or get_task(expert.task or "")
-        check_expert(self.model, expert)
         if expert.prompt is None and expert.dense_prompt is None:
             raise ValueError(f"expert for {spec.name!r} carries no prompt: localize it with doe.find_expert "
                              "(or `doe localize`) so it can classify")
-        dense_prompt = expert.dense_prompt if expert.dense_prompt is not None else expert.prompt
-        dense_head = expert.dense_head if expert.dense_head is not None else expert.head
-        on_dense = self._task_model(spec, dense_prompt, dense_head)
-        on_expert = self._task_model(spec, expert.prompt if expert.prompt is not None else dense_prompt,
-                                     expert.head if expert.head is not None else dense_head)
-        expert.stage(next(self.model.parameters()).device)
-        self._entries[spec.name] = _Entry(spec, expert, on_expert, on_dense)
+        with model_lock(self.model):
+            check_expert(self.model, expert)
+            dense_prompt = expert.dense_prompt if expert.dense_prompt is not None else expert.prompt
+            dense_head = expert.dense_head if expert.dense_head is not None else expert.head
+            on_dense = self._task_model(spec, dense_prompt, dense_head)
+            on_expert = self._task_model(spec, expert.prompt if expert.prompt is not None else dense_prompt,
+                                         expert.head if expert.head is not None else dense_head)
+            expert.stage(self._device())
+            self._entries[spec.name] = _Entry(spec, expert, on_expert, on_dense)
         return expert
 
     def add_task(self, spec: Union[TaskSpec, str], prompt: torch.Tensor,
                  head: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Register a task that always runs on the dense model."""
         spec = get_task(spec)
-        self._entries[spec.name] = _Entry(spec, None, None, self._task_model(spec, prompt, head))
+        with model_lock(self.model):
+            self._entries[spec.name] = _Entry(spec, None, None, self._task_model(spec, prompt, head))
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _task_model(self, spec: TaskSpec, prompt, head) -> TaskModel:
         return TaskModel(self.model, self.tokenizer, spec, prompt=prompt, head=head, max_length=self.max_length)
 
     # ------------------------------------------------------------------ serving
 
-    def _identify(self, requests: list[Request]) -> list[tuple[Optional[str], bool, Optional[float], Optional[str]]]:
-        """Per request: (task, routed, confidence, error)."""
-        out: list = [None] * len(requests)
+    def _identify(self, requests: list[Request]) -> list[_Identity]:
+        """Per request: its task (by name, else routed), or the error that stops it."""
+        out: list[Optional[_Identity]] = [None] * len(requests)
         unnamed = [i for i, r in enumerate(requests) if r.task is None]
         for i, r in enumerate(requests):
             if r.task is not None:
-                err = None if r.task in self._entries else (
-                    f"unknown task {r.task!r}; this runtime serves {self.tasks}")
-                out[i] = (r.task if err is None else None, False, None, err)
+                known = r.task in self._entries
+                out[i] = _Identity(r.task if known else None, False, None,
+                                   None if known else f"unknown task {r.task!r}; this runtime serves {self.tasks}")
         if unnamed:
             if self.router is None:
                 for i in unnamed:
-                    out[i] = (None, True, None, "request has no 'task' and the runtime has no router")
+                    out[i] = _Identity(None, True, None, "request has no 'task' and the runtime has no router")
             else:
                 tasks, confs = self.router.route(self.model_for_routing(), self.tokenizer,
                                                  [requests[i].text for i in unnamed])
                 for i, task, conf in zip(unnamed, tasks, confs):
-                    err = None if task in self._entries else f"router chose {task!r}, which has no registered task"
-                    out[i] = (task if err is None else None, True, conf, err)
+                    known = task in self._entries
+                    out[i] = _Identity(task if known else None, True, conf,
+                                       None if known else f"router chose {task!r}, which has no registered task")
         return out
 
     def model_for_routing(self) -> nn.Module:
@@ -174,84 +192,98 @@ class UnplugAndPlay:
             restore_(self.model)
         return self.model
 
-    def _switch(self, entry: Optional[_Entry], use_expert: bool) -> float:
-        """Install the right FFN state; returns milliseconds spent."""
-        device = next(self.model.parameters()).device
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        installed = current_expert(self.model)
-        target = entry.expert if use_expert and entry is not None else None
-        if installed is target:
+    def _switch(self, target: Union[TaskExpert, Installed, None]) -> float:
+        """Install ``target`` (None: the dense model; an ``Installed``: that expert with its
+        backend); returns milliseconds spent."""
+        expert = target.expert if isinstance(target, Installed) else target
+        backend = target.backend if isinstance(target, Installed) else None
+        if current_expert(self.model) is expert:
             return 0.0
-        sync()
+        device = self._device()
+        synchronize(device)
         t0 = time.perf_counter()
-        if target is not None:
-            unplug_(self.model, target)
+        if expert is not None:
+            unplug_(self.model, expert, backend=backend)
         else:
             restore_(self.model)
-        sync()
+        synchronize(device)
         ms = 1000 * (time.perf_counter() - t0)
         self.switches.append(ms)
         return ms
 
     def _run_group(self, entry: _Entry, use_expert: bool, group: list[tuple[int, Request]],
-                   meta: list) -> list[tuple[int, Result]]:
+                   meta: list[_Identity]) -> list[tuple[int, Result]]:
         task_model = entry.on_expert if use_expert else entry.on_dense
-        name = entry.spec.name if use_expert else DENSE
+        served_by = entry.spec.name if use_expert else DENSE
         results = []
         with model_lock(self.model):
             try:
-                switch_ms = self._switch(entry, use_expert)
+                switch_ms = self._switch(entry.expert if use_expert else None)
                 t0 = time.perf_counter()
                 examples = [Example(r.text, 0, r.text_pair) for _, r in group]
                 with torch.inference_mode(), eval_mode(task_model):
                     probs = torch.softmax(task_model(**task_model.encode(examples)).float(), -1)
-                if probs.is_cuda:
-                    torch.cuda.synchronize(probs.device)
+                synchronize(probs.device)
                 ms = switch_ms + 1000 * (time.perf_counter() - t0)
                 p, idx = probs.max(-1)
                 for (i, r), pi, li in zip(group, p.tolist(), idx.tolist()):
-                    _, routed, conf, _ = meta[i]
-                    results.append((i, Result(r.id, entry.spec.name, name, entry.spec.labels[li], li, pi, routed,
-                                              conf, ms, switch_ms, len(group))))
+                    results.append((i, Result(
+                        id=r.id, task=entry.spec.name, expert=served_by, label=entry.spec.labels[li], label_id=li,
+                        probability=pi, routed=meta[i].routed, route_confidence=meta[i].confidence,
+                        latency_ms=ms, switch_ms=switch_ms, batch_size=len(group),
+                    )))
             except Exception as exc:  # the request fails, the runtime stays usable
                 for i, r in group:
-                    _, routed, conf, _ = meta[i]
-                    results.append((i, Result(r.id, entry.spec.name, name, routed=routed, route_confidence=conf,
-                                              batch_size=len(group), error=f"{type(exc).__name__}: {exc}")))
+                    results.append((i, Result(
+                        id=r.id, task=entry.spec.name, expert=served_by, routed=meta[i].routed,
+                        route_confidence=meta[i].confidence, batch_size=len(group),
+                        error=f"{type(exc).__name__}: {exc}",
+                    )))
         return results
 
     def process(self, requests: Iterable[Union[Request, dict, str]]) -> list[Result]:
-        """Serve a stream of requests in order; returns one Result per request, same order."""
+        """Serve a stream of requests in order; returns one Result per request, same order.
+
+        With ``restore_when_idle`` the model is left as it was found: dense, or running the
+        expert that was installed when ``process`` was called.
+        """
         reqs = [Request.coerce(r, i) for i, r in enumerate(requests)]
         with model_lock(self.model):
-            meta = self._identify(reqs)
-            out: list[Optional[Result]] = [None] * len(reqs)
-            group: list[tuple[int, Request]] = []
-            key = None
-
-            def flush():
-                if group:
-                    entry = self._entries[key[0]]
-                    for i, res in self._run_group(entry, key[1], group, meta):
-                        out[i] = res
-                    group.clear()
-
-            for i, r in enumerate(reqs):
-                task, routed, conf, err = meta[i]
-                if err is not None:
-                    out[i] = Result(r.id, None, DENSE, routed=routed, route_confidence=conf, error=err)
-                    continue
-                entry = self._entries[task]
-                use_expert = entry.expert is not None and (not routed or conf >= self.threshold)
-                k = (task, use_expert)
-                if k != key or len(group) >= self.max_batch:
-                    flush()
-                    key = k
-                group.append((i, r))
-            flush()
-            if self.restore_when_idle:
-                self._switch(None, False)
+            found = installed(self.model)
+            try:
+                out = self._serve(reqs)
+            finally:
+                if self.restore_when_idle:
+                    self._switch(found)
         self.records += out
+        return out
+
+    def _serve(self, reqs: list[Request]) -> list[Result]:
+        meta = self._identify(reqs)
+        out: list[Optional[Result]] = [None] * len(reqs)
+        group: list[tuple[int, Request]] = []
+        key = None
+
+        def flush():
+            if group:
+                for i, res in self._run_group(self._entries[key[0]], key[1], group, meta):
+                    out[i] = res
+                group.clear()
+
+        for i, r in enumerate(reqs):
+            who = meta[i]
+            if who.error is not None:
+                out[i] = Result(id=r.id, task=None, expert=DENSE, routed=who.routed,
+                                route_confidence=who.confidence, error=who.error)
+                continue
+            entry = self._entries[who.task]
+            use_expert = entry.expert is not None and (not who.routed or who.confidence >= self.threshold)
+            k = (who.task, use_expert)
+            if k != key or len(group) >= self.max_batch:
+                flush()
+                key = k
+            group.append((i, r))
+        flush()
         return out
 
     __call__ = process

@@ -5,31 +5,43 @@
     with doe.unplugged(model, expert):
         model(**batch)
 
-Nothing is copied: the wrappers hold the original layers by reference. Everything is
-validated before the model is touched, so a bad expert leaves the model as it was.
+Nothing is copied: the wrappers hold the original layers by reference and share their
+parameters, so ``state_dict``, ``named_parameters``, ``save_pretrained`` and
+``load_state_dict`` of an unplugged model are those of the original (same keys, same
+tensors). Forward hooks on the original FFN modules keep firing; backward and state-dict hooks
+on them are refused.
+
+Everything is validated before the model is touched, so a bad expert or argument leaves the
+model as it was. Every change records its intent on the model first and each step is
+idempotent, so an operation interrupted anywhere (KeyboardInterrupt, an exception) leaves a
+model that ``restore_`` gives back exactly, and that the next ``unplug_`` completes.
+
+Threads: these functions take ``model_lock(model)``. ``unplugged`` holds it for its whole body,
+so ``with doe.unplugged(model, expert): model(...)`` is safe from any number of threads. Code
+that calls ``unplug_`` and then runs the model from several threads must hold the lock around
+both, or another thread may switch experts in between.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
 from doe.expert import TaskExpert, model_fingerprint, model_type_of
-from doe_kernels import GatheredGatedMLP, GatheredLinear, to_neuron_major_, to_row_major_
+from doe.locking import model_lock
+from doe_kernels import BACKENDS, GatheredGatedMLP, GatheredLinear, resolve_backend, to_neuron_major_, to_row_major_
+from doe_kernels.modules import hooked_modules, is_neuron_major, unwrap
 
-__all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "model_lock", "check_expert"]
+__all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
+           "model_lock", "check_expert"]
 
 _STATE_ATTR = "_doe_unplug_state"
-_LOCK_GUARD = threading.Lock()
-# Kept outside the model so that copy.deepcopy / pickle of a model still work.
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_CONVERTED_ATTR = "_doe_neuron_major"  # weights re-stored neuron-major, kept across restores
 LAYOUTS = ("auto", "neuron_major", "original")
 
 
@@ -43,42 +55,74 @@ class _Swap:
 
 @dataclass
 class _State:
+    """What is (or is being) installed. Written before the model changes; ``complete`` is
+    True only while every swap, layout change and index list matches it."""
+
     expert: TaskExpert
     blocks: list[FFNBlock]
     swaps: list[_Swap]
     wrappers: list[list[nn.Module]]  # per block, the wrappers whose indices it sets
-    converted: list[torch.Tensor]  # weights re-stored neuron-major by this package
+    planned: list[torch.Tensor]  # weights to re-store neuron-major
     fingerprint: str
+    backend: str
+    layout: str
+    complete: bool = False
 
 
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock that serialises switching and inference on ``model``."""
-    with _LOCK_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
+def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]]:
+    """The module holding an unplug state (``model`` or one of its submodules) and the state."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is not None:
+        return model, state
+    for module in model.modules():
+        state = module.__dict__.get(_STATE_ATTR)
+        if state is not None:
+            return module, state
+    return None, None
+
+
+class Installed(NamedTuple):
+    """What ``unplug_`` installed: pass it back as ``unplug_(model, i.expert, backend=i.backend)``."""
+
+    expert: TaskExpert
+    backend: str
+    layout: str
+
+
+def installed(model: nn.Module) -> Optional[Installed]:
+    """The expert installed in ``model`` (or a submodule) with its backend and layout, else None."""
+    state = _find_state(model)[1]
+    return None if state is None else Installed(state.expert, state.backend, state.layout)
 
 
 def is_unplugged(model: nn.Module) -> bool:
-    return model.__dict__.get(_STATE_ATTR) is not None
+    """True when an expert is installed in ``model`` or in one of its submodules."""
+    return _find_state(model)[1] is not None
 
 
 def current_expert(model: nn.Module) -> Optional[TaskExpert]:
-    state = model.__dict__.get(_STATE_ATTR)
+    """The expert installed in ``model`` (or one of its submodules), else None."""
+    state = _find_state(model)[1]
     return state.expert if state is not None else None
 
 
 def check_expert(model: nn.Module, expert: TaskExpert, blocks: Optional[Sequence[FFNBlock]] = None,
                  fingerprint: Optional[str] = None) -> None:
-    """Raise if ``expert`` does not fit ``model`` (type, FFN blocks, neuron counts, fingerprint)."""
-    state = model.__dict__.get(_STATE_ATTR)
-    if blocks is None:
-        blocks = state.blocks if state is not None else find_ffn_blocks(model)
-    if fingerprint is None and state is not None:
-        fingerprint = state.fingerprint
+    """Raise if ``expert`` does not fit ``model`` (type, FFN blocks, neuron counts, fingerprint).
+
+    Works on an unplugged model too (it sees the original modules through the wrappers).
+    """
     if not isinstance(expert, TaskExpert):
         raise TypeError(f"expert: expected a doe.TaskExpert, got {type(expert).__name__}")
+    expert.verify()
+    with model_lock(model):
+        state = model.__dict__.get(_STATE_ATTR)
+        if blocks is None:
+            blocks = state.blocks if state is not None else find_ffn_blocks(model)
+        if fingerprint is None:
+            fingerprint = state.fingerprint if state is not None else None
+        if expert.fingerprint is not None and fingerprint is None:
+            fingerprint = model_fingerprint(model, blocks)
     mtype = model_type_of(model)
     if expert.model_type is not None and mtype is not None and expert.model_type != mtype:
         raise ValueError(f"expert was built for a {expert.model_type!r} model, this model is {mtype!r}")
@@ -88,17 +132,18 @@ def check_expert(model: nn.Module, expert: TaskExpert, blocks: Optional[Sequence
         if n != block.num_neurons:
             raise ValueError(f"expert block {i} was built for {n} neurons, this model's block "
                              f"{block.name!r} has {block.num_neurons}")
-    if expert.fingerprint is not None:
-        found = fingerprint or model_fingerprint(model, blocks)
-        if found != expert.fingerprint:
-            raise ValueError(f"expert{f' for task {expert.task!r}' if expert.task else ''} was built for a model "
-                             f"with fingerprint {expert.fingerprint}, this model's is {found}: a different "
-                             "configuration or FFN layout")
+    if expert.fingerprint is not None and fingerprint != expert.fingerprint:
+        raise ValueError(f"expert{f' for task {expert.task!r}' if expert.task else ''} was built for a model "
+                         f"with fingerprint {expert.fingerprint}, this model's is {fingerprint}: a different "
+                         "configuration or FFN layout")
 
 
-def _resolve_layout(layout: str, weight: torch.Tensor) -> bool:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+def _check_choice(name: str, value: Optional[str], choices: Sequence[str]) -> None:
+    if value is not None and value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def _wants_neuron_major(layout: str, weight: torch.Tensor) -> bool:
     # The Triton cols gather wants each neuron contiguous; the CPU reference does not care, and
     # keeping CPU weights as they are keeps dense CPU outputs bit-identical.
     return layout == "neuron_major" or (layout == "auto" and weight.is_cuda)
@@ -112,17 +157,46 @@ def _neuron_major_targets(block: FFNBlock) -> list[torch.Tensor]:
     return [block.down.weight]
 
 
+def _planned(blocks: Sequence[FFNBlock], layout: str) -> list[torch.Tensor]:
+    return [w for b in blocks for w in _neuron_major_targets(b)
+            if _wants_neuron_major(layout, w) and not is_neuron_major(w, 1)]
+
+
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     head, _, attr = path.rpartition(".")
     return (root.get_submodule(head) if head else root), attr
 
 
-def _build_swaps(model: nn.Module, blocks: Sequence[FFNBlock], expert: TaskExpert, backend: str):
+def _check_replaceable(model: nn.Module, blocks: Sequence[FFNBlock]) -> None:
+    """Refuse stray wrappers (installed through an enclosing module) and hooks that a wrapper
+    cannot honour."""
+    if any(unwrap(m) is not m for m in model.modules()):
+        raise ValueError("this model already runs gathered FFN modules installed by unplug_ on an enclosing "
+                         "module: switch or restore_ through that module")
+    problems = []
+    for block in blocks:
+        named = [(block.name, block.container)] if block.gated else []
+        for path, module in ((block.up_name, block.up), (block.down_name, block.down),
+                             (block.gate_name, block.gate)):
+            if module is not None:
+                named.append((f"{block.name}.{path}" if block.name else path, module))
+        for name, module in named:
+            kinds = hooked_modules(module)
+            if kinds:
+                problems.append(f"{name!r} ({', '.join(kinds)})")
+    if problems:
+        raise ValueError("cannot unplug: backward or state-dict hooks are registered on FFN modules that a gathered "
+                         f"module replaces: {'; '.join(problems)}. Forward hooks are fine; remove the others "
+                         "(handle.remove()) first")
+
+
+def _build_swaps(model: nn.Module, blocks: Sequence[FFNBlock], staged: Sequence[torch.Tensor], backend: str):
     swaps, wrappers = [], []
-    for i, block in enumerate(blocks):
-        idx = expert.stage(block.up.weight.device)[i]
+    for block, idx in zip(blocks, staged):
         if block.gated:
             act = block.activation if block.activation is not None else block.act_module
+            if block.act_module is not None and hooked_modules(block.act_module, ("forward",)):
+                act = block.act_module  # called as a module, so its hooks fire
             wrapper = GatheredGatedMLP(block.container, block.gate, block.up, block.down, idx,
                                        activation=act, dropout=block.dropout, backend=backend)
             parent, attr = _parent(model, block.name)
@@ -139,75 +213,152 @@ def _build_swaps(model: nn.Module, blocks: Sequence[FFNBlock], expert: TaskExper
     return swaps, wrappers
 
 
+def _record_conversions(model: nn.Module, weights: Sequence[torch.Tensor]) -> None:
+    record = model.__dict__.setdefault(_CONVERTED_ATTR, [])
+    for w in weights:
+        if not any(w is r for r in record):
+            record.append(w)
+
+
+def _apply(state: _State) -> None:
+    """Make the model match ``state``. Idempotent: safe to re-run after any interruption."""
+    for w in state.planned:
+        to_neuron_major_(w, 1)
+    staged = state.expert.stage(state.wrappers[0][0].indices.device)
+    for ws, idx in zip(state.wrappers, staged):
+        for w in ws:
+            w.backend = state.backend
+            if w.indices is not idx:
+                w.set_indices(idx, validated=True)
+    for s in state.swaps:
+        # One dict store per swap: an interrupt lands before or after it, never inside.
+        s.parent._modules[s.attr] = s.wrapper
+    state.complete = True
+
+
 def unplug_(
     model: nn.Module,
     expert: TaskExpert,
     *,
     spec: FFNSpec | Sequence[FFNSpec] | None = None,
-    backend: str = "auto",
-    layout: str = "auto",
+    backend: Optional[str] = None,
+    layout: Optional[str] = None,
 ) -> nn.Module:
     """Run only ``expert``'s neurons in every FFN block of ``model``, in place.
 
-    If another expert is installed, switches by swapping index buffers (no restore, no weight
-    touched). layout: "auto" (neuron-major down projections on CUDA, as they are on CPU),
-    "neuron_major" or "original" (never re-store). The first unplug on CUDA re-stores the down
-    projections neuron-major in place; no extra memory stays allocated. Returns ``model``.
+    If another expert is installed, switches by swapping index buffers (no weight is touched,
+    no device sync).
+
+    Args:
+        model: a supported Hugging Face model (or any model ``spec`` describes).
+        expert: the TaskExpert to install.
+        spec: FFN layout for a model the registry does not know; on a switch it must name the
+            blocks already installed.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". None keeps
+            the installed backend on a switch ("auto" on a fresh install).
+        layout: "auto" (re-store down projections neuron-major on CUDA), "neuron_major" or
+            "original" (never re-store). None: "auto" on a fresh install, nothing new on a
+            switch. The re-store happens in place once; no extra memory stays allocated.
+
+    Returns:
+        ``model``.
     """
+    _check_choice("backend", backend, BACKENDS)
+    _check_choice("layout", layout, LAYOUTS)
+    if not isinstance(expert, TaskExpert):
+        raise TypeError(f"expert: expected a doe.TaskExpert, got {type(expert).__name__}")
     with model_lock(model):
-        state: Optional[_State] = model.__dict__.get(_STATE_ATTR)
+        owner, state = _find_state(model)
+        if owner is not None and owner is not model:
+            name = next(n for n, m in model.named_modules() if m is owner)
+            raise ValueError(f"submodule {name!r} of this model is unplugged: switch or restore_ it through "
+                             f"model.get_submodule({name!r}), or restore_(model) first")
         if state is not None:
-            check_expert(model, expert, state.blocks, state.fingerprint)
-            new = [expert.stage(ws[0].indices.device)[i] for i, ws in enumerate(state.wrappers)]
-            for ws, idx in zip(state.wrappers, new):
-                for w in ws:
-                    w.indices = idx  # validated by TaskExpert; a buffer swap
-            state.expert = expert
-            return model
-        blocks = find_ffn_blocks(model, spec)
-        fingerprint = model_fingerprint(model, blocks)
-        check_expert(model, expert, blocks, fingerprint)
-        targets = [w for b in blocks for w in _neuron_major_targets(b)]
-        convert = [w for w in targets if _resolve_layout(layout, w)]
-        swaps, wrappers = _build_swaps(model, blocks, expert, backend)
-        # From here on nothing validates any more: the model changes.
-        converted = [w for w in convert if to_neuron_major_(w, 1)]
-        for s in swaps:
-            setattr(s.parent, s.attr, s.wrapper)
-        model.__dict__[_STATE_ATTR] = _State(expert, list(blocks), swaps, wrappers, converted, fingerprint)
+            _switch(model, state, expert, spec, backend, layout)
+        else:
+            _install(model, expert, spec, backend or "auto", layout or "auto")
         return model
+
+
+def _install(model, expert, spec, backend, layout) -> None:
+    blocks = find_ffn_blocks(model, spec)
+    fingerprint = model_fingerprint(model, blocks)
+    check_expert(model, expert, blocks, fingerprint)
+    _check_replaceable(model, blocks)
+    resolve_backend(backend, blocks[0].up.weight)  # raises now if the backend cannot run here
+    staged = expert.stage(blocks[0].up.weight.device)
+    swaps, wrappers = _build_swaps(model, blocks, staged, backend)
+    state = _State(expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend, layout)
+    # Intent first: from here on every step can be redone by _apply or undone by restore_.
+    _record_conversions(model, state.planned)
+    model.__dict__[_STATE_ATTR] = state
+    _apply(state)
+
+
+def _switch(model, state: _State, expert, spec, backend, layout) -> None:
+    if spec is not None:
+        names = [b.name for b in find_ffn_blocks(model, spec)]
+        if names != [b.name for b in state.blocks]:
+            raise ValueError(f"spec finds FFN blocks {names}, but the installed expert runs on "
+                             f"{[b.name for b in state.blocks]}; restore_ first to change the FFN layout")
+    check_expert(model, expert, state.blocks, state.fingerprint)
+    if backend is not None:
+        resolve_backend(backend, state.blocks[0].up.weight)
+    planned = _planned(state.blocks, layout) if layout is not None else []
+    expert.stage(state.wrappers[0][0].indices.device)
+    # Intent first, each a single store; _apply then brings the model in line.
+    state.complete = False
+    _record_conversions(model, planned)
+    state.planned = state.planned + [w for w in planned if not any(w is p for p in state.planned)]
+    if backend is not None:
+        state.backend = backend
+    if layout is not None:
+        state.layout = layout
+    state.expert = expert
+    _apply(state)
 
 
 def restore_(model: nn.Module, *, original_layout: bool = False) -> bool:
     """Put the original FFN modules back. Returns False if nothing was unplugged.
 
-    original_layout=True also re-stores weights that unplug_ made neuron-major as plain
-    contiguous tensors again (a copy of those weights; off by default so the next unplug is free).
+    Finds an expert installed on ``model`` or on any of its submodules, and finishes a restore
+    or an unplug that was interrupted. original_layout=True also re-stores every weight that
+    unplug_ made neuron-major (since the model's last original-layout restore) as a plain
+    contiguous tensor again (a copy of those weights; off by default so the next unplug is free).
     """
     with model_lock(model):
-        state: Optional[_State] = model.__dict__.pop(_STATE_ATTR, None)
-        if state is None:
-            return False
-        for s in reversed(state.swaps):
-            setattr(s.parent, s.attr, s.original)
+        owner, state = _find_state(model)
+        if state is not None:
+            state.complete = False
+            for s in reversed(state.swaps):
+                s.parent._modules[s.attr] = s.original
+            del owner.__dict__[_STATE_ATTR]
         if original_layout:
-            for w in state.converted:
-                to_row_major_(w)
-        return True
+            for holder in model.modules():
+                for w in holder.__dict__.get(_CONVERTED_ATTR, []):
+                    to_row_major_(w)
+                holder.__dict__.pop(_CONVERTED_ATTR, None)
+        return state is not None
 
 
 @contextlib.contextmanager
 def unplugged(model: nn.Module, expert: TaskExpert, **kwargs):
     """``with unplugged(model, expert): ...`` runs the body on the expert and restores in
     ``finally``, also when the body raises. Holds the model's lock for the whole body, so other
-    threads can't switch experts under it. If an expert was installed before, it is put back."""
+    threads can't switch experts under it. If an expert was installed before, it is put back
+    (with the backend it ran on)."""
     with model_lock(model):
-        previous = current_expert(model)
+        previous = installed(model)
         unplug_(model, expert, **kwargs)
         try:
             yield model
         finally:
-            if previous is not None:
-                unplug_(model, previous)
-            else:
-                restore_(model)
+            _put_back(model, previous)
+
+
+def _put_back(model: nn.Module, previous: Optional[Installed]) -> None:
+    """Install ``previous`` (as ``installed`` reported it) or, for None, restore the dense model."""
+    if previous is None:
+        restore_(model)
+    else:
+        unplug_(model, previous.expert, backend=previous.backend)

@@ -1,9 +1,19 @@
 """Drop-in modules that run only the kept neurons of an existing layer.
 
-Each wraps the original layer *by reference* as ``base_layer`` (its parameters are shared,
-never copied) and holds the kept neuron ids as a non-persistent int32 buffer, so the model's
-``state_dict`` is unchanged and switching experts is ``set_indices``. Nothing here knows
-about tasks or model families; the ``doe`` package decides what to wrap.
+Each wraps the original layer *by reference* as ``base_layer`` and takes its place in the
+model while looking like it from outside:
+
+- the wrapper shares the original's ``_parameters`` and ``_modules`` dicts, so
+  ``named_parameters``, ``state_dict`` and ``load_state_dict`` (also ``assign=True``) of a
+  model with wrappers installed have exactly the original keys and tensors, and whatever they
+  change reaches the original layer;
+- the kept neuron ids are a non-persistent int32 buffer, so they never enter a state dict;
+- forward hooks and forward pre-hooks registered on the original layer (and, for a gated
+  block, on its gate / up / down projections) fire as they would without the wrapper; they
+  see the gathered tensors (``len(indices)`` features on the neuron side).
+
+Switching experts is ``set_indices``. Nothing here knows about tasks or model families; the
+``doe`` package decides what to wrap.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from doe_kernels.ops import gathered_glu, gathered_linear
-from doe_kernels.reference import canonical_activation
+from doe_kernels.reference import activation_fn, canonical_activation
 from doe_kernels.validation import validate_indices
 
 __all__ = [
@@ -24,6 +34,8 @@ __all__ = [
     "is_neuron_major",
     "to_neuron_major_",
     "to_row_major_",
+    "hooked_modules",
+    "unwrap",
 ]
 
 
@@ -75,58 +87,137 @@ def to_row_major_(weight: torch.Tensor) -> bool:
     return True
 
 
-class GatheredLinear(nn.Module):
+def hooked_modules(module: nn.Module, kinds: tuple[str, ...] = ("backward", "state_dict")) -> list[str]:
+    """Names of the hook kinds registered on ``module`` among ``kinds``.
+
+    kinds: "forward" (forward and forward pre-hooks), "backward" (full backward and backward
+    pre-hooks) and "state_dict" (state-dict and load-state-dict hooks).
+    """
+    attrs = {
+        "forward": ("_forward_hooks", "_forward_pre_hooks"),
+        "backward": ("_backward_hooks", "_backward_pre_hooks"),
+        "state_dict": ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                       "_load_state_dict_post_hooks"),
+    }
+    return [a.lstrip("_") for kind in kinds for a in attrs[kind] if getattr(module, a, None)]
+
+
+def _call_hooked(module: nn.Module, fn: Callable, *args):
+    """``fn(*args)`` with ``module``'s forward pre-hooks and forward hooks run around it, as
+    ``module(*args)`` would run them around ``module.forward``."""
+    kwargs: dict = {}
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    out = fn(*args, **kwargs)
+    for hook_id, hook in list(module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs:
+            result = hook(module, args, kwargs, out)
+        else:
+            result = hook(module, args, out)
+        if result is not None:
+            out = result
+    return out
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original layer behind a gathered wrapper, or ``module`` itself."""
+    return module.base_layer if isinstance(module, _Wrapper) else module
+
+
+class _Wrapper(nn.Module):
+    """Shares ``base``'s parameter and submodule dicts (see the module docstring) and holds
+    ``indices``, the kept neuron ids, as a non-persistent buffer."""
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor, total: int, name: str, device: torch.device):
+        super().__init__()
+        self.__dict__["base_layer"] = base  # not a submodule: its parameters appear once, unprefixed
+        self._parameters = base._parameters
+        self._modules = base._modules
+        for key, buf in base._buffers.items():
+            self._buffers[key] = buf
+            if key in base._non_persistent_buffers_set:
+                self._non_persistent_buffers_set.add(key)
+        self.training = base.training
+        self.total = total
+        self._name = name
+        self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
+
+    def set_indices(self, indices: torch.Tensor, *, validated: bool = False) -> None:
+        """Switch to another kept set (an index swap; no weight is touched).
+
+        indices: (n,) sorted unique neuron ids. ``validated=True`` skips the value checks (which
+        read the tensor: a device sync) for ids already checked by ``validate_indices`` and
+        living on this module's device; metadata is still checked.
+        """
+        if not validated:
+            self.indices = validate_indices(indices, self.total, name=self._name).to(self.indices.device)
+            return
+        if (not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1
+                or not 0 < indices.numel() <= self.total or indices.device != self.indices.device):
+            got = (f"{tuple(indices.shape)} {indices.dtype} on {indices.device}" if isinstance(indices, torch.Tensor)
+                   else type(indices).__name__)
+            raise ValueError(f"{self._name}: expected a validated 1-D int32 tensor of 1..{self.total} ids on "
+                             f"{self.indices.device}, got {got}")
+        self.indices = indices
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base_layer.training = mode
+        return self
+
+
+class GatheredLinear(_Wrapper):
     """Runs an nn.Linear / Conv1D on kept neurons only.
 
     mode="rows": keep output neurons (up / gate / fc1 / wi): (..., in) -> (..., n).
     mode="cols": keep input neurons (down / fc2 / wo):       (..., n)  -> (..., out).
     indices: (n,) sorted unique neuron ids; validated here (once), not in forward.
+    ``weight`` and ``bias`` are the base layer's own parameters (Conv1D: weight (in, out)).
     """
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, *, mode: str, backend: str = "auto"):
-        super().__init__()
         if mode not in ("rows", "cols"):
             raise ValueError(f"mode: expected 'rows' or 'cols', got {mode!r}")
         weight = linear_weight(base_layer)
-        self.base_layer = base_layer
+        total = weight.shape[0] if mode == "rows" else weight.shape[1]
+        super().__init__(base_layer, indices, total, f"{mode} indices", weight.device)
         self._transposed = _is_conv1d(base_layer)  # decided once: forward stays thin
         self.mode = mode
         self.backend = backend
-        self.total = weight.shape[0] if mode == "rows" else weight.shape[1]
-        self.register_buffer("indices", self._checked(indices, weight.device), persistent=False)
 
-    def _checked(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return validate_indices(indices, self.total, name=f"{self.mode} indices").to(device)
-
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Switch to another kept set (an index swap; no weight is touched)."""
-        self.indices = self._checked(indices, self.indices.device)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return linear_weight(self.base_layer)
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        w = base.weight.t() if self._transposed else base.weight
+        if self.mode == "rows":
+            return gathered_linear(x, w, base.bias, rows=self.indices, backend=self.backend)
+        return gathered_linear(x, w, base.bias, cols=self.indices, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.base_layer.weight.t() if self._transposed else self.base_layer.weight
-        if self.mode == "rows":
-            return gathered_linear(x, w, self.base_layer.bias, rows=self.indices, backend=self.backend)
-        return gathered_linear(x, w, self.base_layer.bias, cols=self.indices, backend=self.backend)
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks:
+            return _call_hooked(base, self._gathered, x)
+        return self._gathered(x)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, kept={self.indices.numel()}/{self.total}"
+        return f"mode={self.mode}, kept={self.indices.numel()}/{self.total}, base_layer={self.base_layer!r}"
 
 
-class GatheredGatedMLP(nn.Module):
+class GatheredGatedMLP(_Wrapper):
     """Replaces a whole gated FFN block: ``down(dropout(act(gate(x)) * up(x)))`` on kept neurons.
 
     gate, up, down: nn.Linear layers that live inside ``base_layer`` (the original block, kept
-    by reference). activation: a name the fused kernel knows ("silu", "gelu", "gelu_tanh",
-    "relu", or an alias) -> one fused kernel; or any callable -> gate and up are gathered
-    separately and the callable is applied in PyTorch. x: (..., hidden) -> (..., hidden).
+    by reference; its submodules are this module's submodules). activation: a name the fused
+    kernel knows ("silu", "gelu", "gelu_tanh", "relu", or an alias) -> one fused kernel; or any
+    callable -> gate and up are gathered separately and the callable is applied in PyTorch.
+    Forward hooks on gate / up / down also take the separate path, so that each fires with its
+    own output. x: (..., hidden) -> (..., hidden).
     """
 
     def __init__(
@@ -141,7 +232,6 @@ class GatheredGatedMLP(nn.Module):
         dropout: Optional[nn.Module] = None,
         backend: str = "auto",
     ):
-        super().__init__()
         for name, layer in (("gate", gate), ("up", up), ("down", down)):
             if not isinstance(layer, nn.Linear):
                 raise TypeError(f"{name}: expected nn.Linear, got {type(layer).__name__}")
@@ -150,36 +240,40 @@ class GatheredGatedMLP(nn.Module):
                 f"gated FFN shapes disagree: gate {tuple(gate.weight.shape)}, up {tuple(up.weight.shape)}, "
                 f"down {tuple(down.weight.shape)} (expected gate == up == (I, H) and down == (H, I))"
             )
-        self.activation = canonical_activation(activation) if isinstance(activation, str) else activation
-        self.base_layer = base_layer
-        # A tuple, so nn.Module does not register them twice: they live under base_layer.
+        activation = canonical_activation(activation) if isinstance(activation, str) else activation
+        super().__init__(base_layer, indices, up.weight.shape[0], "gated FFN indices", up.weight.device)
+        self.activation = activation
+        # A tuple, so nn.Module does not register them twice: they live in the shared submodules.
         self._layers = (gate, up, down, dropout)
         self.backend = backend
-        self.total = up.weight.shape[0]
-        self.register_buffer("indices", self._checked(indices, up.weight.device), persistent=False)
 
-    def _checked(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return validate_indices(indices, self.total, name="gated FFN indices").to(device)
-
-    def set_indices(self, indices: torch.Tensor) -> None:
-        self.indices = self._checked(indices, self.indices.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down, dropout = self._layers
-        idx = self.indices
-        if isinstance(self.activation, str):
+        idx, backend = self.indices, self.backend
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (gate, up, down))
+        if isinstance(self.activation, str) and not hooked:
             h = gathered_glu(
                 x, gate.weight, up.weight, rows=idx, activation=self.activation,
-                gate_bias=gate.bias, up_bias=up.bias, backend=self.backend,
+                gate_bias=gate.bias, up_bias=up.bias, backend=backend,
             )
         else:
-            g = gathered_linear(x, gate.weight, gate.bias, rows=idx, backend=self.backend)
-            h = self.activation(g) * gathered_linear(x, up.weight, up.bias, rows=idx, backend=self.backend)
+            act = activation_fn(self.activation) if isinstance(self.activation, str) else self.activation
+            g = _call_hooked(gate, lambda t: gathered_linear(t, gate.weight, gate.bias, rows=idx, backend=backend), x)
+            u = _call_hooked(up, lambda t: gathered_linear(t, up.weight, up.bias, rows=idx, backend=backend), x)
+            h = act(g) * u
         if dropout is not None:
             h = dropout(h)
         if h.dtype != down.weight.dtype:
             h = h.to(down.weight.dtype)
-        return gathered_linear(h, down.weight, down.bias, cols=idx, backend=self.backend)
+        if hooked:
+            return _call_hooked(down, lambda t: gathered_linear(t, down.weight, down.bias, cols=idx, backend=backend), h)
+        return gathered_linear(h, down.weight, down.bias, cols=idx, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks:
+            return _call_hooked(base, self._gathered, x)
+        return self._gathered(x)
 
     def extra_repr(self) -> str:
         act = self.activation if isinstance(self.activation, str) else type(self.activation).__name__
