@@ -3,31 +3,34 @@
 Tuning constants. Where they come from: the large-M tiles are the ones Triton's matmul
 tutorial autotunes over for Hopper/Ampere (128x128x64, 128x256x64, 64x128x64 ...), the
 small-M (decode) tiles keep BLOCK_M at 16 (the smallest ``tl.dot`` tile the GPU backend
-compiles) and spend the threads on N and K instead, as decode GEMV kernels do. They have
-not yet been tuned on an H100 here; the GPU campaign issue re-measures them.
+compiles) and spend the threads on N and K instead, as decode GEMV kernels do. The fused GLU
+holds two fp32 accumulators, so its tiles are half the size of the linear ones at the same
+warp count; the compile audit (``doe_kernels.ops.audit``: registers, spills, shared memory on
+sm_90 and sm_80) chose them. They have not yet been timed on an H100 here.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from doe_kernels.env import interpreting
+
 #: True when kernels run on CPU tensors through Triton's interpreter (CI).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 
 #: M is bucketed to the next power of two (capped) so that autotuning runs once per bucket,
 #: not once per sequence length.
 MAX_M_BUCKET = 4096
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, lowest sm]). The audit found
+# 256x128 (w8) and 128x128 (w4) spilling on the neuron-major cols gather, and 128x256 spilling
+# on sm_80 (mma.sync keeps its operands in registers; sm_90's wgmma reads them from shared memory).
 _LARGE_M = [
-    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
     (128, 128, 64, 8, 8, 3),
-    (128, 256, 64, 8, 8, 3),
-    (256, 128, 64, 8, 8, 3),
-    (128, 128, 64, 8, 4, 4),
+    (128, 256, 64, 8, 8, 3, 90),
     (128, 64, 64, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
     (64, 64, 64, 8, 4, 4),
@@ -46,39 +49,117 @@ _SMALL_M = [
     (16, 128, 64, 1, 4, 4),
     (16, 128, 128, 1, 4, 3),
 ]
+# Fused GLU: two (BLOCK_M, BLOCK_N) fp32 accumulators must fit in the registers of
+# 32 * num_warps threads (2 * 128 * 128 / 256 = 128 per thread at most), and two weight tiles
+# per stage in shared memory.
+_GLU_LARGE_M = [
+    (128, 128, 64, 8, 8, 3, 90),
+    (128, 64, 64, 8, 8, 4),
+    (64, 128, 64, 8, 8, 4),
+    (64, 64, 64, 8, 4, 4),
+]
+_GLU_MID_M = [
+    (64, 64, 64, 8, 4, 4),
+    (32, 64, 64, 8, 4, 4),
+    (32, 128, 64, 8, 4, 4),
+]
+_GLU_SMALL_M = _SMALL_M
 #: The interpreter cannot autotune (no driver) and is slow: one small config, every dim >= 16.
 _INTERPRETER = [(16, 32, 32, 4, 4, 1)]
 
+#: Shared memory one block may use (bytes, opt-in maximum) by compute capability major version,
+#: for targets without a device to ask (the compile audit).
+SMEM_LIMIT = {9: 232448, 8: 166912}
+
 
 def _configs(rows) -> list[triton.Config]:
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
-            num_warps=w,
-            num_stages=s,
-        )
-        for bm, bn, bk, gm, w, s in rows
-    ]
+    out = []
+    for bm, bn, bk, gm, w, s, *lowest in dict.fromkeys(rows):
+        c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w, num_stages=s)
+        c.min_arch = lowest[0] if lowest else 0  # compute capability * 10 the config is meant for
+        out.append(c)
+    return out
 
 
-def autotune_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return _configs(_INTERPRETER)
+def gpu_configs(kernel: str) -> list[triton.Config]:
+    """Every config a GPU autotunes over for ``kernel`` ("linear" or "glu")."""
+    if kernel == "glu":
+        return _configs(_GLU_SMALL_M + _GLU_MID_M + _GLU_LARGE_M)
     return _configs(_SMALL_M + _MID_M + _LARGE_M)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the tiles that fit the M bucket: decode tiles for M <= 16, big tiles for big M."""
-    if len(configs) <= 1:
-        return configs
-    m = named_args["M_BUCKET"]
-    if m <= 16:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
-    elif m <= 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
-    else:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    return keep or configs
+def autotune_configs(kernel: str = "linear") -> list[triton.Config]:
+    if INTERPRET:
+        return _configs(_INTERPRETER)
+    return gpu_configs(kernel)
+
+
+def smem_bytes(config: triton.Config, elem_size: int, weights: int = 1, arch: int = 90) -> int:
+    """Upper bound of the shared memory the software pipeline allocates: one x tile and
+    ``weights`` weight tiles per buffered stage; num_stages buffers on sm_90, one fewer on
+    sm_8x (what Triton allocates for these kernels; the audit checks the bound)."""
+    kw = config.kwargs
+    stage = (kw["BLOCK_M"] * kw["BLOCK_K"] + weights * kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_size
+    buffers = config.num_stages if arch >= 90 else config.num_stages - 1
+    return max(1, buffers) * stage
+
+
+def fits_bucket(config: triton.Config, m_bucket: int) -> bool:
+    """Decode tiles for M <= 16, mid tiles up to 64, big tiles beyond."""
+    bm = config.kwargs["BLOCK_M"]
+    if m_bucket <= 16:
+        return bm == 16
+    if m_bucket <= 64:
+        return bm in (32, 64)
+    return bm >= 64
+
+
+def select_configs(configs, m_bucket: int, elem_size: int, weights: int, arch=None, smem_limit=None) -> list:
+    """The configs to try: those meant for the target (arch: capability * 10, None if unknown)
+    that fit its shared memory (bytes, None if unknown) and the M bucket. Falls back to the
+    target's configs whatever the bucket, then to every config."""
+    if arch is not None:
+        configs = [c for c in configs if getattr(c, "min_arch", 0) <= arch] or configs
+        if smem_limit is not None:
+            configs = [c for c in configs if smem_bytes(c, elem_size, weights, arch) <= smem_limit] or configs
+    return [c for c in configs if fits_bucket(c, m_bucket)] or configs
+
+
+def make_pruner(weights: int):
+    """An ``early_config_prune`` for a kernel that streams ``weights`` weight tiles per stage."""
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) <= 1:
+            return configs
+        x = named_args["x_ptr"]
+        arch = limit = None
+        if x.device.type == "cuda":
+            arch, limit = device_limits(x.device)
+        return select_configs(configs, named_args["M_BUCKET"], x.element_size(), weights, arch, limit)
+
+    prune.weights = weights
+    return prune
+
+
+prune_configs = make_pruner(1)
+
+
+def device_limits(device: torch.device) -> tuple:
+    """(capability * 10, shared memory bytes per block) of a CUDA device."""
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple:
+    major, minor = torch.cuda.get_device_capability(index)
+    try:
+        from triton.runtime import driver
+
+        smem = int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # pragma: no cover - the driver API differs between versions; torch knows it too
+        smem = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+        smem = int(smem) if smem else SMEM_LIMIT.get(major)
+    return major * 10 + minor, smem
 
 
 def m_bucket(m: int) -> int:
@@ -96,7 +177,7 @@ def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
     """Split the reduction when a decode-sized problem has too few output tiles to fill the GPU.
 
     Partials go to an fp32 scratch buffer that is summed afterwards (no atomics: bf16 atomics
-    are not portable, see TRITON_NOTES.md).
+    are not portable).
     """
     if INTERPRET or m > 16 or device.type != "cuda":
         return 1

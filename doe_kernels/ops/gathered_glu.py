@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, prune_configs
+from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
 from doe_kernels.ops.gathered_linear import gathered_mm, grouped_tile
 from doe_kernels.reference import activation_fn, canonical_activation
 
@@ -45,9 +45,9 @@ def _apply_activation(g, ACT: tl.constexpr):
 
 
 @triton.autotune(
-    configs=autotune_configs(),
+    configs=autotune_configs("glu"),
     key=["M_BUCKET", "N", "K", "stride_wn", "stride_wk"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": make_pruner(weights=2)},
 )
 @triton.jit
 def _gathered_glu_kernel(

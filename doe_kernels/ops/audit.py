@@ -1,0 +1,423 @@
+"""Compile audit: build every kernel config for a GPU target without a GPU and read the result.
+
+    python -m doe_kernels.ops.audit [--arch 90 80] [--dtype bf16 fp16] [--jobs 2] [--json PATH]
+
+For each kernel, autotune config, gather form / weight layout, dtype and target it compiles
+the kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with
+the arguments specialised as the JIT specialises them at launch (unit strides become
+constexpr 1, pointers and integers divisible by 16 get ``tt.divisibility``: the binder of
+Triton's own JIT does it), then reads the PTX and the cubin (``cuobjdump -res-usage``):
+
+    smem    shared memory per block (bytes), against the target's limit
+    regs    registers per thread; spill: the stack frame in bytes (these kernels call no
+            functions, so a non-zero frame is register spill)
+    tc      tensor-core instruction in the PTX: wgmma (sm_90), mma (sm_80), or none
+    pipe    weight loads pipelined: cp.async in the PTX and shared memory for >1 stage
+    v16     16-byte vector loads (ld.global[.nc].v4) of the weights (decode kernels)
+
+``failures(row)`` states what each row must satisfy. It needs no GPU, runs where Triton's
+GPU compiler is importable (the interpreter setting is removed for the run), and keeps each
+row in a cache keyed by the kernel source hash, the case and the Triton version.
+
+Forms (M rows of x; N = output features; K = reduction; the production layouts):
+
+    rows/linear     up / gate / fc1 on an nn.Linear (N, K) row-major weight; also the input
+                    gradient of cols/neuron-major, and GPT-2's c_fc once stored neuron-major
+    cols/neuron     down / fc2: h @ W[:, idx]^T on a neuron-major weight (a transposed view of
+                    a contiguous (inter, hidden) buffer); also GPT-2's c_proj as stored, and the
+                    input gradient of rows/linear
+    rows/conv1d     GPT-2's c_fc as stored, weight (in, out) read as its (out, in) view: each
+                    kept neuron is a strided column (unplug stores it neuron-major on CUDA;
+                    audited for the layout="original" choice, pipelining not required)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["AuditUnavailable", "Case", "Row", "cases", "run", "failures", "format_table", "unavailable_reason"]
+
+#: Realistic sizes (LLaMA-7B FFN at keep 0.35): only their divisibility by 16 reaches the code.
+HIDDEN, INTER, KEPT = 4096, 11008, 3853
+ARCHS = (90, 80)
+DTYPES = ("bf16", "fp16")
+#: Forms whose weight loads must be pipelined (cp.async, more than one stage in shared memory).
+PIPELINED_FORMS = ("rows/linear", "cols/neuron")
+#: Forms whose weights are contiguous per neuron: decode kernels must read them 16 bytes at a time.
+VECTOR_FORMS = ("rows/linear", "cols/neuron")
+#: Spills accepted, and why: form -> (largest stack frame in bytes, reason).
+ALLOWED_SPILLS = {
+    "rows/conv1d": (32, "GPT-2's c_fc as stored reads each neuron as a strided column: a few address "
+                        "registers spill outside the dot; unplug stores this weight neuron-major on CUDA, "
+                        "so the form runs only when layout='original' is asked for"),
+}
+
+_CACHE_VERSION = 2
+
+
+class AuditUnavailable(RuntimeError):
+    """This Triton build cannot compile for a GPU target here (API or tools missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kernel: str  # "linear" | "glu"
+    form: str
+    dtype: str
+    arch: int
+    block: tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    num_warps: int
+    num_stages: int
+
+    @property
+    def config(self) -> str:
+        bm, bn, bk, gm = self.block
+        return f"{bm}x{bn}x{bk} g{gm} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclasses.dataclass
+class Row:
+    case: Case
+    smem: int = 0
+    regs: int = 0
+    spill: int = 0
+    tc: str = ""
+    cp_async: bool = False
+    stage_bytes: int = 0
+    v16: bool = False
+    w_async: bool = False  # the weight tiles are copied to shared memory asynchronously (TTGIR)
+    smem_bound: int = 0  # the launcher's estimate, which must not be below smem
+    pruned: str = ""  # why the launcher's prune drops it on this target before launch ("smem", "arch")
+    error: str = ""
+
+    @property
+    def pipelined(self) -> bool:
+        return self.cp_async and self.w_async and self.smem > self.stage_bytes
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["case"] = dataclasses.asdict(self.case)
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "Row":
+        c = dict(d.pop("case"))
+        c["block"] = tuple(c["block"])
+        return Row(case=Case(**c), **d)
+
+
+# ------------------------------------------------------------------------------------------
+# kernels and their arguments
+# ------------------------------------------------------------------------------------------
+
+
+def _kernels() -> dict:
+    """name -> (autotuned kernel, weight tiles per stage, forms)."""
+    import importlib
+
+    # the package re-exports functions with the modules' names: import the modules by path
+    gathered_linear = importlib.import_module("doe_kernels.ops.gathered_linear")
+    gathered_glu = importlib.import_module("doe_kernels.ops.gathered_glu")
+    return {
+        "linear": (gathered_linear._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "glu": (gathered_glu._gathered_glu_kernel, 2, ("rows/linear",)),
+    }
+
+
+class _Ptr:
+    """What the JIT's binder needs of a tensor argument: a dtype and an aligned address."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return 0
+
+
+def _weight_strides(form: str) -> tuple:
+    """(N, K, stride_wn, stride_wk) of the (N, K) weight view the kernel reads."""
+    if form == "rows/linear":
+        return KEPT, HIDDEN, HIDDEN, 1
+    if form == "cols/neuron":
+        return HIDDEN, KEPT, 1, HIDDEN
+    if form == "rows/conv1d":
+        return KEPT, HIDDEN, 1, INTER
+    raise ValueError(form)
+
+
+def _args(case: Case) -> dict:
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    bm, bn, bk, gm = case.block
+    M = 16 if bm == 16 else 64 if bm == 32 else 4096
+    N, K, swn, swk = _weight_strides(case.form)
+    p = _Ptr(dt)
+    common = dict(M=M, N=N, K=K, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ym=N, stride_yn=1,
+                  UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    if case.kernel == "linear":
+        return dict(x_ptr=p, w_ptr=p, b_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
+                    stride_wn=swn, stride_wk=swk, stride_ys=0,
+                    GATHER_N=case.form.startswith("rows"), HAS_BIAS=True, SPLIT_K=1, **common)
+    if case.kernel == "glu":
+        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
+                    stride_wn=swn, stride_wk=swk, stride_un=swn, stride_uk=swk,
+                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **common)
+    raise ValueError(case.kernel)
+
+
+# ------------------------------------------------------------------------------------------
+# compiling one case
+# ------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    try:
+        from triton import knobs
+
+        path = getattr(knobs.nvidia, name).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:
+        pass
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise AuditUnavailable(f"{name} not found in the Triton wheel ({path})")
+    return str(path)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when this Triton can compile for a GPU target here, else why not."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.compiler.compiler import make_backend  # noqa: F401
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+
+        if not hasattr(JITFunction, "_pack_args"):
+            return f"triton {triton.__version__}: JITFunction._pack_args is missing (specialisation API changed)"
+        _tool("ptxas")
+        _tool("cuobjdump")
+    except (ImportError, AuditUnavailable) as exc:
+        return f"cannot compile for a GPU target with this Triton: {exc}"
+    return None
+
+
+def _specialise(fn, backend, args: dict, options: dict):
+    """(signature, constexprs, attrs, options) exactly as the JIT computes them at launch."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(**args, **options)
+    opts, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound, specialization, opts)
+    return signature, constexprs, attrs, opts
+
+
+def _config_key(c) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def _compile(case: Case) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    from doe_kernels.ops._config import SMEM_LIMIT, select_configs, smem_bytes
+
+    kernel, weights, _ = _kernels()[case.kernel]
+    fn = kernel.fn
+    target = GPUTarget("cuda", case.arch, 32)
+    backend = make_backend(target)
+    config = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), case.block)),
+                           num_warps=case.num_warps, num_stages=case.num_stages)
+    elem = 2
+    one_stage = triton.Config(config.kwargs, num_warps=case.num_warps, num_stages=1)
+    row = Row(case, stage_bytes=smem_bytes(one_stage, elem, weights), smem_bound=smem_bytes(config, elem, weights, case.arch))
+    limit = SMEM_LIMIT[case.arch // 10]
+    m = _args(case)["M_BUCKET"]
+    weights = getattr(kernel.early_config_prune, "weights", 1)  # what the launcher's prune assumes
+    launched = select_configs(kernel.configs, m, elem, weights, case.arch, limit)
+    if _config_key(config) not in {_config_key(c) for c in launched}:
+        lowest = next((getattr(c, "min_arch", 0) for c in kernel.configs if _config_key(c) == _config_key(config)), 0)
+        row.pruned = "arch" if lowest > case.arch else "smem"
+    try:
+        signature, constexprs, attrs, opts = _specialise(
+            fn, backend, _args(case), {"num_warps": case.num_warps, "num_stages": case.num_stages})
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=target, options=opts.__dict__)
+    except Exception as exc:  # a failed build is a result, reported in the table
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        return row
+    ptx = compiled.asm["ptx"]
+    row.smem = int(compiled.metadata.shared)
+    row.tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync\.", ptx) else "none"
+    row.cp_async = "cp.async" in ptx
+    bk, bn = case.block[2], case.block[1]
+    row.w_async = re.search(rf"async_copy_global_to_local .*-> <{bk}x{bn}x", compiled.asm["ttgir"]) is not None
+    row.v16 = re.search(r"\bld\.global(\.\w+)*\.v4\.", ptx) is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    row.regs = int(regs.group(1)) if regs else -1
+    row.spill = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# the matrix, the cache, the checks
+# ------------------------------------------------------------------------------------------
+
+
+def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
+    out = []
+    for name, (kernel, _, forms) in _kernels().items():
+        if kernels and name not in kernels:
+            continue
+        for c in kernel.configs:
+            kw = c.kwargs
+            block = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"])
+            for form in forms:
+                for dtype in dtypes:
+                    for arch in archs:
+                        out.append(Case(name, form, dtype, arch, block, c.num_warps, c.num_stages))
+    return out
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DOE_AUDIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "doe_kernels", "audit")
+    return Path(root)
+
+
+def _cache_key(case: Case) -> str:
+    import triton
+
+    kernel = _kernels()[case.kernel][0]
+    text = json.dumps([_CACHE_VERSION, triton.__version__, kernel.fn.cache_key, dataclasses.asdict(case)],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _cached_compile(case: Case) -> Row:
+    path = _cache_dir() / f"{_cache_key(case)}.json"
+    if path.exists():
+        try:
+            return Row.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            pass
+    row = _compile(case)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(row.to_json()))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return row
+
+
+def run(case_list, jobs: int = 2) -> list:
+    """Compile every case (cached); rows in the order of ``case_list``."""
+    reason = unavailable_reason()
+    if reason:
+        raise AuditUnavailable(reason)
+    if jobs <= 1 or len(case_list) <= 1:
+        return [_cached_compile(c) for c in case_list]
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(_cached_compile, case_list, chunksize=1))
+
+
+def failures(row: Row) -> list:
+    """What is wrong with a row (empty when it passes)."""
+    c = row.case
+    if row.error:
+        return [f"does not compile: {row.error}"]
+    out = []
+    limit = {90: 232448, 80: 166912}[c.arch]
+    if row.smem > limit and row.pruned != "smem":
+        out.append(f"needs {row.smem} B of shared memory (sm_{c.arch} has {limit}) and prune_configs keeps it")
+    if row.smem > row.smem_bound:
+        out.append(f"needs {row.smem} B of shared memory, more than the {row.smem_bound} B prune_configs assumes")
+    if row.pruned:
+        return out  # never launched on this target: the rest does not matter
+    if c.block[0] >= 64:
+        want = "wgmma" if c.arch >= 90 else "mma"
+        if row.tc != want:
+            out.append(f"BLOCK_M {c.block[0]} uses {row.tc or 'no'} tensor-core op, expected {want}")
+    if c.form in PIPELINED_FORMS and c.kernel in ("linear", "glu") and c.num_stages > 1 and not row.pipelined:
+        out.append(f"weight loads not pipelined (cp.async {row.cp_async}, smem {row.smem} B, one stage {row.stage_bytes} B)")
+    if row.spill and row.spill > ALLOWED_SPILLS.get(c.form, (0, ""))[0]:
+        out.append(f"spills: {row.spill} B stack frame at {row.regs} registers")
+    return out
+
+
+def format_table(rows) -> str:
+    head = f"{'kernel':6} {'form':12} {'dtype':5} {'sm':3} {'config':22} {'smem':>7} {'regs':>4} {'spill':>5} " \
+           f"{'tc':5} {'pipe':4} {'v16':3}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = r.case
+        bad = failures(r)
+        verdict = "ok" if not bad else "FAIL: " + "; ".join(bad)
+        if r.pruned and not bad:
+            verdict = f"pruned ({r.pruned})"
+        elif r.spill and not bad:
+            verdict = "ok (spill allowed)"
+        if r.error:
+            lines.append(f"{c.kernel:6} {c.form:12} {c.dtype:5} {c.arch:<3} {c.config:22} {'-':>7} {'-':>4} {'-':>5} "
+                         f"{'-':5} {'-':4} {'-':3}  {verdict}")
+            continue
+        lines.append(
+            f"{c.kernel:6} {c.form:12} {c.dtype:5} {c.arch:<3} {c.config:22} {r.smem // 1024:>6}K {r.regs:>4} "
+            f"{r.spill:>5} {r.tc:5} {'yes' if r.pipelined else 'no':4} {'yes' if r.v16 else 'no':3}  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m doe_kernels.ops.audit", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--kernel", nargs="+", default=None)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        rows = run(cases(args.arch, args.dtype, args.kernel), jobs=args.jobs)
+    except AuditUnavailable as exc:
+        print(f"audit unavailable: {exc}", file=sys.stderr)
+        return 3
+    print(format_table(rows))
+    bad = [r for r in rows if failures(r)]
+    print(f"\n{len(rows)} builds, {len(bad)} failing, {sum(bool(r.pruned) for r in rows)} pruned before launch")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in rows]))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    # The audit compiles for the GPU; the interpreter setting would replace the kernels.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        os.environ.pop("TRITON_INTERPRET")
+        os.execv(sys.executable, [sys.executable, "-m", "doe_kernels.ops.audit", *sys.argv[1:]])
+    sys.exit(main())
