@@ -34,6 +34,7 @@ from benchmarks.suites import KERNELS
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
 from doe_kernels.env import interpreting, parse_dtype
 from doe_kernels.reference import activation_fn, gathered_glu_ref, gathered_linear_ref
+from doe_kernels.testing import kept_count, random_indices, rel_err
 
 OPS = ("up", "down", "glu")
 
@@ -128,13 +129,6 @@ class _Maker:
         return (t * scale).to(self.dtype)
 
 
-def _keep_indices(inter: int, keep: float, device: torch.device, seed: int = 1) -> torch.Tensor:
-    n = max(1, round(keep * inter))
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(inter, generator=g)[:n].sort().values
-    return idx.to(device=device, dtype=torch.int32)
-
-
 def _param(t: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(t, requires_grad=False)
 
@@ -162,7 +156,7 @@ def _build(case: Case, device: torch.device):
     shape, dtype = case.shape, parse_dtype(case.dtype)
     H, I, M = shape.hidden, shape.inter, case.M
     mk = _Maker(device, dtype)
-    idx = _keep_indices(I, case.keep, device)
+    idx = random_indices(I, kept_count(I, case.keep), seed=1, dtype=torch.int32, device=device)
     n = idx.numel()
     idx_long = idx.long()
     es = torch.empty((), dtype=dtype).element_size()
@@ -244,11 +238,6 @@ def _build(case: Case, device: torch.device):
     return calls, (check if v == "gathered-triton" else None), meta
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-
-
 # fp32 on GPU runs TF32 tl.dot by default (errors ~1e-3 relative to max); 16-bit: a few ulps.
 _TOL = {"fp32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
 
@@ -275,7 +264,7 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
     if check is not None:  # outside the timed region: the numbers are for the right op
         with torch.inference_mode():
             out, ref = check()
-        err = _rel_err(out, ref)
+        err = rel_err(out, ref)
         info["max_rel_err"] = err
         assert out.shape == ref.shape, (out.shape, ref.shape)
         assert math.isfinite(err) and err <= _TOL[case.dtype], f"gathered-triton vs reference: rel err {err:.3g}"

@@ -70,8 +70,10 @@ import torch.nn as nn
 import doe
 from benchmarks import harness
 from benchmarks.suites import GOAL_KEEP, MODEL, SWITCH
+from doe.testing import random_expert_indices, sliced_copy, sliced_ffn_modules
 from doe_kernels import is_neuron_major, to_row_major_
 from doe_kernels.env import parse_dtype, synchronize
+from doe_kernels.testing import rel_err
 
 KEEP_ORDER = [1.0, 0.5, 0.35, 0.2]
 
@@ -260,56 +262,18 @@ def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0) -> nn.Module
     return model.eval()
 
 
-def random_indices(num_neurons: int, keep: float, seed: int) -> torch.Tensor:
-    n = max(1, round(keep * num_neurons))
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_neurons, generator=g)[:n].sort().values.to(torch.int32)
-
-
 def make_expert(model: nn.Module, keep: float, seed: int = 0) -> doe.TaskExpert:
     """Random kept neurons per FFN block (localization picks scattered neurons, as here)."""
-    blocks = doe.find_ffn_blocks(model)
-    idx = [random_indices(b.num_neurons, keep, seed=1000 * seed + 7919 * i + int(keep * 1000)) for i, b in enumerate(blocks)]
+    idx = random_expert_indices(model, keep, seed=seed)
     return doe.TaskExpert.from_indices(model, idx, task=f"random-keep{keep:g}-seed{seed}")
 
 
-def _sliced_linear(layer: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    """A new nn.Linear holding a contiguous copy of ``layer``'s kept rows (dim 0) or cols (dim 1)."""
-    w = layer.weight
-    with torch.device("meta"):
-        new = nn.Linear(w.shape[1] if dim == 0 else len(idx), len(idx) if dim == 0 else w.shape[0],
-                        bias=layer.bias is not None)
-    new.weight = nn.Parameter(w.detach().index_select(dim, idx).contiguous(), requires_grad=False)
-    if layer.bias is not None:
-        b = layer.bias.detach()
-        new.bias = nn.Parameter((b.index_select(0, idx) if dim == 0 else b.clone()).contiguous(), requires_grad=False)
-    return new
-
-
-def sliced_ffn_modules(model: nn.Module, expert: doe.TaskExpert) -> dict:
-    """{id(original projection): sliced copy} for every up / gate / down of ``model``."""
-    out = {}
-    with torch.no_grad():
-        for block, idx in zip(doe.find_ffn_blocks(model), expert.indices):
-            idx = idx.to(device=block.up.weight.device, dtype=torch.long)
-            for layer, dim in ((block.up, 0), (block.gate, 0), (block.down, 1)):
-                if layer is not None:
-                    out[id(layer)] = _sliced_linear(layer, idx, dim)
-    return out
-
-
-def sliced_copy(model: nn.Module, expert: doe.TaskExpert) -> nn.Module:
-    """A separate model whose FFN layers keep only ``expert``'s neurons. The full FFN weights are
-    never copied: deepcopy's memo maps each original projection to its sliced replacement."""
-    memo = sliced_ffn_modules(model, expert)
-    return copy.deepcopy(model, memo)
-
-
-def masked_copy(model: nn.Module, expert: doe.TaskExpert) -> nn.Module:
-    """A copy with the dropped neurons zeroed (up / gate rows and biases, down columns)."""
+def masked_copy(model: nn.Module, indices: list) -> nn.Module:
+    """A copy whose FFN block i zeroes every neuron not in ``indices[i]`` (up / gate rows and
+    biases, down columns)."""
     new = copy.deepcopy(model)
     with torch.no_grad():
-        for block, idx in zip(doe.find_ffn_blocks(new), expert.indices):
+        for block, idx in zip(doe.find_ffn_blocks(new), indices):
             drop = torch.ones(block.num_neurons, dtype=torch.bool)
             drop[idx.long()] = False
             drop = drop.nonzero().flatten().to(block.up.weight.device)
@@ -386,7 +350,7 @@ class _Bundle:
         if keep not in store:
             store.clear()  # one keep ratio at a time: a 7B-shaped copy is big
             gc.collect()
-            store[keep] = make(self.dense, self.expert(keep)).eval()
+            store[keep] = make(self.dense, self.expert(keep).indices).eval()
         return store[keep]
 
 
@@ -421,11 +385,6 @@ def _inputs(cfg: ModelCfg, batch: int, seq: int, device: torch.device) -> dict:
     if cfg.family == "llama":
         return {"input_ids": ids, "use_cache": False}
     return {"input_ids": ids}
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
 _TOL = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
@@ -493,7 +452,7 @@ class _SwitchState:
     def slice_in(self, expert: doe.TaskExpert) -> None:
         """The slicing alternative to unplug_: sliced copies of the kept FFN weights swapped in."""
         self.unslice()
-        new = sliced_ffn_modules(self.model, expert)
+        new = sliced_ffn_modules(self.model, expert.indices)
         for b in self.blocks:
             for name, layer in ((b.up_name, b.up), (b.gate_name, b.gate), (b.down_name, b.down)):
                 if layer is None:
@@ -533,7 +492,7 @@ def _op_fns(st: _SwitchState, op: str, keep: float) -> tuple:
     if op == "sliced-build":
         return st.clean, lambda: st.slice_in(a), "build + swap in sliced FFN layers for one expert"
     if op == "sliced-copy":
-        return st.clean, lambda: st.holder.append(sliced_copy(m, a)), "a separate sliced model for one expert"
+        return st.clean, lambda: st.holder.append(sliced_copy(m, a.indices)), "a separate sliced model for one expert"
     raise ValueError(op)
 
 
@@ -672,7 +631,7 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
         with torch.inference_mode():
             out = model(**inputs).last_hidden_state
             ref = ref_model(**inputs).last_hidden_state
-        err = _rel_err(out, ref)
+        err = rel_err(out, ref)
         info["max_rel_err_vs_sliced"] = err
         assert math.isfinite(err) and err <= _TOL[cfg.dtype], f"{case.variant} vs sliced: rel err {err:.3g}"
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from doe_kernels import gathered_linear, resolve_backend, to_neuron_major_
 from doe_kernels.env import DTYPES, parse_dtype, synchronize
+from doe_kernels.testing import random_indices
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
@@ -41,7 +42,7 @@ def run(hidden: int, inter: int, keep: float, dtype: torch.dtype, ms: list[int],
     w_down = (torch.randn(hidden, inter, generator=g) / inter**0.5).to(device, dtype)
     to_neuron_major_(w_down, 1)
     kept = max(1, round(keep * inter))
-    idx = torch.randperm(inter, generator=g)[:kept].sort().values.to(device, torch.int32)
+    idx = random_indices(inter, kept, generator=g, dtype=torch.int32, device=device)
     up_sliced, down_sliced = w_up[idx.long()].contiguous(), w_down[:, idx.long()].contiguous()
     rows = []
     for m in ms:

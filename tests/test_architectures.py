@@ -26,6 +26,8 @@ from doe.architectures import (
     get_ffn_specs,
     register_architecture,
 )
+from doe.testing import sliced_copy
+from doe_kernels.testing import random_indices
 from tiny_models import (
     FAMILIES,
     HIDDEN,
@@ -34,7 +36,6 @@ from tiny_models import (
     make_tiny,
     model_logits,
     sample_inputs,
-    sliced_copy,
 )
 
 # family -> (head-model block names, container class, up, down, gate, kind, activation)
@@ -433,7 +434,7 @@ def test_sliced_copy_keep_all_is_exact(tiny):
 
 def _random_indices(n_blocks: int, keep: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randperm(INTERMEDIATE, generator=gen)[:keep].sort().values for _ in range(n_blocks)]
+    return [random_indices(INTERMEDIATE, keep, generator=gen) for _ in range(n_blocks)]
 
 
 def _masked_copy(model: nn.Module, indices: list[torch.Tensor]) -> nn.Module:

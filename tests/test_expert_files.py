@@ -9,13 +9,13 @@ import doe
 from doe.attribution import NeuronScores
 from doe.expert import CONFIG_NAME, WEIGHTS_NAME, model_fingerprint
 from doe.localize import LocalizationConfig, localize
-from test_unplug import random_indices
-from tiny_models import make_tiny, model_logits, sample_inputs, sliced_copy
+from doe.testing import random_expert_indices, sliced_copy
+from tiny_models import make_tiny, model_logits, sample_inputs
 
 
 def make_expert(family="bert", keep=0.35, seed=0):
     model = make_tiny(family)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, keep, seed=seed), task="toy",
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, keep, seed=seed), task="toy",
                                          metadata={"note": "hand-made"})
     expert.prompt = torch.randn(4, 32)
     expert.head = {"weight": torch.randn(3, 32), "bias": torch.randn(3)}

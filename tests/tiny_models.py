@@ -1,20 +1,15 @@
-"""Tiny randomly initialised Hugging Face models for tests, and a hand-sliced reference.
+"""Tiny randomly initialised Hugging Face models for tests, their inputs and a tokenizer.
 
-Not a test file. ``sliced_copy`` is the independent reference that gathered (zero-copy) FFN
-modules are compared against, so it must not import anything from ``doe_kernels``.
+Not a test file. The hand-sliced reference model is ``doe.testing.sliced_copy``.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import transformers as tf
-from transformers.pytorch_utils import Conv1D
-
-from doe.architectures import FFNSpec, find_ffn_blocks
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "opt", "llama", "mistral", "qwen2", "gemma", "t5", "t5-gated"]
 
@@ -152,76 +147,6 @@ def model_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     out = model(**inputs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, module)
-
-
-def _param(src: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    """A new parameter holding a copy of ``src`` with ``like``'s requires_grad."""
-    return nn.Parameter(src.detach().clone().contiguous(), requires_grad=like.requires_grad)
-
-
-def _slice_rows(module: nn.Module, idx: torch.Tensor) -> nn.Module:
-    """Keep output features ``idx`` of an up / gate projection."""
-    w = module.weight
-    if isinstance(module, Conv1D):  # weight (in, out)
-        with torch.device("meta"):  # no allocation, no RNG draw
-            new = Conv1D(len(idx), w.shape[0])
-        new.weight = _param(w[:, idx], w)
-        new.bias = _param(module.bias[idx], module.bias)
-    elif isinstance(module, nn.Linear):  # weight (out, in)
-        with torch.device("meta"):  # no allocation, no RNG draw
-            new = nn.Linear(w.shape[1], len(idx), bias=module.bias is not None)
-        new.weight = _param(w[idx, :], w)
-        if module.bias is not None:
-            new.bias = _param(module.bias[idx], module.bias)
-    else:
-        raise TypeError(f"cannot slice {type(module).__name__}")
-    return new
-
-
-def _slice_cols(module: nn.Module, idx: torch.Tensor) -> nn.Module:
-    """Keep input features ``idx`` of a down projection."""
-    w = module.weight
-    if isinstance(module, Conv1D):  # weight (in, out)
-        with torch.device("meta"):  # no allocation, no RNG draw
-            new = Conv1D(w.shape[1], len(idx))
-        new.weight = _param(w[idx, :], w)
-        new.bias = _param(module.bias, module.bias)
-    elif isinstance(module, nn.Linear):  # weight (out, in)
-        with torch.device("meta"):  # no allocation, no RNG draw
-            new = nn.Linear(len(idx), w.shape[0], bias=module.bias is not None)
-        new.weight = _param(w[:, idx], w)
-        if module.bias is not None:
-            new.bias = _param(module.bias, module.bias)
-    else:
-        raise TypeError(f"cannot slice {type(module).__name__}")
-    return new
-
-
-def sliced_copy(
-    model: nn.Module,
-    indices: Sequence[Sequence[int] | torch.Tensor],
-    spec: FFNSpec | Sequence[FFNSpec] | None = None,
-) -> nn.Module:
-    """A deep copy of ``model`` whose FFN blocks keep only neurons ``indices[i]`` (block order of
-    ``find_ffn_blocks``), built by copying weight slices into new, smaller modules."""
-    new_model = copy.deepcopy(model)
-    blocks = find_ffn_blocks(new_model, spec)
-    if len(indices) != len(blocks):
-        raise ValueError(f"expected {len(blocks)} index lists (one per FFN block), got {len(indices)}")
-    with torch.no_grad():
-        for block, idx in zip(blocks, indices):
-            idx = torch.as_tensor(idx, dtype=torch.long, device=block.up.weight.device).flatten()
-            _set_submodule(block.container, block.up_name, _slice_rows(block.up, idx))
-            if block.gate is not None:
-                _set_submodule(block.container, block.gate_name, _slice_rows(block.gate, idx))
-            _set_submodule(block.container, block.down_name, _slice_cols(block.down, idx))
-    return new_model
 
 
 def tiny_tokenizer(texts: Sequence[str] = (), extra_words: Sequence[str] = ()):
