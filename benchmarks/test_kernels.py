@@ -193,14 +193,14 @@ def _build(case: Case, device: torch.device):
             if v in ("dense", "sliced"):
                 return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
             if v == "gathered-torch":
-                return lambda: gathered_glu_ref(x, wg, wu, idx, activation=shape.activation)
-            return lambda: gathered_glu(x, wg, wu, idx, activation=shape.activation, backend="triton")
+                return lambda: gathered_glu_ref(x, wg, wu, rows=idx, activation=shape.activation)
+            return lambda: gathered_glu(x, wg, wu, rows=idx, activation=shape.activation, backend="triton")
 
         def check():
             wg, wu = ws[0], ws[-1]
             if case.op == "up":
                 return make_call(wsets[0])(), gathered_linear_ref(x, wg, bs[0], rows=idx)
-            return make_call(wsets[0])(), gathered_glu_ref(x, wg, wu, idx, activation=shape.activation)
+            return make_call(wsets[0])(), gathered_glu_ref(x, wg, wu, rows=idx, activation=shape.activation)
 
     else:  # down: nn.Linear weight (H, I), converted in place to neuron-major storage
         w = _param(mk.randn(H, I, scale=I**-0.5))

@@ -12,7 +12,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_fn", "canonical_activation", "gathered_linear_ref", "gathered_glu_ref"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation_fn",
+    "activation_grad",
+    "canonical_activation",
+    "gathered_linear_ref",
+    "gathered_glu_ref",
+]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +53,21 @@ def canonical_activation(name: str) -> str:
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[canonical_activation(name)]
+
+
+def activation_grad(name: str, g: torch.Tensor) -> torch.Tensor:
+    """d act(g) / dg, elementwise, in closed form (usable inside traced backward passes)."""
+    name = canonical_activation(name)
+    if name == "silu":
+        s = torch.sigmoid(g)
+        return s * (1 + g * (1 - s))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(g * 0.7071067811865476)) + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
+    if name == "gelu_tanh":
+        c = 0.7978845608028654
+        t = torch.tanh(c * (g + 0.044715 * g**3))
+        return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
+    return (g > 0).to(g.dtype)
 
 
 def _index_select(weight: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
@@ -84,8 +106,8 @@ def gathered_glu_ref(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    rows: torch.Tensor,
     *,
+    rows: torch.Tensor,
     activation: str = "silu",
     gate_bias: Optional[torch.Tensor] = None,
     up_bias: Optional[torch.Tensor] = None,

@@ -96,17 +96,18 @@ def _check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor, size: int, n
         )
 
 
-def check_linear_args(x, weight, bias, rows, cols) -> tuple[torch.Tensor, bool]:
-    """Metadata checks of gathered_linear; returns (index, is_rows)."""
+def check_linear_args(x, weight, bias, rows, cols) -> tuple[torch.Tensor, str]:
+    """Metadata checks of gathered_linear; returns (index, "rows" or "cols")."""
     if (rows is None) == (cols is None):
         raise ValueError(
             "gathered_linear: expected exactly one of rows= (gather output neurons) or cols= "
             f"(gather input neurons), got {'both' if rows is not None else 'neither'}"
         )
     _check_weight_and_input(x, weight, "weight")
-    is_rows = rows is not None
-    idx = rows if is_rows else cols
-    _check_index(idx, weight.device, "rows" if is_rows else "cols")
+    form = "rows" if rows is not None else "cols"
+    idx = rows if rows is not None else cols
+    is_rows = form == "rows"
+    _check_index(idx, weight.device, form)
     n_out, n_in = weight.shape
     expected_in = n_in if is_rows else idx.shape[0]
     if x.shape[-1] != expected_in:
@@ -117,7 +118,7 @@ def check_linear_args(x, weight, bias, rows, cols) -> tuple[torch.Tensor, bool]:
     if is_rows and idx.shape[0] > n_out:
         raise ValueError(f"rows: {idx.shape[0]} indices for a weight with only {n_out} output features")
     _check_bias(bias, weight, n_out, "bias")
-    return idx, is_rows
+    return idx, form
 
 
 def check_glu_args(x, gate_weight, up_weight, rows, gate_bias, up_bias) -> None:

@@ -44,7 +44,8 @@ def test_every_config_builds_and_passes_the_audit(rows):
 def test_matrix_covers_kernels_forms_dtypes_and_targets(rows):
     seen = {(r.case.kernel, r.case.form, r.case.dtype, r.case.arch) for r in rows}
     for kernel, form in [("linear", "rows/linear"), ("linear", "cols/neuron"), ("linear", "rows/conv1d"),
-                         ("glu", "rows/linear")]:
+                         ("glu", "rows/linear"), ("gemv", "rows/linear"), ("gemv", "cols/neuron"),
+                         ("gemv", "rows/conv1d"), ("glu-gemv", "rows/linear")]:
         for dtype in ("bf16", "fp16"):
             for arch in (90, 80):
                 assert (kernel, form, dtype, arch) in seen
@@ -75,3 +76,10 @@ def test_known_bad_glu_tiles_never_launch(rows):
     # Two 128x256 fp32 accumulators spill and their stages need 240 KB: not a GLU config any more.
     glu = {(r.case.block, r.case.num_warps, r.case.num_stages) for r in rows if r.case.kernel == "glu"}
     assert ((128, 256, 64, 8), 8, 3) not in glu and ((256, 128, 64, 8), 8, 3) not in glu
+
+
+def test_decode_kernels_read_contiguous_weights_in_16_byte_vectors(rows):
+    gemv = [r for r in rows if r.case.kernel in ("gemv", "glu-gemv") and r.case.form in ("rows/linear", "cols/neuron")]
+    assert gemv
+    for r in gemv:
+        assert r.v16 and r.tc == "none", r.case

@@ -86,7 +86,7 @@ def test_glu_matches_sliced_reference(shape, activation, dtype):
     wg, wu = rand(n, k, dtype=dtype, seed=2), rand(n, k, dtype=dtype, seed=3)
     bg, bu = rand(n, dtype=dtype, seed=4), rand(n, dtype=dtype, seed=5)
     idx = make_index(n, kept)
-    out = gathered_glu(x, wg, wu, idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
+    out = gathered_glu(x, wg, wu, rows=idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
     li = idx.long()
     g = F.linear(x.float(), wg.float()[li], bg.float()[li])
     u = F.linear(x.float(), wu.float()[li], bu.float()[li])
@@ -101,7 +101,7 @@ def test_glu_without_bias_and_aliases():
         30, 24, dtype=torch.float32, seed=3
     )
     idx = make_index(30, 11)
-    out = gathered_glu(x, wg, wu, idx, activation="gelu_pytorch_tanh", backend="triton")
+    out = gathered_glu(x, wg, wu, rows=idx, activation="gelu_pytorch_tanh", backend="triton")
     li = idx.long()
     ref = F.gelu(x @ wg[li].t(), approximate="tanh") * (x @ wu[li].t())
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
@@ -136,7 +136,7 @@ def test_m_zero_returns_empty():
     x = torch.empty(0, 16, device=DEVICE)
     assert gathered_linear(x, w, rows=idx, backend="triton").shape == (0, 5)
     assert gathered_linear(torch.empty(2, 0, 5, device=DEVICE), w.t(), cols=idx, backend="triton").shape == (2, 0, 16)
-    assert gathered_glu(x, w, w, idx, backend="triton").shape == (0, 5)
+    assert gathered_glu(x, w, w, rows=idx, backend="triton").shape == (0, 5)
 
 
 def test_int32_and_int64_indices_agree():
@@ -149,19 +149,19 @@ def test_int32_and_int64_indices_agree():
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
-@pytest.mark.parametrize("gather", ["n", "k"])
-def test_split_k_partials_sum_to_the_same_result(gather, split_k):
+@pytest.mark.parametrize("form", ["rows", "cols"])
+def test_split_k_partials_sum_to_the_same_result(form, split_k):
     x32 = rand(3, 100, dtype=torch.float32, seed=1)
     w = rand(60, 100, dtype=torch.float32, seed=2)
     b = rand(60, dtype=torch.float32, seed=3)
-    if gather == "n":
+    if form == "rows":
         idx = make_index(60, 21)
-        out = gathered_mm(x32, w, idx, gather="n", bias=b, split_k=split_k)
+        out = gathered_mm(x32, w, rows=idx, bias=b, split_k=split_k)
         ref = F.linear(x32, w[idx.long()], b[idx.long()])
     else:
         idx = make_index(100, 70)
         h = rand(3, 70, dtype=torch.float32, seed=4)
-        out = gathered_mm(h, w, idx, gather="k", bias=b, split_k=split_k)
+        out = gathered_mm(h, w, cols=idx, bias=b, split_k=split_k)
         ref = F.linear(h, w[:, idx.long()], b)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
 
@@ -218,7 +218,7 @@ def test_glu_backward_matches_reference(activation):
         return act(F.linear(x, wg[li], bg[li])) * F.linear(x, wu[li], bu[li])
 
     def op(x, wg, wu, bg, bu):
-        return gathered_glu(x, wg, wu, idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
+        return gathered_glu(x, wg, wu, rows=idx, activation=activation, gate_bias=bg, up_bias=bu, backend="triton")
 
     for name, g, r in zip(("x", "wg", "wu", "bg", "bu"), _grads(op, x, wg, wu, bg, bu, dy=dy),
                           _grads(ref_fn, x, wg, wu, bg, bu, dy=dy)):
@@ -233,3 +233,66 @@ def test_auto_backend_follows_device_and_context():
         torch.testing.assert_close(gathered_linear(x, w, rows=idx, backend=backend), ref, atol=2e-4, rtol=2e-4)
     with use_backend("torch"):
         torch.testing.assert_close(gathered_linear(x, w, rows=idx), ref, atol=2e-4, rtol=2e-4)
+
+
+# --- decode path: the GEMV form and the tl.dot form, forced, at M = 1..16 -------------------
+
+from doe_kernels.ops.gathered_glu import gathered_glu_mm  # noqa: E402
+
+DECODE_M = [1, 2, 7, 16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("m", DECODE_M, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("form", ["rows", "cols"])
+def test_decode_paths_match_sliced_linear(form, path, m, dtype):
+    w = rand(45, 70, dtype=dtype, seed=2).t().contiguous().t() if form == "cols" else rand(45, 70, dtype=dtype, seed=2)
+    b = rand(45, dtype=dtype, seed=3)
+    if form == "rows":
+        idx = make_index(45, 19)
+        x = rand(m, 70, dtype=dtype, seed=1)
+        out = gathered_mm(x, w, rows=idx, bias=b, path=path)
+        ref = F.linear(x.float(), w.float()[idx.long()], b.float()[idx.long()])
+    else:  # neuron-major down projection: (45 hidden) <- (70 neurons), 33 kept
+        idx = make_index(70, 33)
+        x = rand(m, 33, dtype=dtype, seed=1)
+        out = gathered_mm(x, w, cols=idx, bias=b, path=path)
+        ref = F.linear(x.float(), w.float()[:, idx.long()], b.float())
+    assert_matches(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("form", ["rows", "cols"])
+def test_gemv_split_k_without_atomics(form, split_k, dtype):
+    # K = 100 is not a multiple of the split chunks; bf16 included (no atomics anywhere).
+    w, b = rand(60, 100, dtype=dtype, seed=2), rand(60, dtype=dtype, seed=3)
+    x = rand(3, 100, dtype=dtype, seed=1)
+    if form == "rows":
+        idx = make_index(60, 21)
+        out = gathered_mm(x, w, rows=idx, bias=b, split_k=split_k, path="gemv")
+        ref = F.linear(x.float(), w.float()[idx.long()], b.float()[idx.long()])
+    else:
+        idx = make_index(100, 70)
+        h = rand(3, 70, dtype=dtype, seed=4)
+        out = gathered_mm(h, w, cols=idx, bias=b, split_k=split_k, path="gemv")
+        ref = F.linear(h.float(), w.float()[:, idx.long()], b.float())
+    assert_matches(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("m", [1, 7, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("path, split_k", [("gemv", 1), ("gemv", 3), ("dot", 1)], ids=["gemv", "gemv-split3", "dot"])
+def test_glu_decode_paths_match_sliced_reference(path, split_k, m, dtype):
+    x = rand(m, 56, dtype=dtype, seed=1)
+    wg, wu = rand(37, 56, dtype=dtype, seed=2), rand(37, 56, dtype=dtype, seed=3)
+    bg, bu = rand(37, dtype=dtype, seed=4), rand(37, dtype=dtype, seed=5)
+    idx = make_index(37, 23)
+    out = gathered_glu_mm(x, wg, wu, rows=idx, activation="gelu_tanh", bg=bg, bu=bu, path=path, split_k=split_k)
+    li = idx.long()
+    g = F.linear(x.float(), wg.float()[li], bg.float()[li])
+    u = F.linear(x.float(), wu.float()[li], bu.float()[li])
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ACTIVATIONS["gelu_tanh"](g) * u, atol=atol * (1 + u.abs().max().item()),
+                               rtol=rtol)

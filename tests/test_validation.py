@@ -52,13 +52,16 @@ IDX = torch.tensor([1, 5, 7], dtype=torch.int32)
         (lambda: gathered_linear(X, W, torch.randn(19), rows=IDX), ValueError, r"bias: expected shape \(20,\)"),
         (lambda: gathered_linear(X, W[0], rows=IDX), ValueError, "expected a 2-D"),
         (lambda: gathered_linear(X, W, rows=IDX, backend="cuda"), ValueError, "backend: expected one of"),
-        (lambda: gathered_glu(X, W, W[:10], IDX), ValueError, "must have one shape"),
-        (lambda: gathered_glu(X, W, W, IDX, activation="tanh"), ValueError, "activation: expected one of"),
-        (lambda: gathered_glu(X, W, W, IDX, gate_bias=torch.randn(20).half()), TypeError, "gate_bias: expected"),
+        (lambda: gathered_glu(X, W, W[:10], rows=IDX), ValueError, "must have one shape"),
+        (lambda: gathered_glu(X, W, W, rows=IDX, activation="tanh"), ValueError, "activation: expected one of"),
+        (lambda: gathered_glu(X, W, W, rows=IDX, gate_bias=torch.randn(20).half()), TypeError, "gate_bias: expected"),
+        (lambda: gathered_glu(X, W, W, IDX), TypeError, "positional argument"),
+        (lambda: gathered_linear(X, W, None, IDX), TypeError, "positional argument"),
     ],
     ids=[
         "no-index", "both-indices", "float-index", "2d-index", "x-features", "cols-features", "dtype-mismatch",
         "device-mismatch", "bias-shape", "weight-1d", "bad-backend", "glu-shapes", "glu-activation", "glu-bias",
+        "glu-rows-positional", "linear-index-positional",
     ],
 )
 def test_op_rejects_bad_input(call, error, message):

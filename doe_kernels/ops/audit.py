@@ -13,7 +13,7 @@ Triton's own JIT does it), then reads the PTX and the cubin (``cuobjdump -res-us
             functions, so a non-zero frame is register spill)
     tc      tensor-core instruction in the PTX: wgmma (sm_90), mma (sm_80), or none
     pipe    weight loads pipelined: cp.async in the PTX and shared memory for >1 stage
-    v16     16-byte vector loads (ld.global[.nc].v4) of the weights (decode kernels)
+    v16     16-byte vector loads (ld.global[...].v4); in the decode kernels, of the weights
 
 ``failures(row)`` states what each row must satisfy. It needs no GPU, runs where Triton's
 GPU compiler is importable (the interpreter setting is removed for the run), and keeps each
@@ -64,7 +64,7 @@ ALLOWED_SPILLS = {
                         "so the form runs only when layout='original' is asked for"),
 }
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 4
 
 
 class AuditUnavailable(RuntimeError):
@@ -130,10 +130,18 @@ def _kernels() -> dict:
     # the package re-exports functions with the modules' names: import the modules by path
     gathered_linear = importlib.import_module("doe_kernels.ops.gathered_linear")
     gathered_glu = importlib.import_module("doe_kernels.ops.gathered_glu")
+    gemv = importlib.import_module("doe_kernels.ops.gathered_gemv")
+    glu_gemv = importlib.import_module("doe_kernels.ops.gathered_glu_gemv")
     return {
         "linear": (gathered_linear._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
         "glu": (gathered_glu._gathered_glu_kernel, 2, ("rows/linear",)),
+        "gemv": (gemv._gathered_gemv_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "glu-gemv": (glu_gemv._gathered_glu_gemv_kernel, 2, ("rows/linear",)),
     }
+
+
+#: Decode (GEMV) kernels: BLOCK_M is set by the launcher from M, audited at its largest.
+GEMV_KERNELS = ("gemv", "glu-gemv")
 
 
 class _Ptr:
@@ -170,7 +178,16 @@ def _args(case: Case) -> dict:
     if case.kernel == "linear":
         return dict(x_ptr=p, w_ptr=p, b_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
                     stride_wn=swn, stride_wk=swk, stride_ys=0,
-                    GATHER_N=case.form.startswith("rows"), HAS_BIAS=True, SPLIT_K=1, **common)
+                    ROWS=case.form.startswith("rows"), HAS_BIAS=True, SPLIT_K=1, **common)
+    if case.kernel in GEMV_KERNELS:
+        gemv = dict(M=bm, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=swn, stride_wk=swk,
+                    SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        if case.kernel == "gemv":
+            return dict(x_ptr=p, w_ptr=p, b_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p, stride_ys=0,
+                        stride_ym=N, stride_yn=1, ROWS=case.form.startswith("rows"), HAS_BIAS=True, **gemv)
+        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
+                    p_ptr=_Ptr(torch.float32), stride_un=swn, stride_uk=swk, stride_ym=N, stride_yn=1,
+                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **gemv)
     if case.kernel == "glu":
         return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
                     stride_wn=swn, stride_wk=swk, stride_un=swn, stride_uk=swk,
@@ -232,10 +249,21 @@ def _config_key(c) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
+def config_of(case: Case):
+    """The kernel's own config object for a case."""
+    kernel = _kernels()[case.kernel][0]
+    for c in kernel.configs:
+        kw = c.kwargs
+        if (kw.get("BLOCK_N"), kw.get("BLOCK_K"), c.num_warps, c.num_stages) == (
+                case.block[1], case.block[2], case.num_warps, case.num_stages) and (
+                case.kernel in GEMV_KERNELS or (kw["BLOCK_M"], kw["GROUP_M"]) == (case.block[0], case.block[3])):
+            return c
+    raise KeyError(case)
+
+
 def _compile(case: Case) -> Row:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
     from doe_kernels.ops._config import SMEM_LIMIT, select_configs, smem_bytes
@@ -247,15 +275,32 @@ def _compile(case: Case) -> Row:
     config = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), case.block)),
                            num_warps=case.num_warps, num_stages=case.num_stages)
     elem = 2
-    one_stage = triton.Config(config.kwargs, num_warps=case.num_warps, num_stages=1)
-    row = Row(case, stage_bytes=smem_bytes(one_stage, elem, weights), smem_bound=smem_bytes(config, elem, weights, case.arch))
     limit = SMEM_LIMIT[case.arch // 10]
-    m = _args(case)["M_BUCKET"]
-    weights = getattr(kernel.early_config_prune, "weights", 1)  # what the launcher's prune assumes
-    launched = select_configs(kernel.configs, m, elem, weights, case.arch, limit)
+    if case.kernel in GEMV_KERNELS:  # no tiles staged in shared memory: only reductions use it
+        row = Row(case, smem_bound=limit)
+        prune = kernel.early_config_prune
+        if prune is not None:
+            args = _args(case)
+            kept = prune(kernel.configs, args, **args)
+            if _config_key(config_of(case)) not in {_config_key(c) for c in kept}:
+                row.pruned = "form"
+        return _build(row, fn, target, backend)
+    one_stage = triton.Config(config.kwargs, num_warps=case.num_warps, num_stages=1)
+    assumed = getattr(kernel.early_config_prune, "weights", 1)  # what the launcher's prune assumes
+    row = Row(case, stage_bytes=smem_bytes(one_stage, elem, weights),
+              smem_bound=smem_bytes(config, elem, assumed, case.arch))
+    launched = select_configs(kernel.configs, _args(case)["M_BUCKET"], elem, assumed, case.arch, limit)
     if _config_key(config) not in {_config_key(c) for c in launched}:
         lowest = next((getattr(c, "min_arch", 0) for c in kernel.configs if _config_key(c) == _config_key(config)), 0)
         row.pruned = "arch" if lowest > case.arch else "smem"
+    return _build(row, fn, target, backend)
+
+
+def _build(row: Row, fn, target, backend) -> Row:
+    import triton
+    from triton.compiler import ASTSource
+
+    case = row.case
     try:
         signature, constexprs, attrs, opts = _specialise(
             fn, backend, _args(case), {"num_warps": case.num_warps, "num_stages": case.num_stages})
@@ -270,7 +315,9 @@ def _compile(case: Case) -> Row:
     row.cp_async = "cp.async" in ptx
     bk, bn = case.block[2], case.block[1]
     row.w_async = re.search(rf"async_copy_global_to_local .*-> <{bk}x{bn}x", compiled.asm["ttgir"]) is not None
-    row.v16 = re.search(r"\bld\.global(\.\w+)*\.v4\.", ptx) is not None
+    # 16-byte loads; in the decode kernels only the weights are loaded with evict_first
+    pattern = r"\bld\.global\.L1::evict_first[\w.:]*\.v4\." if case.kernel in GEMV_KERNELS else r"\bld\.global[\w.:]*\.v4\."
+    row.v16 = re.search(pattern, ptx) is not None
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -295,7 +342,12 @@ def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
             continue
         for c in kernel.configs:
             kw = c.kwargs
-            block = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"])
+            if name in GEMV_KERNELS:
+                from doe_kernels.ops.gathered_gemv import GEMV_MAX_M
+
+                block = (GEMV_MAX_M, kw["BLOCK_N"], kw["BLOCK_K"], 0)
+            else:
+                block = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"])
             for form in forms:
                 for dtype in dtypes:
                     for arch in archs:
@@ -361,6 +413,8 @@ def failures(row: Row) -> list:
         out.append(f"needs {row.smem} B of shared memory, more than the {row.smem_bound} B prune_configs assumes")
     if row.pruned:
         return out  # never launched on this target: the rest does not matter
+    if c.kernel in GEMV_KERNELS and c.form in VECTOR_FORMS and not row.v16:
+        out.append("weights not read as 16-byte vectors (no ld.global.v4 in the PTX)")
     if c.block[0] >= 64:
         want = "wgmma" if c.arch >= 90 else "mma"
         if row.tc != want:

@@ -5,7 +5,8 @@ each x tile is loaded once and multiplied with the kept rows of both weights, an
 activation and product happen in registers, so neither g nor u goes to memory.
 
 The backward w.r.t. x recomputes g and u with the gathered linear kernel and applies two
-"gather k" GEMMs (dx = dg @ Wg[idx] + du @ Wu[idx]); nothing but x is saved.
+cols gathers on the transposed weights (dx = dg @ Wg[idx] + du @ Wu[idx]); nothing but x is
+saved. Registered as ``torch.ops.doe_kernels.gathered_glu`` (fake implementation, autograd).
 """
 
 from __future__ import annotations
@@ -16,32 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from doe_kernels.ops._activations import ACTIVATION_IDS, apply_activation
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
-from doe_kernels.ops.gathered_linear import gathered_mm, grouped_tile
-from doe_kernels.reference import activation_fn, canonical_activation
+from doe_kernels.ops.gathered_gemv import GEMV_MAX_M
+from doe_kernels.ops.gathered_glu_gemv import gathered_glu_gemv
+from doe_kernels.ops.gathered_linear import gathered_linear_op, grouped_tile
+from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
 
-__all__ = ["gathered_glu_mm", "GatheredGLUFunction", "ACTIVATION_IDS"]
-
-#: Activation ids understood by the kernel (a constexpr selects the branch).
-ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-
-
-@triton.jit
-def _apply_activation(g, ACT: tl.constexpr):
-    if ACT == 0:
-        out = g * tl.sigmoid(g)
-    elif ACT == 1:
-        out = 0.5 * g * (1.0 + tl.math.erf(g * _SQRT_HALF))
-    elif ACT == 2:
-        # tanh(z) = 2 * sigmoid(2z) - 1; |z| <= 20 already gives tanh = +-1 in fp32.
-        inner = tl.minimum(tl.maximum(_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g), -20.0), 20.0)
-        out = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    else:
-        out = tl.maximum(g, 0.0)
-    return out
+__all__ = ["gathered_glu_mm", "gathered_glu_op", "ACTIVATION_IDS"]
 
 
 @triton.autotune(
@@ -102,7 +85,7 @@ def _gathered_glu_kernel(
     # Round g and u to the storage dtype first, as the unfused module computes them.
     g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
     u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
-    h = _apply_activation(g, ACT) * u
+    h = apply_activation(g, ACT) * u
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -111,15 +94,21 @@ def gathered_glu_mm(
     x: torch.Tensor,
     wg: torch.Tensor,
     wu: torch.Tensor,
-    idx: torch.Tensor,
+    *,
+    rows: torch.Tensor,
     activation: str,
     bg: Optional[torch.Tensor] = None,
     bu: Optional[torch.Tensor] = None,
+    path: str = "auto",
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel on 2-D operands. Inputs are assumed checked.
 
-    x: (M, K); wg, wu: (N_full, K), any strides; idx: (n,) -> out (M, n).
+    x: (M, K); wg, wu: (N_full, K), any strides; rows: (n,) -> out (M, n).
+    path: "gemv" (broadcast-multiply form), "dot" (``tl.dot`` tiles) or "auto" (gemv for
+    M <= GEMV_MAX_M). split_k: GEMV only (None: by problem size).
     """
+    idx = rows
     M, K = x.shape
     N = idx.numel()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -129,6 +118,9 @@ def gathered_glu_mm(
         g = torch.zeros((M, N), device=x.device, dtype=x.dtype) if bg is None else bg[idx].expand(M, N)
         u = torch.zeros((M, N), device=x.device, dtype=x.dtype) if bu is None else bu[idx].expand(M, N)
         return y.copy_(activation_fn(activation)(g) * u)
+    act_id = ACTIVATION_IDS[canonical_activation(activation)]
+    if path == "gemv" or (path == "auto" and M <= GEMV_MAX_M):
+        return gathered_glu_gemv(x, wg, wu, rows=idx, act_id=act_id, bg=bg, bu=bu, split_k=split_k)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -142,47 +134,62 @@ def gathered_glu_mm(
         y.stride(0), y.stride(1),
         HAS_BIAS_G=bg is not None,
         HAS_BIAS_U=bu is not None,
-        ACT=ACTIVATION_IDS[canonical_activation(activation)],
+        ACT=act_id,
         UPCAST=INTERPRET,
         PRECISION=dot_precision(x.dtype),
     )
     return y
 
 
-class GatheredGLUFunction(torch.autograd.Function):
-    """Autograd for the fused Triton path: dx through the gathered kernels; weight and bias
-    grads (DoE keeps weights frozen) through plain PyTorch on the recomputed g and u."""
+@torch.library.custom_op("doe_kernels::gathered_glu", mutates_args=())
+def gathered_glu_op(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    gate_bias: Optional[torch.Tensor],
+    up_bias: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """The fused Triton GLU on x: (..., K) -> (..., n)."""
+    y = gathered_glu_mm(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, rows=idx, activation=activation,
+                        bg=gate_bias, bu=up_bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def forward(ctx, x, wg, wu, bg, bu, idx, activation: str):
-        lead = x.shape[:-1]
-        y = gathered_glu_mm(x.reshape(-1, x.shape[-1]), wg, wu, idx, activation, bg, bu)
-        ctx.activation = activation
-        ctx.save_for_backward(x, wg, wu, bg, bu, idx)
-        return y.reshape(*lead, y.shape[-1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, wg, wu, bg, bu, idx = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        g = gathered_mm(x2, wg, idx, gather="n", bias=bg)
-        u = gathered_mm(x2, wu, idx, gather="n", bias=bu)
-        with torch.enable_grad():
-            g32 = g.float().requires_grad_()
-            a = activation_fn(ctx.activation)(g32)
-            (dg,) = torch.autograd.grad(a, g32, dy2.float() * u.float())
-        dg = dg.to(dy.dtype)
-        du = (dy2.float() * a.detach()).to(dy.dtype)
-        grads = [None] * 7
-        if ctx.needs_input_grad[0]:
-            dx = gathered_mm(dg, wg.t(), idx, gather="k") + gathered_mm(du, wu.t(), idx, gather="k")
-            grads[0] = dx.reshape(*dy.shape[:-1], dx.shape[-1])
-        long_idx = idx.long()
-        for pos, (w, d) in ((1, (wg, dg)), (2, (wu, du))):
-            if ctx.needs_input_grad[pos]:
-                grads[pos] = torch.zeros_like(w).index_add_(0, long_idx, d.t().to(w.dtype) @ x2)
-        for pos, (b, d) in ((3, (bg, dg)), (4, (bu, du))):
-            if b is not None and ctx.needs_input_grad[pos]:
-                grads[pos] = torch.zeros_like(b).index_add_(0, long_idx, d.sum(0).to(b.dtype))
-        return tuple(grads)
+@gathered_glu_op.register_fake
+def _(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation):
+    return x.new_empty((*x.shape[:-1], idx.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, wg, wu, bg, bu, idx, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, wg, wu, bg, bu, idx)
+
+
+def _backward(ctx, dy):
+    """dx through the gathered kernels; weight and bias grads (DoE keeps weights frozen)
+    through plain PyTorch on the recomputed g and u."""
+    x, wg, wu, bg, bu, idx = ctx.saved_tensors
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1]).float()
+    g = gathered_linear_op(x2, wg, bg, idx, True).float()
+    u = gathered_linear_op(x2, wu, bu, idx, True).float()
+    dg = (dy2 * u * activation_grad(ctx.activation, g)).to(dy.dtype)
+    du = (dy2 * activation_fn(ctx.activation)(g)).to(dy.dtype)
+    grads = [None] * 7
+    if ctx.needs_input_grad[0]:
+        dx = gathered_linear_op(dg, wg.t(), None, idx, False) + gathered_linear_op(du, wu.t(), None, idx, False)
+        grads[0] = dx.reshape(*dy.shape[:-1], dx.shape[-1])
+    long_idx = idx.long()
+    for pos, (w, d) in ((1, (wg, dg)), (2, (wu, du))):
+        if ctx.needs_input_grad[pos]:
+            grads[pos] = torch.zeros_like(w).index_add(0, long_idx, d.t().to(w.dtype) @ x2)
+    for pos, (b, d) in ((3, (bg, dg)), (4, (bu, du))):
+        if b is not None and ctx.needs_input_grad[pos]:
+            grads[pos] = torch.zeros_like(b).index_add(0, long_idx, d.sum(0).to(b.dtype))
+    return tuple(grads)
+
+
+gathered_glu_op.register_autograd(_backward, setup_context=_setup_context)

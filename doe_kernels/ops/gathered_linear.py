@@ -5,14 +5,19 @@ One kernel serves both forms and both directions of autograd. It computes
     y[m, n] = sum_k x[m, k] * w[rn(n), rk(k)]  (+ bias[rn(n)])
 
 on a 2-D strided view ``w`` of shape (N_full, K_full), where either the output axis is
-gathered (``rn(n) = idx[n]``, "gather n") or the reduction axis is (``rk(k) = idx[k]``,
-"gather k"). The weight is read through its strides, so a neuron-major (transposed-view)
+gathered (``rn(n) = idx[n]``, a rows gather) or the reduction axis is (``rk(k) = idx[k]``, a
+cols gather). The weight is read through its strides, so a neuron-major (transposed-view)
 weight and GPT-2's Conv1D (a transposed view of its (in, out) weight) need no copy.
 
-    rows forward    y  = x  @ W[idx]^T      gather n on W
-    rows backward   dx = dy @ W[idx]        gather k on W^T
-    cols forward    y  = h  @ W[:, idx]^T   gather k on W
-    cols backward   dh = dy @ W[:, idx]     gather n on W^T
+    rows forward    y  = x  @ W[idx]^T      rows on W
+    rows backward   dx = dy @ W[idx]        cols on W^T
+    cols forward    y  = h  @ W[:, idx]^T   cols on W
+    cols backward   dh = dy @ W[:, idx]     rows on W^T
+
+The op is registered as ``torch.ops.doe_kernels.gathered_linear`` (a fake implementation for
+tracing, autograd for the input and, when asked, the weight and bias), so torch.compile
+traces it without a graph break and CUDA graphs can capture it: the launcher never reads
+device memory on the host.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from doe_kernels.ops._config import (
     prune_configs,
     split_k_for,
 )
+from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv
 
-__all__ = ["gathered_mm", "grouped_tile", "GatheredLinearFunction"]
+__all__ = ["gathered_mm", "grouped_tile", "gathered_linear_op"]
 
 
 @triton.jit
@@ -52,7 +58,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.autotune(
     configs=autotune_configs(),
-    key=["M_BUCKET", "N", "K", "stride_wn", "stride_wk", "GATHER_N", "SPLIT_K"],
+    key=["M_BUCKET", "N", "K", "stride_wn", "stride_wk", "ROWS", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
@@ -62,7 +68,7 @@ def _gathered_mm_kernel(
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ys, stride_ym, stride_yn,
-    GATHER_N: tl.constexpr,
+    ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -79,7 +85,7 @@ def _gathered_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if GATHER_N:
+    if ROWS:
         rn = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     else:
         rn = offs_n.to(tl.int64)
@@ -91,7 +97,7 @@ def _gathered_mm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         ks = k0 + offs_k
         mask_k = ks < K
-        if GATHER_N:
+        if ROWS:
             rk = ks.to(tl.int64)
         else:
             rk = tl.load(idx_ptr + ks, mask=mask_k, other=0).to(tl.int64)
@@ -112,26 +118,32 @@ def _gathered_mm_kernel(
 def gathered_mm(
     x: torch.Tensor,
     w: torch.Tensor,
-    idx: torch.Tensor,
     *,
-    gather: str,
+    rows: Optional[torch.Tensor] = None,
+    cols: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
+    path: str = "auto",
 ) -> torch.Tensor:
     """Launch the gathered GEMM on 2-D operands. Inputs are assumed checked.
 
-    x: (M, K); w: (N_full, K_full), any strides; idx: (n,) int32/int64.
-    gather="n": K == K_full, out (M, n) = x @ w[idx]^T (+ bias[idx]).
-    gather="k": K == n,      out (M, N_full) = x @ w[:, idx]^T (+ bias).
+    x: (M, K); w: (N_full, K_full), any strides; exactly one of
+      rows: (n,) int32/int64, K == K_full -> out (M, n)      = x @ w[rows]^T (+ bias[rows])
+      cols: (k,) int32/int64, K == k      -> out (M, N_full) = x @ w[:, cols]^T (+ bias)
+    path: "gemv" (``gathered_gemv``), "dot" (``tl.dot`` tiles) or "auto" (gemv for
+    M <= GEMV_MAX_M). split_k: None chooses by problem size.
     """
-    gather_n = gather == "n"
+    if path == "gemv" or (path == "auto" and x.shape[0] <= GEMV_MAX_M):
+        return gathered_gemv(x, w, rows=rows, cols=cols, bias=bias, split_k=split_k)
+    is_rows = rows is not None
+    idx = rows if is_rows else cols
     M, K = x.shape
-    N = idx.numel() if gather_n else w.shape[0]
+    N = idx.numel() if is_rows else w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:
-        return y.zero_() if bias is None else y.copy_((bias[idx] if gather_n else bias).expand(M, N))
+        return y.zero_() if bias is None else y.copy_((bias[idx] if is_rows else bias).expand(M, N))
     if split_k is None:
         split_k = split_k_for(M, N, K, x.device)
     split_k = max(1, min(split_k, triton.cdiv(K, 16)))
@@ -147,7 +159,7 @@ def gathered_mm(
         x.stride(0), x.stride(1),
         w.stride(0), w.stride(1),
         stride_ys, out.stride(-2), out.stride(-1),
-        GATHER_N=gather_n,
+        ROWS=is_rows,
         HAS_BIAS=bias is not None,
         SPLIT_K=split_k,
         UPCAST=INTERPRET,
@@ -158,42 +170,50 @@ def gathered_mm(
     return y
 
 
-class GatheredLinearFunction(torch.autograd.Function):
-    """Autograd for the Triton path. x grad uses the kernel (rows <-> cols); weight and bias
-    grads, rarely needed since DoE keeps weights frozen, use plain PyTorch."""
+@torch.library.custom_op("doe_kernels::gathered_linear", mutates_args=())
+def gathered_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, rows: bool
+) -> torch.Tensor:
+    """The Triton gathered linear on x: (..., K) -> (..., n) (rows) or (..., N) (cols)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if rows:
+        y = gathered_mm(x2, weight, rows=idx, bias=bias)
+    else:
+        y = gathered_mm(x2, weight, cols=idx, bias=bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, idx, rows: bool):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = gathered_mm(x2, weight, idx, gather="n" if rows else "k", bias=bias)
-        ctx.rows = rows
-        ctx.save_for_backward(x if weight.requires_grad else None, weight, idx)
-        ctx.has_bias = bias is not None
-        return y.reshape(*lead, y.shape[-1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, idx = ctx.saved_tensors
-        rows = ctx.rows
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = gathered_mm(dy2, weight.t(), idx, gather="k" if rows else "n")
-            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            part = dy2.t().to(weight.dtype) @ x2
-            dweight = torch.zeros_like(weight)
-            if rows:
-                dweight.index_add_(0, idx.long(), part)
-            else:
-                dweight.index_add_(1, idx.long(), part)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            colsum = dy2.sum(0)
-            if rows:
-                dbias = torch.zeros(weight.shape[0], device=dy.device, dtype=dy.dtype)
-                dbias.index_add_(0, idx.long(), colsum)
-            else:
-                dbias = colsum
-        return dx, dweight, dbias, None, None
+@gathered_linear_op.register_fake
+def _(x, weight, bias, idx, rows):
+    return x.new_empty((*x.shape[:-1], idx.shape[0] if rows else weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, idx, rows = inputs
+    ctx.rows = rows
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x if weight.requires_grad else None, weight, idx)
+
+
+def _backward(ctx, dy):
+    """x grad through the kernel (rows <-> cols on the transposed weight); weight and bias grads,
+    rarely needed since DoE keeps weights frozen, through plain PyTorch."""
+    x, weight, idx = ctx.saved_tensors
+    rows = ctx.rows
+    dx = dweight = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = gathered_linear_op(dy, weight.t(), None, idx, not rows)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    if ctx.needs_input_grad[1]:
+        part = dy2.t().to(weight.dtype) @ x.reshape(-1, x.shape[-1])
+        dweight = torch.zeros_like(weight).index_add(0 if rows else 1, idx.long(), part)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        colsum = dy2.sum(0)
+        if rows:
+            dbias = torch.zeros(weight.shape[0], device=dy.device, dtype=dy.dtype).index_add(0, idx.long(), colsum)
+        else:
+            dbias = colsum
+    return dx, dweight, dbias, None, None
+
+
+gathered_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,140 @@
+"""torch.compile and CUDA graphs over unplugged models (the gathered ops are torch.library ops).
+
+References: the eager unplugged model, itself checked against hand-sliced copies in
+test_unplug.py. Compiles use the aot_eager backend on CPU (dynamo +
+AOTAutograd + the ops' fake implementations, without inductor's code generation time) and
+inductor on CUDA.
+"""
+
+import pytest
+import torch
+
+import doe
+from doe_kernels import GatheredGatedMLP, GatheredLinear
+from kernel_utils import triton_runs
+from tiny_models import make_tiny, model_logits, sample_inputs
+
+BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])
+COMPILER = "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+def random_indices(model, keep, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for block in doe.find_ffn_blocks(model):
+        n = block.num_neurons
+        out.append(torch.randperm(n, generator=g)[: max(1, round(keep * n))].sort().values)
+    return out
+
+
+def expert_for(model, keep, seed):
+    return doe.TaskExpert.from_indices(model, random_indices(model, keep, seed), task=f"t{seed}")
+
+
+def counter():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(COMPILER)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fullgraph_compile_equals_eager_with_no_graph_break(family, backend):
+    model = make_tiny(family)
+    inputs = sample_inputs(model)
+    doe.unplug_(model, expert_for(model, 0.35, seed=0), backend=backend)
+    eager = model_logits(model, inputs)
+
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+    torch._dynamo.reset()
+    cnt = counter()
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    torch.testing.assert_close(model_logits(compiled, inputs), eager, atol=1e-5, rtol=1e-5)
+    assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_switch_reuses_the_compiled_graph_when_sizes_match(backend):
+    # A switch rebinds each wrapper's index buffer to the new expert's (same-shaped) tensor.
+    # Buffers are graph inputs, so the compiled graph is reused: no recompile, new results.
+    model = make_tiny("llama")
+    inputs = sample_inputs(model)
+    a, b = expert_for(model, 0.35, seed=1), expert_for(model, 0.35, seed=2)
+    doe.unplug_(model, b, backend=backend)
+    want_b = model_logits(model, inputs)
+    doe.unplug_(model, a, backend=backend)
+    cnt = counter()
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    got_a = model_logits(compiled, inputs)
+    doe.unplug_(model, b, backend=backend)
+    got_b = model_logits(compiled, inputs)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(got_b, want_b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got_a, got_b, atol=1e-3)
+
+
+def test_expert_switch_to_other_sizes_recompiles_once():
+    # Different kept counts change the shapes dynamo specialised on: one recompile (with
+    # the neuron count made dynamic), then the result of the new expert.
+    model = make_tiny("llama")
+    inputs = sample_inputs(model)
+    a, b = expert_for(model, 0.35, seed=1), expert_for(model, 0.2, seed=2)
+    doe.unplug_(model, b, backend="torch")
+    want_b = model_logits(model, inputs)
+    doe.unplug_(model, a, backend="torch")
+    cnt = counter()
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    model_logits(compiled, inputs)
+    doe.unplug_(model, b)
+    torch.testing.assert_close(model_logits(compiled, inputs), want_b, atol=1e-4, rtol=1e-4)
+    assert cnt.frame_count == 2
+
+
+def _wrappers(model):
+    return [m for m in model.modules() if isinstance(m, (GatheredLinear, GatheredGatedMLP))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_graph_replays_and_switches_experts_by_index_copy(dtype):
+    """Capture once; switch experts by copying same-length index lists into the captured
+    buffers (a graph holds buffer addresses: rebinding them, as unplug_ does, is not seen)."""
+    model = make_tiny("llama", dtype=dtype).cuda()
+    inputs = sample_inputs(model, batch=2, seq=5)
+    a, b = expert_for(model, 0.35, seed=1), expert_for(model, 0.35, seed=2)
+    doe.unplug_(model, b, backend="triton")
+    want_b = model_logits(model, inputs).clone()
+    doe.unplug_(model, a, backend="triton")
+    want_a = model_logits(model, inputs).clone()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # autotune and compile outside the capture
+            model(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(**inputs).logits
+
+    graph.replay()
+    torch.testing.assert_close(out, want_a, atol=2e-2, rtol=2e-2)
+    staged = b.stage(torch.device("cuda"))
+    wrappers = _wrappers(model)  # LLaMA: one fused wrapper per FFN block, in block order
+    assert len(wrappers) == len(staged)
+    for w, idx in zip(wrappers, staged):
+        assert w.indices.shape == idx.shape
+        w.indices.copy_(idx)
+    graph.replay()
+    torch.testing.assert_close(out, want_b, atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(out, want_a, atol=1e-3)
