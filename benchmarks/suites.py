@@ -35,7 +35,8 @@ class Suite:
 KERNELS = Suite(
     "kernels",
     keys=("op", "shape", "M", "keep", "dtype"),
-    variants=("dense", "sliced", "gathered-triton", "gathered-torch"),
+    # gathered-triton-gemv / -dot: the decode launcher forced to one path (M <= 16 only)
+    variants=("dense", "sliced", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot", "gathered-torch"),
 )
 
 #: benchmarks/test_models.py, forward latency of a whole model; dense is timed with keep None.

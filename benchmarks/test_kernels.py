@@ -10,7 +10,10 @@ Ops (x: (M, H); I = FFN width; n = round(keep * I) kept neurons, sorted unique i
 Variants: ``dense`` (F.linear on the full weights: what the unpruned model runs),
 ``sliced`` (F.linear on pre-made contiguous sliced copies: the speed bar),
 ``gathered-triton`` (``doe_kernels`` with backend="triton"), ``gathered-torch``
-(``doe_kernels.reference``: index_select + F.linear).
+(``doe_kernels.reference``: index_select + F.linear). At M <= 16 also
+``gathered-triton-gemv`` and ``gathered-triton-dot``: the launcher forced to the GEMV (decode)
+or the ``tl.dot`` path, to place the GEMV_MAX_M switch; the decode Ms of each sweep
+(``DECODE_MS``) add M = 1..16 points for these and the sliced bar.
 
 Test ids read ``{op}-{shape}-M{M}-keep{keep}-{dtype}-{variant}``; the structured parameters go
 into ``benchmark.extra_info`` (suite "kernels") and ``benchmarks.report`` turns the JSON into a
@@ -32,6 +35,8 @@ from benchmarks import harness
 from benchmarks.suites import KERNELS
 
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
+from doe_kernels.ops.gathered_glu import gathered_glu_mm
+from doe_kernels.ops.gathered_linear import gathered_mm
 from doe_kernels.env import interpreting, parse_dtype
 from doe_kernels.reference import activation_fn, gathered_glu_ref, gathered_linear_ref
 from doe_kernels.testing import kept_count, random_indices, rel_err
@@ -62,6 +67,11 @@ SWEEPS = {
     "full": (["bert-base", "llama7b"], [1, 16, 128, 2048, 8192], [0.35, 0.2], ["bf16", "fp16"]),
 }
 
+# Extra M points (decode sizes) per sweep, timed for every variant but gathered-torch.
+DECODE_MS = {"tiny": [1, 16], "quick": [1, 4, 16], "full": [1, 2, 4, 8, 16]}
+FORCED_PATHS = {"gathered-triton-gemv": "gemv", "gathered-triton-dot": "dot"}
+TRITON_VARIANTS = ("gathered-triton", *FORCED_PATHS)
+
 # The Triton interpreter is slow: on CPU, gathered-triton runs only these (op, shape, M) cases.
 INTERPRET_CASES = {("up", "tiny", 1), ("down", "tiny", 1), ("glu", "tiny", 1)}
 
@@ -87,7 +97,9 @@ class Case:
 def _cases() -> list:
     """dtype and keep outermost, so a run cut short by DOE_BENCH_BUDGET_S still holds whole
     (op, shape, M) sweeps for the first dtype / keep ratio."""
-    shapes, Ms, keeps, dtypes = SWEEPS[harness.sweep_name()]
+    name = harness.sweep_name()
+    shapes, Ms, keeps, dtypes = SWEEPS[name]
+    decode_only = [m for m in DECODE_MS[name] if m not in Ms]
     out = []
     for dtype in dtypes:
         for keep in keeps:
@@ -96,8 +108,12 @@ def _cases() -> list:
                     shape = SHAPES[shape_name]
                     if op == "glu" and not shape.gated:
                         continue
-                    for M in Ms:
+                    for M in sorted(set(Ms) | set(decode_only)):
                         for variant in KERNELS.variants:
+                            if variant in FORCED_PATHS and M > 16:
+                                continue
+                            if variant == "gathered-torch" and M in decode_only:
+                                continue
                             case = Case(op, shape, M, keep, dtype, variant)
                             out.append(pytest.param(case, id=case.id))
     return out
@@ -188,12 +204,16 @@ def _build(case: Case, device: torch.device):
                     return lambda: F.linear(x, w, b)
                 if v == "gathered-torch":
                     return lambda: gathered_linear_ref(x, w, b, rows=idx)
+                if v in FORCED_PATHS:
+                    return lambda: gathered_mm(x, w, rows=idx, bias=b, path=FORCED_PATHS[v])
                 return lambda: gathered_linear(x, w, b, rows=idx, backend="triton")
             wg, wu = w_list
             if v in ("dense", "sliced"):
                 return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
             if v == "gathered-torch":
                 return lambda: gathered_glu_ref(x, wg, wu, rows=idx, activation=shape.activation)
+            if v in FORCED_PATHS:
+                return lambda: gathered_glu_mm(x, wg, wu, rows=idx, activation=shape.activation, path=FORCED_PATHS[v])
             return lambda: gathered_glu(x, wg, wu, rows=idx, activation=shape.activation, backend="triton")
 
         def check():
@@ -228,6 +248,8 @@ def _build(case: Case, device: torch.device):
                 return lambda: F.linear(x_in, wc, bc)
             if v == "gathered-torch":
                 return lambda: gathered_linear_ref(x_in, wc, bc, cols=idx)
+            if v in FORCED_PATHS:
+                return lambda: gathered_mm(x_in, wc, cols=idx, bias=bc, path=FORCED_PATHS[v])
             return lambda: gathered_linear(x_in, wc, bc, cols=idx, backend="triton")
 
         def check():
@@ -235,7 +257,7 @@ def _build(case: Case, device: torch.device):
 
     meta.update(kept_weight_bytes=kept_bytes, dense_weight_bytes=dense_bytes)
     calls = [make_call(ws_) for ws_ in wsets]
-    return calls, (check if v == "gathered-triton" else None), meta
+    return calls, (check if v in TRITON_VARIANTS else None), meta
 
 
 # fp32 on GPU runs TF32 tl.dot by default (errors ~1e-3 relative to max); 16-bit: a few ulps.
@@ -244,7 +266,7 @@ _TOL = {"fp32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
 
 @pytest.mark.parametrize("case", _cases())
 def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
-    if case.variant == "gathered-triton":
+    if case.variant in TRITON_VARIANTS:
         reason = _triton_skip_reason(case, bench_device)
         if reason:
             pytest.skip(reason)
@@ -267,7 +289,7 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
         err = rel_err(out, ref)
         info["max_rel_err"] = err
         assert out.shape == ref.shape, (out.shape, ref.shape)
-        assert math.isfinite(err) and err <= _TOL[case.dtype], f"gathered-triton vs reference: rel err {err:.3g}"
+        assert math.isfinite(err) and err <= _TOL[case.dtype], f"{case.variant} vs reference: rel err {err:.3g}"
 
-    slow = case.variant == "gathered-triton" and bench_device.type != "cuda"
+    slow = case.variant in TRITON_VARIANTS and bench_device.type != "cuda"
     harness.run_timed(benchmark, calls, bench_device, slow=slow)
