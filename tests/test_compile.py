@@ -1,7 +1,6 @@
 """torch.compile and CUDA graphs over unplugged models (the gathered ops are torch.library ops).
 
-References: the eager unplugged model, itself checked against hand-sliced copies in
-test_unplug.py. Compiles use the aot_eager backend on CPU (dynamo +
+References: the eager unplugged model and hand-sliced copies (doe.testing.sliced_copy). Compiles use the aot_eager backend on CPU (dynamo +
 AOTAutograd + the ops' fake implementations, without inductor's code generation time) and
 inductor on CUDA.
 """
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import doe
-from doe_kernels import GatheredGatedMLP, GatheredLinear
+from doe.testing import gathered_wrappers, random_expert_indices, sliced_copy
 from kernel_utils import triton_runs
 from tiny_models import make_tiny, model_logits, sample_inputs
 
@@ -18,17 +17,8 @@ BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])
 COMPILER = "inductor" if torch.cuda.is_available() else "aot_eager"
 
 
-def random_indices(model, keep, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for block in doe.find_ffn_blocks(model):
-        n = block.num_neurons
-        out.append(torch.randperm(n, generator=g)[: max(1, round(keep * n))].sort().values)
-    return out
-
-
 def expert_for(model, keep, seed):
-    return doe.TaskExpert.from_indices(model, random_indices(model, keep, seed), task=f"t{seed}")
+    return doe.TaskExpert.from_indices(model, random_expert_indices(model, keep, seed), task=f"t{seed}")
 
 
 def counter():
@@ -49,8 +39,11 @@ def fresh_dynamo():
 def test_fullgraph_compile_equals_eager_with_no_graph_break(family, backend):
     model = make_tiny(family)
     inputs = sample_inputs(model)
-    doe.unplug_(model, expert_for(model, 0.35, seed=0), backend=backend)
+    expert = expert_for(model, 0.35, seed=0)
+    want = model_logits(sliced_copy(model, expert.indices), inputs)
+    doe.unplug_(model, expert, backend=backend)
     eager = model_logits(model, inputs)
+    torch.testing.assert_close(eager, want, atol=1e-4, rtol=1e-4)
 
     explained = torch._dynamo.explain(model)(**inputs)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -70,8 +63,7 @@ def test_expert_switch_reuses_the_compiled_graph_when_sizes_match(backend):
     model = make_tiny("llama")
     inputs = sample_inputs(model)
     a, b = expert_for(model, 0.35, seed=1), expert_for(model, 0.35, seed=2)
-    doe.unplug_(model, b, backend=backend)
-    want_b = model_logits(model, inputs)
+    want_b = model_logits(sliced_copy(model, b.indices), inputs)
     doe.unplug_(model, a, backend=backend)
     cnt = counter()
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
@@ -89,8 +81,7 @@ def test_expert_switch_to_other_sizes_recompiles_once():
     model = make_tiny("llama")
     inputs = sample_inputs(model)
     a, b = expert_for(model, 0.35, seed=1), expert_for(model, 0.2, seed=2)
-    doe.unplug_(model, b, backend="torch")
-    want_b = model_logits(model, inputs)
+    want_b = model_logits(sliced_copy(model, b.indices), inputs)
     doe.unplug_(model, a, backend="torch")
     cnt = counter()
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
@@ -98,10 +89,6 @@ def test_expert_switch_to_other_sizes_recompiles_once():
     doe.unplug_(model, b)
     torch.testing.assert_close(model_logits(compiled, inputs), want_b, atol=1e-4, rtol=1e-4)
     assert cnt.frame_count == 2
-
-
-def _wrappers(model):
-    return [m for m in model.modules() if isinstance(m, (GatheredLinear, GatheredGatedMLP))]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -130,7 +117,7 @@ def test_cuda_graph_replays_and_switches_experts_by_index_copy(dtype):
     graph.replay()
     torch.testing.assert_close(out, want_a, atol=2e-2, rtol=2e-2)
     staged = b.stage(torch.device("cuda"))
-    wrappers = _wrappers(model)  # LLaMA: one fused wrapper per FFN block, in block order
+    wrappers = gathered_wrappers(model)  # LLaMA: one fused wrapper per FFN block, in block order
     assert len(wrappers) == len(staged)
     for w, idx in zip(wrappers, staged):
         assert w.indices.shape == idx.shape
