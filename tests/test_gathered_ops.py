@@ -150,18 +150,18 @@ def test_int32_and_int64_indices_agree():
 
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("form", ["rows", "cols"])
-def test_split_k_partials_sum_to_the_same_result(form, split_k):
+def test_dot_split_k_partials_sum_to_the_same_result(form, split_k):
     x32 = rand(3, 100, dtype=torch.float32, seed=1)
     w = rand(60, 100, dtype=torch.float32, seed=2)
     b = rand(60, dtype=torch.float32, seed=3)
     if form == "rows":
         idx = make_index(60, 21)
-        out = gathered_mm(x32, w, rows=idx, bias=b, split_k=split_k)
+        out = gathered_mm(x32, w, rows=idx, bias=b, split_k=split_k, path="dot")
         ref = F.linear(x32, w[idx.long()], b[idx.long()])
     else:
         idx = make_index(100, 70)
         h = rand(3, 70, dtype=torch.float32, seed=4)
-        out = gathered_mm(h, w, cols=idx, bias=b, split_k=split_k)
+        out = gathered_mm(h, w, cols=idx, bias=b, split_k=split_k, path="dot")
         ref = F.linear(h, w[:, idx.long()], b)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
 

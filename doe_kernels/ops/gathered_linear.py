@@ -36,7 +36,7 @@ from doe_kernels.ops._config import (
     prune_configs,
     split_k_for,
 )
-from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv
+from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv, sum_partials
 
 __all__ = ["gathered_mm", "grouped_tile", "gathered_linear_op"]
 
@@ -165,9 +165,7 @@ def gathered_mm(
         UPCAST=INTERPRET,
         PRECISION=dot_precision(x.dtype),
     )
-    if split_k > 1:
-        y.copy_(out.sum(0))
-    return y
+    return y if split_k == 1 else sum_partials(out, y)
 
 
 @torch.library.custom_op("doe_kernels::gathered_linear", mutates_args=())
