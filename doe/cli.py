@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,8 +22,22 @@ __all__ = ["main"]
 EPILOG = "Every subcommand has its own --help. Models: 'minilm' (packaged, offline) or a local folder."
 
 
-class UsageError(Exception):
-    """Bad arguments or files: exit code 2."""
+class UsageError(ValueError):
+    """Bad arguments, files or values that the command validates: exit code 2 with the message.
+
+    Raised only where the command checks what the user gave; any other exception is a bug or
+    an environment problem and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def _user_input(what: str, errors: tuple = (ValueError, TypeError, FileNotFoundError)):
+    """Turn ``errors`` raised while reading what the user gave as ``what`` into a UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except errors as exc:
+        raise UsageError(f"{what}: {exc}") from exc
 
 
 def _load_model(name: str, device: Optional[str]):
@@ -36,7 +51,8 @@ def _load_model(name: str, device: Optional[str]):
         return load_minilm(device=device)
     if not Path(name).is_dir():
         raise UsageError(f"--model: expected 'minilm' or a local model folder, got {name!r} (no hub access here)")
-    config = AutoConfig.from_pretrained(name)
+    with _user_input("--model", (OSError, ValueError)):
+        config = AutoConfig.from_pretrained(name)
     cls = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[model_kind(config)]
     return AutoTokenizer.from_pretrained(name), cls.from_pretrained(name).to(device).eval()
 
@@ -48,11 +64,22 @@ def _task(args):
         if not args.labels:
             raise UsageError("--train needs --labels (comma-separated label names in id order)")
         files = {"train": args.train, **({"validation": args.eval_file} if args.eval_file else {})}
-        return local_task(args.task or Path(args.train).stem, files, labels=args.labels.split(","),
-                          text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field)
+        with _user_input("--train"):
+            return local_task(args.task or Path(args.train).stem, files, labels=args.labels.split(","),
+                              text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field)
     if not args.task:
         raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
-    return get_task(args.task)
+    with _user_input("--task"):
+        return get_task(args.task)
+
+
+def _load_data(spec, **limits):
+    """``load_task`` with the data problems a user can fix (missing or malformed files, no hub
+    access for a hub task) reported as usage errors."""
+    from doe.tasks import load_task
+
+    with _user_input("data", (ValueError, FileNotFoundError, ConnectionError)):
+        return load_task(spec, **limits)
 
 
 def _add_model_args(p):
@@ -75,20 +102,22 @@ def _cmd_localize(args) -> int:
     from doe.attribution import AttributionConfig
     from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
     from doe.prompt import PromptTuningConfig
-    from doe.tasks import load_task
 
-    tok, model = _load_model(args.model, args.device)
-    data = load_task(_task(args), max_train=args.max_train, max_eval=args.max_eval)
     keeps = args.keep or [0.35]
-    result = None
-    for keep in keeps:
-        config = ExpertSearchConfig(
+    retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs}
+    with _user_input("localize options"):  # the config classes validate every value
+        configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of),
-            retune_epochs=args.retune_epochs,
-        )
+            **retune,
+        ) for keep in keeps]
+    spec = _task(args)
+    tok, model = _load_model(args.model, args.device)
+    data = _load_data(spec, max_train=args.max_train, max_eval=args.max_eval)
+    result = None
+    for keep, config in zip(keeps, configs):
         result = find_expert(model, tok, data, config,
                              task_model=result.task_model if result else None,
                              scores=result.scores if result else None)
@@ -104,18 +133,23 @@ def _load_experts(paths: Sequence[str]):
 
     if not paths:
         raise UsageError("--experts: give at least one expert folder")
-    return [TaskExpert.from_pretrained(p) for p in paths]
+    with _user_input("--experts", (ValueError, FileNotFoundError)):
+        return [TaskExpert.from_pretrained(p) for p in paths]
 
 
 def _cmd_eval(args) -> int:
     from doe.evaluate import evaluate
     from doe.prompt import TaskModel
-    from doe.tasks import get_task, load_task
+    from doe.tasks import get_task
 
     experts = _load_experts(args.experts)
+    if args.task or args.train:
+        spec = _task(args)
+    else:
+        with _user_input(f"the task of expert {args.experts[0]} (give --task)"):
+            spec = get_task(experts[0].task or "")
     tok, model = _load_model(args.model, args.device)
-    spec = _task(args) if (args.task or args.train) else get_task(experts[0].task or "")
-    data = load_task(spec, max_train=1, max_eval=args.max_eval)
+    data = _load_data(spec, max_train=1, max_eval=args.max_eval)
     own = [e for e in experts if e.task == spec.name and e.dense_prompt is not None]
     if not own:
         raise UsageError(f"--experts: none is an expert of task {spec.name!r} with a dense prompt, which the "
@@ -128,7 +162,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_run(args) -> int:
     from doe.router import TaskRouter
-    from doe.runtime import UnplugAndPlay
+    from doe.runtime import Request, UnplugAndPlay
 
     # Files first, so that a typo fails before a model is loaded.
     path = Path(args.requests)
@@ -138,11 +172,18 @@ def _cmd_run(args) -> int:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                requests.append(json.loads(line))
+                item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
+            with _user_input(f"{path}:{n}"):
+                requests.append(Request.coerce(item, len(requests)))
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
     experts = _load_experts(args.experts)
-    router = TaskRouter.from_pretrained(args.router) if args.router else None
+    with _user_input("--router", (ValueError, FileNotFoundError)):
+        router = TaskRouter.from_pretrained(args.router) if args.router else None
     tok, model = _load_model(args.model, args.device)
     rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size)
     for expert in experts:
@@ -179,7 +220,12 @@ def _cmd_bench(args) -> int:
 
 def _cmd_demo(args) -> int:
     from doe.demo import DemoConfig, run_demo
+    from doe.localize import LocalizationConfig
 
+    with _user_input("--keep"):
+        LocalizationConfig(keep_ratio=args.keep)
+    if args.requests < 1:
+        raise UsageError(f"--requests: expected >= 1, got {args.requests}")
     result = run_demo(DemoConfig(cache=Path(args.cache).expanduser(), keep_ratio=args.keep, requests=args.requests,
                                  fresh=args.fresh, seed=args.seed, device=args.device,
                                  show_progress=not args.quiet))
@@ -196,6 +242,7 @@ def _cmd_tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``doe`` parser: one subcommand per ``_cmd_*`` function."""
     parser = argparse.ArgumentParser(
         prog="doe", description="Decomposition of Experts: find per-task FFN experts of a transformer and "
         "serve many tasks from one model by unplugging the rest.", epilog=EPILOG)
@@ -227,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
     p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")
-    p.add_argument("--retune-epochs", type=int, default=2, help="re-tuning epochs on the expert (default 2; 0 skips)")
+    p.add_argument("--retune-epochs", type=int, default=None,
+                   help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
     p.add_argument("--seed", type=int, default=0)
@@ -266,13 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``doe`` with ``argv``; usage errors exit 2 with a one-line message."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as exc:
-        parser.exit(2, f"doe {args.command}: error: {exc}\n")
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError) as exc:
         parser.exit(2, f"doe {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "interrupted\n")

@@ -77,7 +77,17 @@ def localize(
     task: Optional[str] = None,
     metadata: Optional[dict] = None,
 ) -> TaskExpert:
-    """Keep the top-scoring neurons of every FFN block of ``model``; returns a TaskExpert."""
+    """Keep the top-scoring neurons of every FFN block of ``model``.
+
+    Args:
+        model: the model the scores were computed on.
+        scores: per-block neuron scores (``score_neurons``).
+        config: keep ratio, per-layer or global top-k, rounding.
+        task, metadata: recorded in the expert.
+
+    Returns:
+        A TaskExpert with sorted int32 indices per block (no prompt yet).
+    """
     means = scores.means()
     indices = []
     for m, count in zip(means, _layer_counts(means, config)):
@@ -96,7 +106,7 @@ class ExpertSearchConfig:
     prompt: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
-    retune_epochs: int = 0  # re-tune the prompt on the expert-localized model (0 = skip)
+    retune_epochs: int = 2  # re-tune the prompt on the expert-localized model (0 = skip)
     retune_head_lr: float = 1e-2  # the head only needs to adapt, not to be learned again
 
     def __post_init__(self) -> None:
@@ -113,6 +123,8 @@ class ExpertSearchConfig:
 
 @dataclass
 class ExpertSearchResult:
+    """What ``find_expert`` made: the expert and the steps that can be reused."""
+
     expert: TaskExpert
     task_model: TaskModel  # carries the tuned prompt/head of the dense model
     scores: NeuronScores
@@ -132,6 +144,16 @@ def find_expert(
 
     Pass ``task_model`` (already tuned) and/or ``scores`` to reuse earlier steps, e.g. to
     localize one task at several keep ratios. The expert carries the prompt and head.
+
+    Args:
+        model, tokenizer: the backbone; its weights are not changed.
+        task: a task name, spec, or loaded data.
+        config: prompt tuning, attribution, localization and re-tuning settings.
+        task_model: a TaskModel already tuned on this task (skips prompt tuning).
+        scores: neuron scores already computed (skips attribution).
+
+    Returns:
+        An ExpertSearchResult: the expert, the dense task model, the scores, the tuning run.
     """
     data = task if isinstance(task, TaskData) else load_task(get_task(task))
     tuning = None
