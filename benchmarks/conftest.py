@@ -9,9 +9,8 @@ Sweep, timing mode and weight rotation are chosen by environment variables docum
 ``benchmarks/harness.py`` (DOE_BENCH_SWEEP / DOE_BENCH_QUICK / DOE_BENCH_FULL, DOE_BENCH_TIMING,
 DOE_BENCH_ROTATE_MB, DOE_BENCH_ROUND_MS, DOE_BENCH_ROUNDS, DOE_BENCH_THREADS).
 
-``DOE_BENCH_BUDGET_S=N`` skips every case that would start after N seconds of the session, so a
-run under a hard wall-clock limit (the GPU machine's 10 minutes) still ends normally and writes
-its JSON..
+``DOE_BENCH_BUDGET_S=N`` skips every case that would start after N seconds of the pytest run, so
+a run under a hard wall-clock limit still ends normally and writes its JSON.
 """
 
 from __future__ import annotations

@@ -239,10 +239,19 @@ def run_timed(
     """Time ``calls`` (one per rotated weight copy) with ``benchmark.pedantic``.
 
     One round runs ``inner`` calls, ``calls[i % len(calls)]``, then synchronizes once; the
-    per-call time is ``round time / inner``. ``slow=True`` (the Triton interpreter) means one
-    call per round and two rounds. Everything runs under ``torch.inference_mode()``.
-    Returns the timing facts (inner, rounds, warmup_rounds, timing, rotate_copies) and merges
-    them into ``benchmark.extra_info``.
+    per-call time is ``round time / inner``. Everything runs under ``torch.inference_mode()``.
+
+    Args:
+        benchmark: pytest-benchmark's fixture.
+        calls: zero-argument callables, one per rotated weight copy.
+        device: where they run (what to synchronize).
+        round_ms, rounds, warmup_rounds: default to DOE_BENCH_ROUND_MS / DOE_BENCH_ROUNDS and
+            the device's defaults.
+        slow: the Triton interpreter: one call per round and two rounds.
+
+    Returns:
+        The timing facts (inner, rounds, warmup_rounds, timing, rotate_copies), also merged into
+        ``benchmark.extra_info``.
     """
     if not calls:
         raise ValueError("run_timed: no calls")

@@ -1,4 +1,4 @@
-"""Localization goals on the packaged MiniLM and the offline tasks (issue: finding task experts).
+"""Localization goals on the packaged MiniLM and the offline tasks.
 
     python -m benchmarks.localization [--out benchmarks/results/localization-cpu.md] [--tasks ...]
 

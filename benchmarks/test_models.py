@@ -241,6 +241,7 @@ def _default_device_dtype(device: torch.device, dtype: torch.dtype):
 
 
 def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0) -> nn.Module:
+    """A random BertModel / LlamaModel of ``cfg``, built on ``device`` in its dtype, frozen, eval."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -303,7 +304,16 @@ def amdahl(cfg: ModelCfg, batch: int, seq: int, keep: Optional[float]) -> dict:
     """The speed-up an ideal expert could give: 1 / ((1 - f) + f * keep), f = the FFN's share of
     a layer's cost. Below 256 tokens a forward is weight-bandwidth-bound, so f is the FFN's share
     of the layer's weight bytes; from 256 tokens on, its share of the FLOPs (projections plus
-    attention scores). Ignores embeddings, norms, softmax and launch overhead."""
+    attention scores). Ignores embeddings, norms, softmax and launch overhead.
+
+    Args:
+        cfg: the model's shape.
+        batch, seq: the input's shape.
+        keep: the keep ratio (None: the share only).
+
+    Returns:
+        ``ffn_share`` (f), ``ideal_basis`` and, with ``keep``, ``ideal_speedup``.
+    """
     H, I = cfg.hidden, cfg.inter
     hd = H // cfg.heads
     q, kv = cfg.heads * hd, cfg.kv_heads * hd

@@ -40,6 +40,8 @@ _NEEDS_GRAD = ("attribution", "gradient", "integrated_gradients")
 
 @dataclass
 class AttributionConfig:
+    """How neurons are scored (``METHODS``, gradient ``TARGETS``) and on how many examples."""
+
     method: str = "attribution"
     target: str = "logit"  # what the gradient is of: the gold label's logit or its log-probability
     batch_size: int = 16

@@ -22,6 +22,8 @@ __all__ = ["EvalRow", "EvalReport", "evaluate", "score_task_model"]
 
 @dataclass
 class EvalRow:
+    """One model's metric and median latency per batch on the held-out split."""
+
     name: str
     keep_ratio: float
     metric: float
@@ -31,6 +33,8 @@ class EvalRow:
 
 @dataclass
 class EvalReport:
+    """The rows of one evaluation (dense first); ``to_markdown`` renders them."""
+
     task: str
     metric_name: str
     batch_size: int
@@ -85,7 +89,19 @@ def evaluate(
     max_eval: Optional[int] = None,
 ) -> EvalReport:
     """Metric and latency on ``data.eval``: the dense prompt-tuned ``dense`` and each expert
-    (with its own prompt and head if it carries them and is this task's, else ``dense``'s)."""
+    (with its own prompt and head if it carries them and is this task's, else ``dense``'s).
+
+    Args:
+        model, tokenizer: the backbone ``dense`` and the experts were made for.
+        data: the task; its held-out split is scored.
+        dense: the prompt-tuned TaskModel on the dense model (the baseline row).
+        experts: unplugged in turn, each scored with its own (or ``dense``'s) prompt and head.
+        batch_size: examples per forward; latency is the median per batch.
+        max_eval: score only the first ``max_eval`` held-out examples.
+
+    Returns:
+        An EvalReport: one row for dense, then one per expert, with speed-ups over dense.
+    """
     examples = data.eval[:max_eval] if max_eval else data.eval
     if not examples:
         raise ValueError(f"evaluate: task {data.spec.name!r} has no evaluation examples")

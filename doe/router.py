@@ -24,7 +24,13 @@ _WEIGHTS = "router.safetensors"
 @torch.no_grad()
 def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
                 max_length: int = 64) -> torch.Tensor:
-    """(N, hidden) fp32 mean-pooled last hidden states of the dense model (no prompt)."""
+    """(N, hidden) fp32 mean-pooled last hidden states of the dense model (no prompt).
+
+    Args:
+        model, tokenizer: the dense backbone and its tokenizer.
+        texts: N texts.
+        batch_size, max_length: texts per forward, tokens per text.
+    """
     device = next(model.parameters()).device
     kind = model_kind(model)
     out = []
@@ -60,7 +66,16 @@ class TaskRouter:
     @classmethod
     def fit(cls, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]], *,
             steps: int = 300, lr: float = 0.5, weight_decay: float = 1e-4, seed: int = 0) -> "TaskRouter":
-        """Train on each task's example texts (full-batch Adam on cached embeddings: seconds)."""
+        """Train on each task's example texts (full-batch Adam on cached embeddings: seconds).
+
+        Args:
+            model, tokenizer: the dense backbone whose embeddings the router reads.
+            texts_by_task: task name -> its example texts (every task needs some).
+            steps, lr, weight_decay, seed: of the Adam fit.
+
+        Returns:
+            A TaskRouter over the tasks, in ``texts_by_task`` order.
+        """
         empty = [t for t, texts in texts_by_task.items() if not texts]
         if empty or not texts_by_task:
             raise ValueError(f"router: every task needs example texts; none for {empty or 'any task'}")

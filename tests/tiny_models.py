@@ -110,8 +110,12 @@ def make_config(family: str):
 def make_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *, head: bool = True) -> nn.Module:
     """A tiny random model of ``family`` in eval mode (2 layers, hidden 32, FFN 88, vocab 128).
 
-    ``head=True`` gives *ForSequenceClassification (encoders, 3 labels), *ForCausalLM
-    (decoders) or T5ForConditionalGeneration; ``head=False`` the base model.
+    Args:
+        family: one of :data:`FAMILIES`.
+        seed: of the random weights.
+        dtype: of the parameters.
+        head: *ForSequenceClassification (encoders, 3 labels), *ForCausalLM (decoders) or
+            T5ForConditionalGeneration; False: the base model.
     """
     config = make_config(family)
     _, _, head_cls, base_cls = _FAMILY_TABLE[family]
@@ -121,8 +125,14 @@ def make_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *,
 
 
 def sample_inputs(model: nn.Module, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ``input_ids`` / ``attention_mask`` (row 1 has its last 2 tokens padded); T5 also gets
-    ``decoder_input_ids``."""
+    """Random ``input_ids`` / ``attention_mask`` (batch, seq) (row 1 has its last 2 tokens padded);
+    T5 also gets ``decoder_input_ids`` (batch, seq - 2).
+
+    Args:
+        model: the tiny model (its config and device).
+        batch, seq: the shape.
+        seed: of the random ids.
+    """
     config = model.config
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, config.vocab_size, (batch, seq), generator=gen)
