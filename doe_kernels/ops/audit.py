@@ -220,10 +220,10 @@ def _tool(name: str) -> str:
 def unavailable_reason() -> Optional[str]:
     """None when this Triton can compile for a GPU target here, else why not."""
     try:
-        import triton  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-        from triton.compiler.compiler import make_backend  # noqa: F401
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import make_backend
         from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
 
         if not hasattr(JITFunction, "_pack_args"):
@@ -232,6 +232,14 @@ def unavailable_reason() -> Optional[str]:
         _tool("cuobjdump")
     except (ImportError, AuditUnavailable) as exc:
         return f"cannot compile for a GPU target with this Triton: {exc}"
+    try:  # the JIT's binder and ASTSource as this module calls them (internal APIs that move)
+        case = cases(archs=(90,), dtypes=("bf16",), kernels=("linear",))[0]
+        fn = _kernels()["linear"][0].fn
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        signature, constexprs, attrs, _ = _specialise(fn, backend, _args(case), {"num_warps": 4, "num_stages": 2})
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    except Exception as exc:
+        return f"triton {triton.__version__}: its JIT specialisation API differs ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -456,6 +464,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     try:
         rows = run(cases(args.arch, args.dtype, args.kernel), jobs=args.jobs)
     except AuditUnavailable as exc:
