@@ -64,7 +64,7 @@ ALLOWED_SPILLS = {
                         "so the form runs only when layout='original' is asked for"),
 }
 
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 
 
 class AuditUnavailable(RuntimeError):
@@ -270,38 +270,45 @@ def config_of(case: Case):
 
 
 def _compile(case: Case) -> Row:
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
+    fn = _kernels()[case.kernel][0].fn
+    target = GPUTarget("cuda", case.arch, 32)
+    return _build(Row(case), fn, target, make_backend(target))
+
+
+def _annotate(row: Row) -> Row:
+    """What the launcher does with the row's config on its target (not cached: the config
+    lists and prune rules change without the kernel source changing)."""
+    import triton
+
     from doe_kernels.ops._config import SMEM_LIMIT, select_configs, smem_bytes
 
+    case = row.case
     kernel, weights, _ = _kernels()[case.kernel]
-    fn = kernel.fn
-    target = GPUTarget("cuda", case.arch, 32)
-    backend = make_backend(target)
-    config = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), case.block)),
-                           num_warps=case.num_warps, num_stages=case.num_stages)
     elem = 2
     limit = SMEM_LIMIT[case.arch // 10]
+    row.pruned = ""
     if case.kernel in GEMV_KERNELS:  # no tiles staged in shared memory: only reductions use it
-        row = Row(case, smem_bound=limit)
+        row.stage_bytes, row.smem_bound = 0, limit
         prune = kernel.early_config_prune
         if prune is not None:
             args = _args(case)
             kept = prune(kernel.configs, args, **args)
             if _config_key(config_of(case)) not in {_config_key(c) for c in kept}:
                 row.pruned = "form"
-        return _build(row, fn, target, backend)
+        return row
+    config = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), case.block)),
+                           num_warps=case.num_warps, num_stages=case.num_stages)
     one_stage = triton.Config(config.kwargs, num_warps=case.num_warps, num_stages=1)
     assumed = getattr(kernel.early_config_prune, "weights", 1)  # what the launcher's prune assumes
-    row = Row(case, stage_bytes=smem_bytes(one_stage, elem, weights),
-              smem_bound=smem_bytes(config, elem, assumed, case.arch))
+    row.stage_bytes = smem_bytes(one_stage, elem, weights)
+    row.smem_bound = smem_bytes(config, elem, assumed, case.arch)
     launched = select_configs(kernel.configs, _args(case)["M_BUCKET"], elem, assumed, case.arch, limit)
     if _config_key(config) not in {_config_key(c) for c in launched}:
-        lowest = next((getattr(c, "min_arch", 0) for c in kernel.configs if _config_key(c) == _config_key(config)), 0)
-        row.pruned = "arch" if lowest > case.arch else "smem"
-    return _build(row, fn, target, backend)
+        row.pruned = "arch" if getattr(config_of(case), "min_arch", 0) > case.arch else "smem"
+    return row
 
 
 def _build(row: Row, fn, target, backend) -> Row:
@@ -382,7 +389,7 @@ def _cached_compile(case: Case) -> Row:
     path = _cache_dir() / f"{_cache_key(case)}.json"
     if path.exists():
         try:
-            return Row.from_json(json.loads(path.read_text()))
+            return _annotate(Row.from_json(json.loads(path.read_text())))
         except (ValueError, TypeError, KeyError):
             pass
     row = _compile(case)
@@ -393,7 +400,7 @@ def _cached_compile(case: Case) -> Row:
         tmp.replace(path)
     except OSError:
         pass
-    return row
+    return _annotate(row)
 
 
 def run(case_list, jobs: int = 2) -> list:
