@@ -150,8 +150,7 @@ class TaskExpert:
         self._num_neurons = sizes
         self._versions = tuple(t._version for t in self._indices)
         self._digest = _digest(self._indices)
-        self._staged: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._staged_versions: dict[str, tuple[int, ...]] = {}
+        self._staged: dict[str, tuple[tuple[torch.Tensor, ...], tuple[int, ...]]] = {}
         for name, value in (("prompt", prompt), ("dense_prompt", dense_prompt)):
             if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
                 raise ValueError(f"{name}: expected a (n_tokens, hidden) tensor, got "
@@ -241,12 +240,11 @@ class TaskExpert:
         its version counter, without a device sync) is staged again from the validated ids."""
         self.verify()
         key = str(torch.device(device))
-        staged = self._staged.get(key)
-        if staged is None or tuple(t._version for t in staged) != self._staged_versions[key]:
+        entry = self._staged.get(key)
+        if entry is None or tuple(t._version for t in entry[0]) != entry[1]:
             staged = tuple(idx.to(device, copy=True) for idx in self._indices)
-            self._staged[key] = staged
-            self._staged_versions[key] = tuple(t._version for t in staged)
-        return staged
+            entry = self._staged[key] = (staged, tuple(t._version for t in staged))  # one store
+        return entry[0]
 
     @property
     def num_blocks(self) -> int:

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 __all__ = ["model_lock"]
 
-_GUARD = threading.Lock()
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 
 
@@ -23,8 +22,9 @@ def model_lock(model: nn.Module) -> threading.RLock:
     ``doe.unplugged``, ``doe.unplug_``, ``doe.restore_`` and the runtime take it. Code that
     calls ``unplug_`` and then runs the model from several threads must hold it around both.
     """
-    with _GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
+    lock = _LOCKS.get(model)
+    if lock is None:
+        # setdefault: one dict operation, so two threads agree on one lock without a guard
+        # lock (which an interrupt between acquire and release could leave held).
+        lock = _LOCKS.setdefault(model, threading.RLock())
+    return lock

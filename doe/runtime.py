@@ -197,7 +197,8 @@ class UnplugAndPlay:
         backend); returns milliseconds spent."""
         expert = target.expert if isinstance(target, Installed) else target
         backend = target.backend if isinstance(target, Installed) else None
-        if current_expert(self.model) is expert:
+        now = installed(self.model)
+        if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete):
             return 0.0
         device = self._device()
         synchronize(device)

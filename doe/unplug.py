@@ -82,17 +82,22 @@ def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]
 
 
 class Installed(NamedTuple):
-    """What ``unplug_`` installed: pass it back as ``unplug_(model, i.expert, backend=i.backend)``."""
+    """What ``unplug_`` installed: pass it back as ``unplug_(model, i.expert, backend=i.backend)``.
+
+    complete is False after an interrupted unplug_ / restore_: the model may be half-swapped
+    until the next ``unplug_`` (which completes it) or ``restore_``.
+    """
 
     expert: TaskExpert
     backend: str
     layout: str
+    complete: bool
 
 
 def installed(model: nn.Module) -> Optional[Installed]:
     """The expert installed in ``model`` (or a submodule) with its backend and layout, else None."""
     state = _find_state(model)[1]
-    return None if state is None else Installed(state.expert, state.backend, state.layout)
+    return None if state is None else Installed(state.expert, state.backend, state.layout, state.complete)
 
 
 def is_unplugged(model: nn.Module) -> bool:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 
@@ -21,13 +20,21 @@ BACKENDS = ("auto", "triton", "torch")
 _local = threading.local()
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - triton is a dependency, but may be broken on exotic hosts
         return False
     return True
+
+
+# Decided once at import: a plain constant keeps torch.compile from tracing through a cache.
+_TRITON = _import_triton()
+
+
+def triton_available() -> bool:
+    """True when triton imports on this host."""
+    return _TRITON
 
 
 def _check_name(backend: str) -> str:

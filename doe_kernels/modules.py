@@ -149,23 +149,30 @@ class _Wrapper(nn.Module):
         self._name = name
         self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
 
-    def set_indices(self, indices: torch.Tensor, *, validated: bool = False) -> None:
+    def set_indices(self, indices: torch.Tensor, *, validated: bool = False, in_place: bool = False) -> None:
         """Switch to another kept set (an index swap; no weight is touched).
 
         indices: (n,) sorted unique neuron ids. ``validated=True`` skips the value checks (which
         read the tensor: a device sync) for ids already checked by ``validate_indices`` and
-        living on this module's device; metadata is still checked.
+        living on this module's device; metadata is still checked. ``in_place=True`` copies
+        the ids into the current buffer instead of rebinding it, so a captured CUDA graph sees
+        them; it needs ``n`` equal to the current count.
         """
         if not validated:
-            self.indices = validate_indices(indices, self.total, name=self._name).to(self.indices.device)
-            return
-        if (not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1
+            indices = validate_indices(indices, self.total, name=self._name).to(self.indices.device)
+        elif (not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1
                 or not 0 < indices.numel() <= self.total or indices.device != self.indices.device):
             got = (f"{tuple(indices.shape)} {indices.dtype} on {indices.device}" if isinstance(indices, torch.Tensor)
                    else type(indices).__name__)
             raise ValueError(f"{self._name}: expected a validated 1-D int32 tensor of 1..{self.total} ids on "
                              f"{self.indices.device}, got {got}")
-        self.indices = indices
+        if not in_place:
+            self.indices = indices
+            return
+        if indices.shape != self.indices.shape:
+            raise ValueError(f"{self._name}: an in-place switch needs {self.indices.numel()} ids (the current "
+                             f"count), got {indices.numel()}")
+        self.indices.copy_(indices)
 
     def train(self, mode: bool = True):
         super().train(mode)

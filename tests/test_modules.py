@@ -73,6 +73,22 @@ def test_set_indices_switches_and_validates():
         GatheredLinear(nn.ReLU(), _idx([0]), mode="rows")
 
 
+def test_in_place_set_indices_keeps_the_buffer():
+    up = _linear(16, 20, 0)
+    g = GatheredLinear(up, _idx([0, 1, 2]), mode="rows", backend="torch")
+    buffer = g.indices
+    g.set_indices(_idx([4, 9, 11]), validated=True, in_place=True)
+    assert g.indices is buffer and buffer.tolist() == [4, 9, 11]
+    x = torch.randn(2, 16, device=DEVICE)
+    li = torch.tensor([4, 9, 11], device=DEVICE)
+    torch.testing.assert_close(g(x), F.linear(x, up.weight[li], up.bias[li]))
+    with pytest.raises(ValueError, match="in-place switch needs 3 ids"):
+        g.set_indices(_idx([1, 2]), in_place=True)
+    with pytest.raises(ValueError, match="expected a validated 1-D int32 tensor"):
+        g.set_indices(torch.tensor([1, 2, 3]), validated=True)  # int64: not what validation returns
+    assert buffer.tolist() == [4, 9, 11]
+
+
 def test_indices_buffer_is_not_in_state_dict():
     up = _linear(8, 12, 0)
     g = GatheredLinear(up, _idx([1, 2]), mode="rows")

@@ -97,7 +97,7 @@ def test_print_shows_kept_neurons():
     with doe.unplugged(model, expert):
         text = repr(model)
     n = doe.find_ffn_blocks(model)[0].num_neurons
-    assert f"GatheredLinear(\n" in text and f"mode=rows, kept={expert.kept[0]}/{n}" in text
+    assert f"GatheredLinear(mode=rows, kept={expert.kept[0]}/{n}, base_layer=Linear(" in text
     assert f"mode=cols, kept={expert.kept[0]}/{n}" in text
 
 
@@ -257,16 +257,3 @@ def test_model_can_be_deep_copied_after_use():
         pass
     clone = copy.deepcopy(model)
     assert torch.equal(model_logits(clone, inputs), model_logits(model, inputs))
-
-
-def test_torch_compile_runs_the_unplugged_model():
-    # Best effort per the design: the PyTorch-reference path traces; the Triton path under
-    # torch.compile needs a GPU to check.
-    model = make_tiny("llama")
-    inputs = sample_inputs(model)
-    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35))
-    want = model_logits(sliced_copy(model, expert.indices), inputs)
-    with doe.unplugged(model, expert, backend="torch"):
-        compiled = torch.compile(model)
-        got = model_logits(compiled, inputs)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
