@@ -23,9 +23,16 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from doe_kernels.ops import gathered_glu, gathered_linear
+from doe_kernels.dispatch import resolve_backend
+from doe_kernels.ops.api import glu_unchecked, linear_unchecked
 from doe_kernels.reference import activation_fn, canonical_activation
-from doe_kernels.validation import validate_indices
+from doe_kernels.validation import (
+    check_glu_args,
+    check_linear_args,
+    glu_args_ok,
+    linear_args_ok,
+    validate_indices,
+)
 
 __all__ = [
     "GatheredLinear",
@@ -126,6 +133,36 @@ def _call_hooked(module: nn.Module, fn: Callable, *args):
     return out
 
 
+def _stale(name: str, total: int, weight: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"{name}: validated against {total} neurons, but the weight is now {tuple(weight.shape)}; "
+        "call set_indices with ids for the new weight"
+    )
+
+
+def _linear(x, weight, bias, idx, rows: bool, total: int, backend: str, name: str) -> torch.Tensor:
+    """A gathered linear on a wrapper's own indices (validated against ``total`` when set):
+    the cheap metadata check, the full one only to raise, then the unchecked op."""
+    if not linear_args_ok(x, weight, bias, idx, rows, total):
+        check_linear_args(x, weight, bias, idx if rows else None, None if rows else idx)
+        raise _stale(name, total, weight)
+    return linear_unchecked(x, weight, bias, idx, rows, backend)
+
+
+def _weight_bias(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(module.weight, module.bias)``, read from the parameter dict when they live there
+    (attribute lookup on an nn.Module is slow); parametrized layers fall back to getattr."""
+    params = module._parameters
+    w = params.get("weight")
+    if w is None:
+        w = module.weight
+    return w, (params["bias"] if "bias" in params else getattr(module, "bias", None))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The original layer behind a gathered wrapper, or ``module`` itself."""
     return module.base_layer if isinstance(module, _Wrapper) else module
@@ -200,11 +237,11 @@ class GatheredLinear(_Wrapper):
         self.backend = backend
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        w = base.weight.t() if self._transposed else base.weight
-        if self.mode == "rows":
-            return gathered_linear(x, w, base.bias, rows=self.indices, backend=self.backend)
-        return gathered_linear(x, w, base.bias, cols=self.indices, backend=self.backend)
+        w, b = _weight_bias(self.base_layer)
+        if self._transposed:
+            w = w.t()
+        return _linear(x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
+                       resolve_backend(self.backend, x), self._name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -249,32 +286,43 @@ class GatheredGatedMLP(_Wrapper):
             )
         activation = canonical_activation(activation) if isinstance(activation, str) else activation
         super().__init__(base_layer, indices, up.weight.shape[0], "gated FFN indices", up.weight.device)
-        self.activation = activation
+        # In __dict__: an activation module must not be registered into the shared submodules.
+        self.__dict__["activation"] = activation
         # A tuple, so nn.Module does not register them twice: they live in the shared submodules.
         self._layers = (gate, up, down, dropout)
         self.backend = backend
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down, dropout = self._layers
-        idx, backend = self.indices, self.backend
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (gate, up, down))
+        idx, total, name = self._buffers["indices"], self.total, self._name
+        backend = resolve_backend(self.backend, x)
+        hooked = _has_hooks(gate) or _has_hooks(up) or _has_hooks(down)
+
+        def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
+            w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
+            return _linear(t, w, b, idx, rows, total, backend, name)
+
         if isinstance(self.activation, str) and not hooked:
-            h = gathered_glu(
-                x, gate.weight, up.weight, rows=idx, activation=self.activation,
-                gate_bias=gate.bias, up_bias=up.bias, backend=backend,
-            )
+            wg, bg = _weight_bias(gate)
+            wu, bu = _weight_bias(up)
+            if not glu_args_ok(x, wg, wu, bg, bu, idx, total):
+                check_glu_args(x, wg, wu, idx, bg, bu)
+                raise _stale(name, total, wu)
+            h = glu_unchecked(x, wg, wu, bg, bu, idx, self.activation, backend)
         else:
             act = activation_fn(self.activation) if isinstance(self.activation, str) else self.activation
-            g = _call_hooked(gate, lambda t: gathered_linear(t, gate.weight, gate.bias, rows=idx, backend=backend), x)
-            u = _call_hooked(up, lambda t: gathered_linear(t, up.weight, up.bias, rows=idx, backend=backend), x)
+            g = _call_hooked(gate, lambda t: linear(gate, t, True), x)
+            u = _call_hooked(up, lambda t: linear(up, t, True), x)
             h = act(g) * u
-        if dropout is not None:
+        # An eval-mode nn.Dropout without hooks returns its input: skip the module call.
+        if dropout is not None and (dropout.training or type(dropout) is not nn.Dropout or _has_hooks(dropout)):
             h = dropout(h)
-        if h.dtype != down.weight.dtype:
-            h = h.to(down.weight.dtype)
+        wd = _weight_bias(down)[0]
+        if h.dtype != wd.dtype:
+            h = h.to(wd.dtype)
         if hooked:
-            return _call_hooked(down, lambda t: gathered_linear(t, down.weight, down.bias, cols=idx, backend=backend), h)
-        return gathered_linear(h, down.weight, down.bias, cols=idx, backend=backend)
+            return _call_hooked(down, lambda t: linear(down, t, False), h)
+        return linear(down, h, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

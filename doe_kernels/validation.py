@@ -3,7 +3,9 @@
 Two levels: ``validate_indices`` checks values (range, order, duplicates). It reads the
 index tensor, which on a GPU means a device sync, so callers run it once when an expert is
 built or installed. ``check_*`` functions look only at metadata (shapes, dtypes, devices) and
-run on every op call.
+run on every op call. ``linear_args_ok`` / ``glu_args_ok`` are their fast forms for indices
+that ``validate_indices`` already turned into a 1-D int32 tensor: one boolean, no messages
+(callers run the ``check_*`` function when it is False, for the error).
 """
 
 from __future__ import annotations
@@ -137,3 +139,49 @@ def check_glu_args(x, gate_weight, up_weight, rows, gate_bias, up_bias) -> None:
         raise ValueError(f"rows: {rows.shape[0]} indices for a weight with only {n_out} output features")
     _check_bias(gate_bias, gate_weight, n_out, "gate_bias")
     _check_bias(up_bias, up_weight, n_out, "up_bias")
+
+
+def _bias_ok(bias: Optional[torch.Tensor], weight: torch.Tensor, size: int) -> bool:
+    return bias is None or (
+        bias.shape == (size,) and bias.dtype == weight.dtype and bias.device == weight.device
+    )
+
+
+def linear_args_ok(x, weight, bias, idx, rows: bool, total: int) -> bool:
+    """True when ``check_linear_args`` would pass and ``weight`` still has ``total`` neurons on
+    the gathered axis (the bound ``idx`` was validated against). ``idx``: 1-D int32."""
+    if weight.dim() != 2 or x.dim() == 0:
+        return False
+    n_out, n_in = weight.shape
+    device = weight.device
+    return (
+        x.dtype == weight.dtype
+        and x.dtype.is_floating_point
+        and x.device == device
+        and idx.device == device
+        and (n_out if rows else n_in) == total
+        and x.shape[-1] == (n_in if rows else idx.shape[0])
+        and _bias_ok(bias, weight, n_out)
+    )
+
+
+def glu_args_ok(x, gate_weight, up_weight, gate_bias, up_bias, idx, total: int) -> bool:
+    """True when ``check_glu_args`` would pass and the weights still have ``total`` rows (the
+    bound ``idx`` was validated against). ``idx``: 1-D int32."""
+    if gate_weight.dim() != 2 or x.dim() == 0:
+        return False
+    n_out, n_in = gate_weight.shape
+    device = gate_weight.device
+    return (
+        gate_weight.shape == up_weight.shape
+        and x.dtype == gate_weight.dtype
+        and x.dtype.is_floating_point
+        and up_weight.dtype == x.dtype
+        and x.device == device
+        and up_weight.device == device
+        and idx.device == device
+        and n_out == total
+        and x.shape[-1] == n_in
+        and _bias_ok(gate_bias, gate_weight, n_out)
+        and _bias_ok(up_bias, up_weight, n_out)
+    )

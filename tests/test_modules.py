@@ -158,3 +158,17 @@ def test_to_neuron_major_keeps_parameter_and_values():
     x = torch.randn(3, 40, device=DEVICE)
     torch.testing.assert_close(down(x), F.linear(x, before, down.bias))
     assert to_row_major_(down.weight) and down.weight.is_contiguous() and torch.equal(down.weight, before)
+
+
+def test_forward_still_rejects_inputs_and_weights_the_indices_do_not_fit():
+    # The wrappers skip re-checking their own validated indices, not the rest of the metadata.
+    idx = _idx([1, 4, 7])
+    rows = GatheredLinear(_linear(8, 10, seed=0), idx, mode="rows", backend="torch")
+    with pytest.raises(TypeError, match="dtype"):
+        rows(torch.randn(2, 8, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="last dimension"):
+        rows(torch.randn(2, 9, device=DEVICE))
+    rows.base_layer.weight = nn.Parameter(torch.randn(6, 8, device=DEVICE))
+    rows.base_layer.bias = None
+    with pytest.raises(ValueError, match="validated against 10 neurons"):
+        rows(torch.randn(2, 8, device=DEVICE))

@@ -1,4 +1,8 @@
-"""Public gathered ops: checks, backend dispatch, then the Triton custom op or the reference."""
+"""Public gathered ops: checks, backend dispatch, then the Triton custom op or the reference.
+
+``linear_unchecked`` / ``glu_unchecked`` are the part after the checks, for callers that
+guarantee the metadata themselves (the wrapper modules); they are not exported.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,30 @@ from doe_kernels.reference import canonical_activation, gathered_glu_ref, gather
 from doe_kernels.validation import check_glu_args, check_linear_args
 
 __all__ = ["gathered_linear", "gathered_glu"]
+
+
+def linear_unchecked(x, weight, bias, idx, rows: bool, backend: str) -> torch.Tensor:
+    """``gathered_linear`` after its checks: metadata already checked, ``backend`` resolved
+    ("triton" or "torch"). ``rows`` True gathers output neurons, False input neurons."""
+    if backend == "torch":
+        if rows:
+            return gathered_linear_ref(x, weight, bias, rows=idx)
+        return gathered_linear_ref(x, weight, bias, cols=idx)
+    from doe_kernels.ops.gathered_linear import gathered_linear_op
+
+    return gathered_linear_op(x, weight, bias, idx, rows)
+
+
+def glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation: str, backend: str) -> torch.Tensor:
+    """``gathered_glu`` after its checks: metadata already checked, ``activation`` canonical,
+    ``backend`` resolved ("triton" or "torch")."""
+    if backend == "torch":
+        return gathered_glu_ref(
+            x, gate_weight, up_weight, rows=idx, activation=activation, gate_bias=gate_bias, up_bias=up_bias
+        )
+    from doe_kernels.ops.gathered_glu import gathered_glu_op
+
+    return gathered_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
 
 
 def gathered_linear(
@@ -32,11 +60,7 @@ def gathered_linear(
     backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors).
     """
     idx, form = check_linear_args(x, weight, bias, rows, cols)
-    if resolve_backend(backend, x) == "torch":
-        return gathered_linear_ref(x, weight, bias, rows=rows, cols=cols)
-    from doe_kernels.ops.gathered_linear import gathered_linear_op
-
-    return gathered_linear_op(x, weight, bias, idx, form == "rows")
+    return linear_unchecked(x, weight, bias, idx, form == "rows", resolve_backend(backend, x))
 
 
 def gathered_glu(
@@ -58,10 +82,4 @@ def gathered_glu(
     """
     check_glu_args(x, gate_weight, up_weight, rows, gate_bias, up_bias)
     activation = canonical_activation(activation)
-    if resolve_backend(backend, x) == "torch":
-        return gathered_glu_ref(
-            x, gate_weight, up_weight, rows=rows, activation=activation, gate_bias=gate_bias, up_bias=up_bias
-        )
-    from doe_kernels.ops.gathered_glu import gathered_glu_op
-
-    return gathered_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, rows, activation)
+    return glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, rows, activation, resolve_backend(backend, x))
