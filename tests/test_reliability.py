@@ -489,6 +489,23 @@ def test_a_forward_hook_that_changes_the_output_is_honoured():
     torch.testing.assert_close(got, model_logits(ref, inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_hooked_activation_module_fires_and_the_original_block_is_untouched():
+    model = make_tiny("llama")
+    inputs = sample_inputs(model)
+    expert = expert_for(model, 1)
+    block = doe.find_ffn_blocks(model)[0]
+    want = model_logits(sliced_copy(model, expert.indices), inputs)
+    children = dict(block.container._modules)
+    seen = []
+    handle = block.act_module.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    with doe.unplugged(model, expert):
+        got = model_logits(model, inputs)
+    handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert seen == [(*inputs["input_ids"].shape, expert.kept[0])]
+    assert dict(block.container._modules) == children
+
+
 def test_backward_hooks_are_refused_by_name():
     model = make_tiny("bert")
     inputs = sample_inputs(model)
