@@ -12,6 +12,7 @@ sm_90 and sm_80) chose them. They have not yet been timed on an H100 here.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -171,6 +172,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def resolve_split_k(split_k: Optional[int], m: int, n: int, k: int, device: torch.device) -> int:
+    """The split-K factor a launcher uses: ``split_k`` (None: ``split_k_for``), at most one K
+    slice per 16 columns and at least 1."""
+    if split_k is None:
+        split_k = split_k_for(m, n, k, device)
+    return max(1, min(split_k, triton.cdiv(k, 16)))
 
 
 def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:

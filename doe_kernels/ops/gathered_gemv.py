@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._config import INTERPRET, split_k_for
+from doe_kernels.ops._config import INTERPRET, resolve_split_k
 
 __all__ = ["GEMV_MAX_M", "gathered_gemv", "gemv_configs"]
 
@@ -154,6 +154,27 @@ def sum_partials(partials: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def prepare_linear(x, w, rows, cols, bias, split_k):
+    """The prologue both gathered-linear launchers share.
+
+    Returns (y, out, idx, split_k): y (M, N) the result; out where the kernel writes (y, or fp32
+    partials (split_k, M, N)); split_k 0 when y is already complete (M, N or K is zero).
+    """
+    is_rows = rows is not None
+    idx = rows if is_rows else cols
+    M, K = x.shape
+    N = idx.numel() if is_rows else w.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y, y, idx, 0
+    if K == 0:
+        y = y.zero_() if bias is None else y.copy_((bias[idx] if is_rows else bias).expand(M, N))
+        return y, y, idx, 0
+    split_k = resolve_split_k(split_k, M, N, K, x.device)
+    out = y if split_k == 1 else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+    return y, out, idx, split_k
+
+
 def gathered_gemv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -167,19 +188,11 @@ def gathered_gemv(
 
     x: (M, K); w: (N_full, K_full), any strides; rows: (n,) -> out (M, n); cols: (k,) -> out (M, N_full).
     """
-    is_rows = rows is not None
-    idx = rows if is_rows else cols
-    M, K = x.shape
-    N = idx.numel() if is_rows else w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
+    if not split_k:
         return y
-    if K == 0:
-        return y.zero_() if bias is None else y.copy_((bias[idx] if is_rows else bias).expand(M, N))
-    if split_k is None:
-        split_k = split_k_for(M, N, K, x.device)
-    split_k = max(1, min(split_k, triton.cdiv(K, 16)))
-    out = y if split_k == 1 else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+    is_rows = rows is not None
+    (M, K), N = x.shape, y.shape[1]
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), split_k)

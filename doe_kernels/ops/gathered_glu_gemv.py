@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import apply_activation
-from doe_kernels.ops._config import INTERPRET, split_k_for
+from doe_kernels.ops._config import INTERPRET, resolve_split_k
 from doe_kernels.ops.gathered_gemv import gemv_block_m, k_range
 
 __all__ = ["gathered_glu_gemv", "glu_gemv_configs"]
@@ -131,9 +131,7 @@ def gathered_glu_gemv(
     M, K = x.shape
     N = rows.numel()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if split_k is None:
-        split_k = split_k_for(M, N, K, x.device)
-    split_k = max(1, min(split_k, triton.cdiv(K, 16)))
+    split_k = resolve_split_k(split_k, M, N, K, x.device)
     partials = y if split_k == 1 else torch.empty((split_k, 2, M, N), device=x.device, dtype=torch.float32)
 
     def grid(meta):

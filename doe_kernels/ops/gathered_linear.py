@@ -34,9 +34,8 @@ from doe_kernels.ops._config import (
     dot_precision,
     m_bucket,
     prune_configs,
-    split_k_for,
 )
-from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv, sum_partials
+from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
 
 __all__ = ["gathered_mm", "grouped_tile", "gathered_linear_op"]
 
@@ -135,19 +134,11 @@ def gathered_mm(
     """
     if path == "gemv" or (path == "auto" and x.shape[0] <= GEMV_MAX_M):
         return gathered_gemv(x, w, rows=rows, cols=cols, bias=bias, split_k=split_k)
-    is_rows = rows is not None
-    idx = rows if is_rows else cols
-    M, K = x.shape
-    N = idx.numel() if is_rows else w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
+    y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
+    if not split_k:
         return y
-    if K == 0:
-        return y.zero_() if bias is None else y.copy_((bias[idx] if is_rows else bias).expand(M, N))
-    if split_k is None:
-        split_k = split_k_for(M, N, K, x.device)
-    split_k = max(1, min(split_k, triton.cdiv(K, 16)))
-    out = y if split_k == 1 else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+    is_rows = rows is not None
+    (M, K), N = x.shape, y.shape[1]
     stride_ys = 0 if split_k == 1 else out.stride(0)
 
     def grid(meta):
