@@ -3,6 +3,7 @@
     doe demo                                   the whole story, offline, on the packaged MiniLM
     doe localize --task offline_sentiment --out experts/sentiment
     doe eval --experts experts/sentiment
+    doe router fit --experts experts/* --out router/
     doe run --experts experts/* --router router/ --requests in.jsonl --out out.jsonl
     doe bench --suite kernels --out results/
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,6 +43,48 @@ def _user_input(what: str, errors: tuple = (ValueError, TypeError, FileNotFoundE
         raise UsageError(f"{what}: {exc}") from exc
 
 
+def _check_device(device: Optional[str]) -> None:
+    """Reject a device this build of torch cannot use, before any work."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: {device!r} was asked for but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device: {device!r} was asked for but only {torch.cuda.device_count()} CUDA "
+                             "device(s) exist")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """``path`` is or can become a folder we can write into (probed in its nearest existing ancestor)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what}: expected a folder, got the existing file {path}")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{what}: cannot create {path}: {probe} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".doe-probe-", dir=probe))
+    except OSError as exc:
+        raise UsageError(f"{what}: expected a writable folder, but cannot write into {probe} ({exc.strerror})") from exc
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{what}: expected a file path, got the folder {path}")
+    _check_writable_dir(path.parent, what)
+
+
 def _load_model(name: str, device: Optional[str]):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -57,6 +102,16 @@ def _load_model(name: str, device: Optional[str]):
     return AutoTokenizer.from_pretrained(name), cls.from_pretrained(name).to(device).eval()
 
 
+_GENERIC_FOLDERS = {"", ".", "..", "data", "datasets", "dataset", "raw", "tmp", "train", "splits"}
+
+
+def _default_task_name(train: str) -> str:
+    """The training file's folder name (data/reviews/train.csv -> reviews), or 'custom' where
+    that folder name says nothing (data, tmp, ...)."""
+    parent = Path(train).expanduser().resolve().parent.name
+    return "custom" if parent.lower() in _GENERIC_FOLDERS else parent
+
+
 def _task(args):
     from doe.tasks import get_task, local_task
 
@@ -64,8 +119,9 @@ def _task(args):
         if not args.labels:
             raise UsageError("--train needs --labels (comma-separated label names in id order)")
         files = {"train": args.train, **({"validation": args.eval_file} if args.eval_file else {})}
+        name = getattr(args, "task_name", None) or args.task or _default_task_name(args.train)
         with _user_input("--train"):
-            return local_task(args.task or Path(args.train).stem, files, labels=args.labels.split(","),
+            return local_task(name, files, labels=args.labels.split(","),
                               text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field)
     if not args.task:
         raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
@@ -90,7 +146,8 @@ def _add_model_args(p):
 def _add_task_args(p):
     p.add_argument("--task", help="a registered task (offline_sentiment, sst2, ...; `doe tasks` lists them)")
     p.add_argument("--train", help="a local csv/json/jsonl/parquet training file instead of --task")
-    p.add_argument("--eval-file", help="the matching held-out file")
+    p.add_argument("--eval-file", help="the matching held-out file (for `doe eval`: a file to score instead of "
+                   "the task's own held-out split)")
     p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
     p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
     p.add_argument("--label-field", default="label", help="label column (default: label)")
@@ -104,6 +161,11 @@ def _cmd_localize(args) -> int:
     from doe.prompt import PromptTuningConfig
 
     keeps = args.keep or [0.35]
+    if len(set(keeps)) != len(keeps):
+        raise UsageError(f"--keep: expected distinct keep ratios, got {keeps}")
+    for name in ("epochs", "prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs}
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
@@ -114,6 +176,8 @@ def _cmd_localize(args) -> int:
             **retune,
         ) for keep in keeps]
     spec = _task(args)
+    _check_writable_dir(Path(args.out), "--out")
+    _check_device(args.device)
     tok, model = _load_model(args.model, args.device)
     data = _load_data(spec, max_train=args.max_train, max_eval=args.max_eval)
     result = None
@@ -137,17 +201,39 @@ def _load_experts(paths: Sequence[str]):
         return [TaskExpert.from_pretrained(p) for p in paths]
 
 
+def _row_names(paths: Sequence[str], experts) -> list[str]:
+    """One table row name per expert: its folder name and method, with parent folders added
+    until the names are distinct (experts/a/keep0.35 vs experts/b/keep0.35)."""
+    parts = [Path(p).expanduser().resolve().parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            break
+    return [f"{n} ({e.metadata.get('method') or 'unknown method'})" for n, e in zip(names, experts)]
+
+
 def _cmd_eval(args) -> int:
     from doe.evaluate import evaluate
     from doe.prompt import TaskModel
-    from doe.tasks import get_task
+    from doe.tasks import get_task, local_task
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if args.eval_file and not Path(args.eval_file).is_file():
+        raise UsageError(f"--eval-file: expected a data file, {args.eval_file} does not exist")
+    _check_device(args.device)
     experts = _load_experts(args.experts)
-    if args.task or args.train:
+    if args.train:
         spec = _task(args)
     else:
-        with _user_input(f"the task of expert {args.experts[0]} (give --task)"):
-            spec = get_task(experts[0].task or "")
+        with _user_input("--task" if args.task else
+                         f"the task of expert {args.experts[0]} (give --task, or --train and --labels)"):
+            spec = get_task(args.task or experts[0].task or "")
+        if args.eval_file:  # score this file with the task's labels, fields and metric
+            with _user_input("--eval-file"):
+                spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},
+                                  labels=spec.labels, text_fields=spec.text_fields, label_field=spec.label_field,
+                                  metric=spec.metric, verbalizer=spec.verbalizer, description=spec.description)
     tok, model = _load_model(args.model, args.device)
     data = _load_data(spec, max_train=1, max_eval=args.max_eval)
     own = [e for e in experts if e.task == spec.name and e.dense_prompt is not None]
@@ -155,8 +241,9 @@ def _cmd_eval(args) -> int:
         raise UsageError(f"--experts: none is an expert of task {spec.name!r} with a dense prompt, which the "
                          "dense baseline needs")
     dense = TaskModel(model, tok, spec, prompt=own[0].dense_prompt, head=own[0].dense_head)
-    report = evaluate(model, tok, data, dense, experts, batch_size=args.batch_size)
-    print(report.to_markdown())
+    report = evaluate(model, tok, data, dense, experts, batch_size=args.batch_size,
+                      names=_row_names(args.experts, experts))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
     return 0
 
 
@@ -181,15 +268,28 @@ def _cmd_run(args) -> int:
         raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    _check_writable_file(out, "--out")
+    _check_device(args.device)
     experts = _load_experts(args.experts)
     with _user_input("--router", (ValueError, FileNotFoundError)):
         router = TaskRouter.from_pretrained(args.router) if args.router else None
+    if router is not None:
+        served = {e.task for e in experts}
+        unknown = [t for t in router.tasks if t not in served]
+        if unknown:
+            raise UsageError(f"--router: routes to tasks {unknown} that no --experts folder serves "
+                             f"(experts serve {sorted(t for t in served if t)})")
+    if not requests:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("")
+        print(f"doe run: {path} holds no requests; wrote an empty {out}", file=sys.stderr)
+        return 0
     tok, model = _load_model(args.model, args.device)
     rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size)
     for expert in experts:
         rt.add_expert(expert)
     results = rt.process(requests)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
     summary = rt.summary()
@@ -198,12 +298,57 @@ def _cmd_run(args) -> int:
     return 1 if summary["errors"] else 0
 
 
+def _cmd_router_fit(args) -> int:
+    from doe.router import TaskRouter
+    from doe.tasks import get_task, local_task
+
+    if args.max_per_task < 1:
+        raise UsageError(f"--max-per-task: expected >= 1, got {args.max_per_task}")
+    out = Path(args.out)
+    _check_writable_dir(out, "--out")
+    _check_device(args.device)
+    files = {}
+    for item in args.train or []:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise UsageError(f"--train: expected TASK=FILE, got {item!r}")
+        if not Path(file).is_file():
+            raise UsageError(f"--train: expected a data file for task {name!r}, {file} does not exist")
+        files[name] = file
+    experts = _load_experts(args.experts)
+    specs = {}
+    for path, expert in zip(args.experts, experts):
+        with _user_input(f"the task of expert {path}"):
+            spec = get_task(expert.task or "")
+        if spec.name in files:
+            with _user_input(f"--train {spec.name}={files[spec.name]}"):
+                spec = local_task(spec.name, {"train": files[spec.name], "validation": files[spec.name]},
+                                  labels=spec.labels, text_fields=spec.text_fields, label_field=spec.label_field)
+        specs[spec.name] = spec
+    extra = sorted(set(files) - set(specs))
+    if extra:
+        raise UsageError(f"--train: tasks {extra} are not the task of any --experts folder ({sorted(specs)})")
+    if len(specs) < 2:
+        raise UsageError(f"--experts: a router chooses between tasks; expected experts of at least 2 tasks, "
+                         f"got {sorted(specs)}")
+    texts = {name: [e.text for e in _load_data(spec, max_train=args.max_per_task, max_eval=1).train]
+             for name, spec in specs.items()}
+    tok, model = _load_model(args.model, args.device)
+    router = TaskRouter.fit(model, tok, texts, seed=args.seed)
+    router.save_pretrained(out)
+    acc = router.accuracy(model, tok, texts)
+    print(f"router over {len(texts)} tasks ({', '.join(texts)}), {sum(map(len, texts.values()))} texts, "
+          f"training accuracy {acc:.1%} -> {out}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (root / "report" / "__main__.py").is_file():
         raise UsageError("`doe bench` runs the suites of a source checkout (pip install -e .); "
                          f"no benchmarks/ folder next to the package at {root.parent}")
     out = Path(args.out)
+    _check_writable_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     files = {"kernels": ["test_kernels.py"], "models": ["test_models.py"],
              "all": ["test_kernels.py", "test_models.py"]}[args.suite]
@@ -226,7 +371,10 @@ def _cmd_demo(args) -> int:
         LocalizationConfig(keep_ratio=args.keep)
     if args.requests < 1:
         raise UsageError(f"--requests: expected >= 1, got {args.requests}")
-    result = run_demo(DemoConfig(cache=Path(args.cache).expanduser(), keep_ratio=args.keep, requests=args.requests,
+    cache = Path(args.cache).expanduser()
+    _check_writable_dir(cache, "--cache")
+    _check_device(args.device)
+    result = run_demo(DemoConfig(cache=cache, keep_ratio=args.keep, requests=args.requests,
                                  fresh=args.fresh, seed=args.seed, device=args.device,
                                  show_progress=not args.quiet))
     return 0 if result["identical"] else 1
@@ -265,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "optionally re-tune the prompt on the expert, and save the expert folder.")
     _add_model_args(p)
     _add_task_args(p)
+    p.add_argument("--task-name", help="name of a --train task, stored in the expert and used by `doe run` "
+                   "requests (default: the training file's folder name, e.g. data/reviews/train.csv -> reviews; "
+                   "'custom' for a generic folder such as data/)")
     p.add_argument("--out", required=True, help="expert folder to write (one sub-folder per --keep if several)")
     p.add_argument("--keep", type=float, action="append", help="keep ratio (repeatable; default 0.35)")
     p.add_argument("--method", default="attribution",
@@ -282,16 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_localize)
 
     p = sub.add_parser("eval", help="metric and latency: dense prompt-tuned model vs experts",
-                       description="Evaluate experts on the held-out split of their task (or of --task).")
+                       description="Evaluate experts on the held-out split of their task (or of --task). "
+                       "An expert folder carries its task (labels, text fields, metric), so "
+                       "`doe eval --experts FOLDER --eval-file test.csv` needs nothing more. Rows are named "
+                       "by expert folder and localization method.")
     _add_model_args(p)
     _add_task_args(p)
     p.add_argument("--experts", nargs="+", help="expert folders", default=[])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a markdown table")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("run", help="serve a JSONL file of requests through the runtime",
                        description='Each line: {"text": ..., "task": optional, "text_pair": optional, "id": optional}. '
-                       "Writes one JSON result per line.")
+                       "Writes one JSON result per line. An input without requests writes an empty output, "
+                       "says so on stderr and exits 0.")
     _add_model_args(p)
     p.add_argument("--experts", nargs="+", default=[], help="expert folders")
     p.add_argument("--router", help="router folder (to serve requests without a task name)")
@@ -300,6 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("router", help="build a task router (for requests without a task name)",
+                       description="`doe router fit`: train a task classifier on the dense model's embeddings.")
+    router_sub = p.add_subparsers(dest="router_command", metavar="ACTION", required=True)
+    p = router_sub.add_parser("fit", help="fit a router over the tasks of some experts",
+                              description="Fit a router over the experts' tasks from each task's training texts "
+                              "(the training split of the task each expert folder carries), and save it.")
+    _add_model_args(p)
+    p.add_argument("--experts", nargs="+", default=[], help="expert folders (experts of at least 2 tasks)")
+    p.add_argument("--out", required=True, help="router folder to write")
+    p.add_argument("--train", action="append", metavar="TASK=FILE",
+                   help="read TASK's texts from FILE instead of its own training split (repeatable)")
+    p.add_argument("--max-per-task", type=int, default=200, help="training texts per task (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_router_fit)
 
     p = sub.add_parser("bench", help="run the benchmark suites and write the report",
                        description="pytest-benchmark suites (from a source checkout) and their markdown/plot report.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -58,6 +58,11 @@ class EvalReport:
             lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {100 * r.metric:.1f} | {r.latency_ms:.2f} | {r.speedup:.2f}x |")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """The report as plain JSON-serialisable data (``rows``: one dict per row, dense first)."""
+        return {"task": self.task, "metric": self.metric_name, "batch_size": self.batch_size, "device": self.device,
+                "rows": [asdict(r) for r in self.rows]}
+
 
 def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
     """(metric, median ms per batch) of ``task_model`` on ``examples``."""
@@ -87,6 +92,7 @@ def evaluate(
     *,
     batch_size: int = 32,
     max_eval: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> EvalReport:
     """Metric and latency on ``data.eval``: the dense prompt-tuned ``dense`` and each expert
     (with its own prompt and head if it carries them and is this task's, else ``dense``'s).
@@ -98,6 +104,7 @@ def evaluate(
         experts: unplugged in turn, each scored with its own (or ``dense``'s) prompt and head.
         batch_size: examples per forward; latency is the median per batch.
         max_eval: score only the first ``max_eval`` held-out examples.
+        names: one row name per expert (default: ``expert@KEEP``, plus the task if another's).
 
     Returns:
         An EvalReport: one row for dense, then one per expert, with speed-ups over dense.
@@ -108,7 +115,9 @@ def evaluate(
     report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device))
     metric, latency = score_task_model(dense, examples, batch_size)
     report.rows.append(EvalRow("dense", 1.0, metric, latency))
-    for expert in experts:
+    if names is not None and len(names) != len(experts):
+        raise ValueError(f"evaluate: expected one name per expert ({len(experts)}), got {len(names)}")
+    for i, expert in enumerate(experts):
         # An expert of another task is judged with this task's prompt and head: only its
         # neurons are borrowed.
         own = expert.task in (None, data.spec.name)
@@ -117,6 +126,7 @@ def evaluate(
         task_model = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head, max_length=dense.max_length)
         with unplugged(model, expert):
             metric, ms = score_task_model(task_model, examples, batch_size)
-        name = f"expert@{expert.keep_ratio:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else "")
+        name = names[i] if names is not None else (
+            f"expert@{expert.keep_ratio:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else ""))
         report.rows.append(EvalRow(name, expert.keep_ratio, metric, ms, latency / ms))
     return report

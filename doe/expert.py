@@ -337,7 +337,10 @@ class TaskExpert:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "TaskExpert":
-        """Load and validate an expert folder written by ``save_pretrained``."""
+        """Load and validate an expert folder written by ``save_pretrained``.
+
+        A task name unknown to ``doe.tasks.TASKS`` is registered from ``metadata["task_spec"]``
+        when the folder carries one (as ``find_expert`` writes it)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -393,4 +396,12 @@ class TaskExpert:
             raise ValueError(f"{directory}: not a valid expert ({exc})") from exc
         if expert.kept != config.get("kept"):
             raise ValueError(f"{directory}: kept counts {expert.kept} disagree with the config's {config.get('kept')}")
+        stored = expert.metadata.get("task_spec")
+        if expert.task and stored is not None:
+            from doe.tasks import task_for
+
+            try:  # a task unknown here (a local one) is rebuilt from the spec the folder carries
+                task_for(expert.task, stored)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{config_path}: metadata.task_spec is not a valid task spec ({exc})") from exc
         return expert

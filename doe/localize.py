@@ -16,7 +16,7 @@ import torch.nn as nn
 from doe.attribution import AttributionConfig, NeuronScores, score_neurons
 from doe.expert import TaskExpert, model_fingerprint
 from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, prompt_tune
-from doe.tasks import TaskData, TaskSpec, get_task, load_task
+from doe.tasks import TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 
 __all__ = ["LocalizationConfig", "localize", "ExpertSearchConfig", "ExpertSearchResult", "find_expert"]
@@ -165,7 +165,8 @@ def find_expert(
         tuning = PromptTuningResult(task_model.prompt.detach().cpu().clone(), task_model.head_state())
     if scores is None:
         scores = score_neurons(task_model, data, config.attribution)
-    meta = {"search": config.to_dict(), "model_name": getattr(model.config, "_name_or_path", None) or None}
+    meta = {"search": config.to_dict(), "model_name": getattr(model.config, "_name_or_path", None) or None,
+            "task_spec": spec_to_dict(data.spec)}
     expert = localize(model, scores, config.localization, task=data.spec.name, metadata=meta)
     prompt, head = tuning.prompt, tuning.head
     if config.retune_epochs:

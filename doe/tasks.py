@@ -25,7 +25,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -43,6 +43,9 @@ __all__ = [
     "load_task",
     "local_task",
     "register_task",
+    "spec_from_dict",
+    "spec_to_dict",
+    "task_for",
 ]
 
 METRICS = ("accuracy", "matthews_corrcoef", "f1", "macro_f1")
@@ -239,6 +242,34 @@ def get_task(name_or_spec: Union[str, TaskSpec]) -> TaskSpec:
         return TASKS[name_or_spec.lower()]
     raise ValueError(f"unknown task {name_or_spec!r}. Known tasks: {', '.join(sorted(TASKS))}.\n{_LOCAL_HINT}\n"
                      f"Pass the resulting TaskSpec to load_task, or register_task(spec) to use it by name.")
+
+
+def spec_to_dict(spec: TaskSpec) -> dict:
+    """The spec's fields as a JSON-serialisable dict (the inverse of ``spec_from_dict``)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> TaskSpec:
+    """Rebuild a TaskSpec from ``spec_to_dict``'s output; unknown keys are an error."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"task spec: expected an object of TaskSpec fields, got {type(d).__name__}")
+    known = {f.name for f in fields(TaskSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"task spec: unknown fields {unknown}; expected some of {sorted(known)}")
+    return TaskSpec(**d)
+
+
+def task_for(name: Optional[str], stored: Optional[Mapping[str, Any]] = None) -> TaskSpec:
+    """The registered task ``name``; when unknown, the spec rebuilt from ``stored`` (a
+    ``spec_to_dict`` dict, e.g. an expert's ``metadata["task_spec"]``), registered under its name."""
+    if name in TASKS or stored is None:
+        return get_task(name or "")
+    spec = spec_from_dict(stored)
+    if name is not None and spec.name != name:
+        raise ValueError(f"task spec: expected a spec named {name!r}, got {spec.name!r}")
+    register_task(spec, overwrite=True)
+    return spec
 
 
 def _infer_format(data_files: Union[str, dict]) -> str:

@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "doe.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "localize", "eval", "run", "bench", "tasks"):
+    for command in ("demo", "localize", "eval", "run", "router", "bench", "tasks"):
         assert command in out.stdout
     out = subprocess.run([sys.executable, "-m", "doe.cli", "localize", "--help"], capture_output=True, text=True,
                          check=True)
@@ -46,7 +46,8 @@ def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--max-eval", "16", "--experts",
                  str(experts / "keep0.35"), str(experts / "keep0.2")]) == 0
     table = capsys.readouterr().out
-    assert "| dense | 1.00 |" in table and "| expert@0.35 |" in table and "| expert@0.20 |" in table
+    assert "| dense | 1.00 |" in table
+    assert "| keep0.35 (attribution) | 0.35 |" in table and "| keep0.2 (attribution) | 0.20 |" in table
 
     requests = tmp_path / "in.jsonl"
     texts = [e.text for e in load_task(TASK, max_eval=5).eval]
