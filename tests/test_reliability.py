@@ -551,6 +551,29 @@ def test_bad_expert_config_values_are_clear_errors(tmp_path):
         doe.TaskExpert.from_pretrained(folder)
 
 
+def test_save_with_shared_head_tensors_and_a_failed_save_keeps_the_old_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = make_tiny("bert")
+    expert = expert_for(model, 1)
+    head = {"weight": torch.randn(3, 32), "bias": torch.zeros(3)}
+    expert.head, expert.dense_head = head, head  # no re-tuning: the dense head serves the expert
+    expert.prompt = expert.dense_prompt = torch.randn(4, 32)
+    folder = expert.save_pretrained(tmp_path / "e")
+    loaded = doe.TaskExpert.from_pretrained(folder)
+    assert loaded == expert
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        expert_for(model, 2).save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no temporary folder left behind
+
+
 def test_doe_run_with_a_corrupted_expert_is_a_usage_error(tmp_path, capsys):
     from doe.cli import main
 
