@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -347,6 +348,11 @@ def _cmd_bench(args) -> int:
     if not (root / "report" / "__main__.py").is_file():
         raise UsageError("`doe bench` runs the suites of a source checkout (pip install -e .); "
                          f"no benchmarks/ folder next to the package at {root.parent}")
+    missing = [name for name, module in (("pytest", "pytest"), ("pytest-benchmark", "pytest_benchmark"),
+                                         ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"`doe bench` needs {', '.join(missing)}: pip install -e \".[bench]\"")
     out = Path(args.out)
     _check_writable_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,18 @@ def test_run_reports_bad_jsonl(model_dir, tmp_path, capsys):
     assert exc.value.code == 2 and "bad.jsonl:2: not a JSON line" in capsys.readouterr().err
 
 
+def test_bench_names_the_extra_it_needs(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "needs matplotlib" in err and '.[bench]' in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_tasks_lists_offline_and_hub_tasks(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
