@@ -59,6 +59,19 @@ def model_fingerprint(model: nn.Module, blocks: Optional[Sequence[FFNBlock]] = N
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename folder ``new`` to ``target``; an existing ``target`` is swapped out first and
     removed only after the rename succeeded."""
@@ -327,6 +340,7 @@ class TaskExpert:
         text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a saved folder follows the umask
         try:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "doe-expert"})
             (tmp / CONFIG_NAME).write_text(text)

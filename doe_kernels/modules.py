@@ -173,14 +173,15 @@ class _Wrapper(nn.Module):
     ``indices``, the kept neuron ids, as a non-persistent buffer."""
 
     def __init__(self, base: nn.Module, indices: torch.Tensor, total: int, name: str, device: torch.device):
+        if base._buffers:
+            # A buffer would live in two dicts: .to() or load_state_dict(assign=True) would reach
+            # only one of them.
+            raise TypeError(f"{type(base).__name__} holds buffers {sorted(base._buffers)}; gathered modules wrap "
+                            "layers whose state is parameters and submodules only")
         super().__init__()
         self.__dict__["base_layer"] = base  # not a submodule: its parameters appear once, unprefixed
         self._parameters = base._parameters
         self._modules = base._modules
-        for key, buf in base._buffers.items():
-            self._buffers[key] = buf
-            if key in base._non_persistent_buffers_set:
-                self._non_persistent_buffers_set.add(key)
         self.training = base.training
         self.total = total
         self._name = name

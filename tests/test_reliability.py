@@ -574,6 +574,26 @@ def test_save_with_shared_head_tensors_and_a_failed_save_keeps_the_old_folder(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no temporary folder left behind
 
 
+def test_saved_expert_folder_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        folder = expert_for(make_tiny("bert"), 1).save_pretrained(tmp_path / "e")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o750
+
+
+def test_layers_with_buffers_are_refused_before_anything_changes():
+    model = make_tiny("bert")
+    inputs = sample_inputs(model)
+    dense, snap = model_logits(model, inputs), snapshot(model)
+    doe.find_ffn_blocks(model)[1].down.register_buffer("scale", torch.ones(1))
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"holds buffers \['scale'\]"):
+        doe.unplug_(model, expert_for(model, 1))
+    assert_original(model, snap, dense, inputs)
+
+
 def test_doe_run_with_a_corrupted_expert_is_a_usage_error(tmp_path, capsys):
     from doe.cli import main
 
