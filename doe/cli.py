@@ -292,7 +292,9 @@ def _cmd_run(args) -> int:
         rt.add_expert(expert)
     results = rt.process(requests)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
+    os.replace(tmp, out)  # whole or not at all
     summary = rt.summary()
     print(json.dumps(summary, indent=2))
     print(f"wrote {len(results)} results to {out}")

@@ -112,11 +112,11 @@ def evaluate(
     examples = data.eval[:max_eval] if max_eval else data.eval
     if not examples:
         raise ValueError(f"evaluate: task {data.spec.name!r} has no evaluation examples")
+    if names is not None and len(names) != len(experts):
+        raise ValueError(f"evaluate: expected one name per expert ({len(experts)}), got {len(names)}")
     report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device))
     metric, latency = score_task_model(dense, examples, batch_size)
     report.rows.append(EvalRow("dense", 1.0, metric, latency))
-    if names is not None and len(names) != len(experts):
-        raise ValueError(f"evaluate: expected one name per expert ({len(experts)}), got {len(names)}")
     for i, expert in enumerate(experts):
         # An expert of another task is judged with this task's prompt and head: only its
         # neurons are borrowed.
