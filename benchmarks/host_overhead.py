@@ -23,8 +23,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from doe_kernels.env import synchronize
 from doe_kernels.modules import GatheredGatedMLP, GatheredLinear
 from doe_kernels.reference import gathered_glu_ref, gathered_linear_ref
+from doe_kernels.testing import random_indices
 
 HIDDEN, INTER, KEPT = 32, 88, 30
 
@@ -60,8 +62,7 @@ def _cases(device: torch.device):
     cuda = device.type == "cuda"
     backend = "triton" if cuda else "torch"
     dtype = torch.float16 if cuda else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(INTER, generator=gen)[:KEPT].sort().values.to(torch.int32).to(device)
+    idx = random_indices(INTER, KEPT, seed=0, dtype=torch.int32, device=device)
 
     up = nn.Linear(HIDDEN, INTER).to(device, dtype)
     down = nn.Linear(INTER, HIDDEN).to(device, dtype)
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)  # noqa: E731
     bare_name = "kernel op" if device.type == "cuda" else "reference"
     print(f"device: {device}  torch {torch.__version__}  backend: "
           f"{'triton' if device.type == 'cuda' else 'torch'}  (us per call, median)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from doe_kernels import gathered_linear, resolve_backend, to_neuron_major_
 from doe_kernels.env import DTYPES, parse_dtype, synchronize
-from doe_kernels.testing import random_indices
+from doe_kernels.testing import kept_count, random_indices
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
@@ -54,7 +54,7 @@ def run(hidden: int, inter: int, keep: float, dtype: torch.dtype, ms: list[int],
     w_up = (torch.randn(inter, hidden, generator=g) / hidden**0.5).to(device, dtype)
     w_down = (torch.randn(hidden, inter, generator=g) / inter**0.5).to(device, dtype)
     to_neuron_major_(w_down, 1)
-    kept = max(1, round(keep * inter))
+    kept = kept_count(inter, keep)
     idx = random_indices(inter, kept, generator=g, dtype=torch.int32, device=device)
     up_sliced, down_sliced = w_up[idx.long()].contiguous(), w_down[:, idx.long()].contiguous()
     rows = []

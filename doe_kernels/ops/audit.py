@@ -168,7 +168,9 @@ def _weight_strides(form: str) -> tuple:
 def _args(case: Case) -> dict:
     import torch
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    from doe_kernels.env import parse_dtype
+
+    dt = parse_dtype(case.dtype)
     bm, bn, bk, gm = case.block
     M = 16 if bm == 16 else 64 if bm == 32 else 4096
     N, K, swn, swk = _weight_strides(case.form)
@@ -421,7 +423,9 @@ def failures(row: Row) -> list:
     if row.error:
         return [f"does not compile: {row.error}"]
     out = []
-    limit = {90: 232448, 80: 166912}[c.arch]
+    from doe_kernels.ops._config import SMEM_LIMIT
+
+    limit = SMEM_LIMIT[c.arch // 10]
     if row.smem > limit and row.pruned != "smem":
         out.append(f"needs {row.smem} B of shared memory (sm_{c.arch} has {limit}) and prune_configs keeps it")
     if row.smem > row.smem_bound:
@@ -489,7 +493,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # The audit compiles for the GPU; the interpreter setting would replace the kernels.
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from doe_kernels.env import interpreting
+
+    if interpreting():
         os.environ.pop("TRITON_INTERPRET")
         os.execv(sys.executable, [sys.executable, "-m", "doe_kernels.ops.audit", *sys.argv[1:]])
     sys.exit(main())
