@@ -168,20 +168,5 @@ def linear_args_ok(x, weight, bias, idx, rows: bool, total: int) -> bool:
 def glu_args_ok(x, gate_weight, up_weight, gate_bias, up_bias, idx, total: int) -> bool:
     """True when ``check_glu_args`` would pass and the weights still have ``total`` rows (the
     bound ``idx`` was validated against). ``idx``: 1-D int32."""
-    if gate_weight.dim() != 2 or x.dim() == 0:
-        return False
-    n_out, n_in = gate_weight.shape
-    device = gate_weight.device
-    return (
-        gate_weight.shape == up_weight.shape
-        and x.dtype == gate_weight.dtype
-        and x.dtype.is_floating_point
-        and up_weight.dtype == x.dtype
-        and x.device == device
-        and up_weight.device == device
-        and idx.device == device
-        and n_out == total
-        and x.shape[-1] == n_in
-        and _bias_ok(gate_bias, gate_weight, n_out)
-        and _bias_ok(up_bias, up_weight, n_out)
-    )
+    return (linear_args_ok(x, gate_weight, gate_bias, idx, True, total)
+            and linear_args_ok(x, up_weight, up_bias, idx, True, total))
