@@ -5,6 +5,7 @@
     doe eval --experts experts/sentiment
     doe router fit --experts experts/* --out router/
     doe run --experts experts/* --router router/ --requests in.jsonl --out out.jsonl
+    doe serve --experts experts/* --router router/ --port 8000
     doe bench --suite kernels --out results/
 """
 
@@ -301,6 +302,12 @@ def _cmd_run(args) -> int:
     return 1 if summary["errors"] else 0
 
 
+def _cmd_serve(args) -> int:
+    from doe.serve import serve_command
+
+    return serve_command(args)
+
+
 def _cmd_router_fit(args) -> int:
     from doe.router import TaskRouter
     from doe.tasks import get_task, local_task
@@ -464,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("serve", help="serve experts over HTTP (needs pip install -e \".[serve]\")",
+                       description="The unplug-and-play runtime behind an HTTP API: dynamic batching, "
+                       "health and Prometheus metrics, back-pressure and graceful shutdown.")
+    _add_model_args(p)
+    p.add_argument("--experts", nargs="+", default=[], help="expert folders")
+    p.add_argument("--router", help="router folder (to serve requests without a task name)")
+    p.add_argument("--threshold", type=float, default=0.5, help="router confidence below which the dense model serves")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("router", help="build a task router (for requests without a task name)",
                        description="`doe router fit`: train a task classifier on the dense model's embeddings.")
