@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Suite", "KERNELS", "MODEL", "SWITCH", "GOAL_KEEP", "GOAL_FRACTION", "GOAL_SWITCH_S"]
+__all__ = ["Suite", "KERNELS", "MIXED", "MODEL", "MIXED_MODEL", "SWITCH", "GOAL_KEEP", "GOAL_FRACTION", "GOAL_SWITCH_S",
+           "GOAL_MIXED"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,25 @@ KERNELS = Suite(
     variants=("dense", "sliced", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot", "gathered-torch"),
 )
 
+#: benchmarks/test_kernels.py: one gathered GEMM over a batch whose rows belong to ``groups`` groups.
+MIXED = Suite(
+    "mixed-kernels",
+    keys=("op", "shape", "M", "groups", "keep", "dtype"),
+    variants=("dense", "single", "auto", "segmented", "union", "per-group"),
+)
+
+#: benchmarks/test_mixed.py: a model forward over a batch of requests from ``tasks`` tasks.
+MIXED_MODEL = Suite(
+    "mixed",
+    keys=("model", "dtype", "keep", "batch", "seq", "tasks"),
+    variants=("dense", "single", "mixed", "sequential"),
+)
+
 #: benchmarks/test_models.py, forward latency of a whole model; dense is timed with keep None.
 MODEL = Suite(
     "model",
     keys=("model", "dtype", "keep", "batch", "seq", "tokens"),
-    variants=("dense", "masked", "sliced", "gathered"),
+    variants=("dense", "masked", "sliced", "gathered", "compact"),
 )
 
 #: benchmarks/test_models.py, the cost of moving between experts; a variant is an op.
@@ -58,3 +73,6 @@ GOAL_KEEP = 0.35
 GOAL_FRACTION = 0.9
 #: the switch goal on a 7B-shaped model: switching experts takes < 1 ms
 GOAL_SWITCH_S = 1e-3
+#: the mixed-batch goal at keep GOAL_KEEP: a mixed batch costs at most this many times a
+#: single-expert batch of the same size (and beats the one-task-at-a-time runtime for >= 2 tasks)
+GOAL_MIXED = 1.10

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.suites import KERNELS
+from benchmarks.suites import KERNELS, MIXED
 
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
 from doe_kernels.ops.gathered_glu import gathered_glu_mm
@@ -293,3 +293,164 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
 
     slow = case.variant in TRITON_VARIANTS and bench_device.type != "cuda"
     harness.run_timed(benchmark, calls, bench_device, slow=slow)
+
+
+# --------------------------------------------------------------------------------------------
+# mixed batches: rows of k groups (tasks) in one batch, each with its own kept neurons
+# --------------------------------------------------------------------------------------------
+#
+# Suite "mixed-kernels" (ids ``{op}-{shape}-M{M}-k{groups}-keep{keep}-{dtype}-{variant}``):
+# M rows, row m in group m % k, each group keeping its own random neurons (kept_count(I, keep)).
+# Variants, all on the backend "auto" picks (Triton on CUDA, the reference on CPU):
+#   dense      F.linear on the full weights (every row dense)
+#   single     every row on group 0's list: a single-expert batch of the same size (the bar:
+#              goal auto/single <= 1.10 at keep 0.35)
+#   auto       segmented_linear / segmented_glu with path="auto" (what the modules run)
+#   segmented  path="segmented": one launch, every tile on its group's list
+#   union      path="union": the union of the groups' lists once, per-row masks (decode)
+#   per-group  one gathered op per group on its own rows: the one-task-at-a-time runtime
+
+MIXED_SWEEPS = {
+    "tiny": (["tiny"], [8, 64], [1, 2, 4, 8], [0.35], ["fp32"]),
+    "quick": (["llama7b"], [8, 512, 4096], [1, 2, 4, 8], [0.35], ["bf16"]),
+    "full": (["bert-base", "llama7b"], [1, 4, 8, 16, 64, 512, 4096], [1, 2, 4, 8], [0.35], ["bf16"]),
+}
+MIXED_PATHS = {"auto": "auto", "segmented": "segmented", "union": "union"}
+
+
+@dataclass(frozen=True)
+class MixedCase:
+    op: str
+    shape: Shape
+    M: int
+    groups: int
+    keep: float
+    dtype: str
+    variant: str
+
+    @property
+    def group(self) -> str:
+        return f"mixed-{self.op}-{self.shape.name}-M{self.M}-k{self.groups}-keep{self.keep:g}-{self.dtype}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.shape.name}-M{self.M}-k{self.groups}-keep{self.keep:g}-{self.dtype}-{self.variant}"
+
+
+def _mixed_cases() -> list:
+    shapes, Ms, ks, keeps, dtypes = MIXED_SWEEPS[harness.sweep_name()]
+    out = []
+    for dtype in dtypes:
+        for keep in keeps:
+            for op in OPS:
+                for shape_name in shapes:
+                    shape = SHAPES[shape_name]
+                    if op == "glu" and not shape.gated:
+                        continue
+                    for M in Ms:
+                        for k in ks:
+                            if k > M:
+                                continue
+                            for variant in MIXED.variants:
+                                case = MixedCase(op, shape, M, k, keep, dtype, variant)
+                                out.append(pytest.param(case, id=case.id))
+    return out
+
+
+def _build_mixed(case: MixedCase, device: torch.device):
+    """(calls, check, meta) as ``_build`` returns them, for a mixed batch."""
+    from doe_kernels.ops.api import segmented_glu, segmented_linear
+    from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
+
+    shape, dtype = case.shape, parse_dtype(case.dtype)
+    H, I, M, k = shape.hidden, shape.inter, case.M, case.groups
+    mk = _Maker(device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    lists = [random_indices(I, kept_count(I, case.keep), generator=gen, dtype=torch.int32) for _ in range(k)]
+    grouped = GroupedIndices(lists, I, device)
+    items = [m % k for m in range(M)]
+    groups = RowGroups.build(items, k, device=device)
+    path = choose_path(grouped, groups, MIXED_PATHS.get(case.variant, "auto"))
+    own = [torch.tensor([m for m in range(M) if m % k == g], device=device) for g in range(k)]
+    staged = [idx.to(device) for idx in lists]
+    v = case.variant
+    es = torch.empty((), dtype=dtype).element_size()
+    nw = {"up": 1, "glu": 2, "down": 1}[case.op]
+    bias = shape.bias and case.op == "up"
+    if case.op == "down":
+        w = _param(mk.randn(H, I, scale=I**-0.5))
+        to_neuron_major_(w, 1)
+        ws, bs = [w.detach()], [mk.randn(H, scale=0.1) if shape.bias else None]
+    else:
+        ws = [mk.randn(I, H, scale=H**-0.5) for _ in range(nw)]
+        bs = [mk.randn(I, scale=0.1) if bias else None for _ in range(nw)]
+    x = mk.randn(M, H)
+    if case.op == "down":  # h as the rows gather of this path laid it out
+        x = mk.randn(M, I if v == "dense" else mixed_width(grouped, groups, "segmented" if v == "per-group" else path))
+    parts = [x.index_select(0, rows) for rows in own]  # the per-task sub-batches, split beforehand
+    if case.op == "down" and v == "per-group":
+        parts = [p[:, : idx.numel()].contiguous() for p, idx in zip(parts, lists)]
+    if case.op == "down" and v == "single":
+        x = x[:, : lists[0].numel()].contiguous()
+    read = {"dense": I, "single": len(lists[0]), "per-group": sum(map(len, lists))}.get(v)
+    if read is None:
+        read = mixed_width(grouped, groups, path) if path == "union" else sum(len(lists[g]) for g in groups.active)
+    meta = {"H": H, "I": I, "n_keep": len(lists[0]), "path": path, "read_neurons": read,
+            "kept_weight_bytes": nw * read * H * es}
+    ncopy = harness.rotation_copies(device, nw * read * H * es, _nbytes(*ws, *bs))
+    wsets = list(zip(*[_copies(t, ncopy) for t in ws], *[_copies(t, ncopy) for t in bs]))
+    act = activation_fn(shape.activation)
+    kw = {"rows": grouped} if case.op != "down" else {"cols": grouped}
+
+    def make_call(wset) -> Callable[[], object]:
+        ww, bb = list(wset[:nw]), list(wset[nw:])
+        if case.op == "glu":
+            (wg, wu), (bg, bu) = ww, bb
+            if v == "dense":
+                return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
+            if v == "single":
+                return lambda: gathered_glu(x, wg, wu, rows=staged[0], activation=shape.activation)
+            if v == "per-group":
+                return lambda: [gathered_glu(p, wg, wu, rows=idx, activation=shape.activation)
+                                for p, idx in zip(parts, staged)]
+            return lambda: segmented_glu(x, wg, wu, rows=grouped, groups=groups, activation=shape.activation,
+                                         path=path)
+        (w,), (b,) = ww, bb
+        key = "rows" if case.op == "up" else "cols"
+        if v == "dense":
+            return lambda: F.linear(x, w, b)
+        if v == "single":
+            return lambda: gathered_linear(x, w, b, **{key: staged[0]})
+        if v == "per-group":
+            return lambda: [gathered_linear(p, w, b, **{key: idx}) for p, idx in zip(parts, staged)]
+        return lambda: segmented_linear(x, w, b, **kw, groups=groups, path=path)
+
+    def check():
+        """The mixed result against the reference run group by group."""
+        out = make_call(wsets[0])()
+        ref = (segmented_glu(x, ws[0], ws[1], rows=grouped, groups=groups, activation=shape.activation, path=path,
+                             backend="torch") if case.op == "glu"
+               else segmented_linear(x, ws[0], bs[0], **kw, groups=groups, path=path, backend="torch"))
+        return out, ref
+
+    calls = [make_call(s) for s in wsets]
+    return calls, (check if v in MIXED_PATHS else None), meta
+
+
+@pytest.mark.parametrize("case", _mixed_cases())
+def test_mixed_gemm(benchmark, case: MixedCase, bench_device, device_info):
+    torch.manual_seed(0)
+    calls, check, meta = _build_mixed(case, bench_device)
+    info = benchmark.extra_info
+    info.update(device_info)
+    info.update(MIXED.extra_info(case.variant, op=case.op, shape=case.shape.name, M=case.M, groups=case.groups,
+                                 keep=case.keep, dtype=case.dtype), **meta)
+    info["backend"] = "triton" if bench_device.type == "cuda" else "torch"
+    benchmark.group = case.group
+    if check is not None:
+        with torch.inference_mode():
+            out, ref = check()
+        err = rel_err(out, ref)
+        info["max_rel_err"] = err
+        assert out.shape == ref.shape and math.isfinite(err) and err <= _TOL[case.dtype], (out.shape, ref.shape, err)
+    harness.run_timed(benchmark, calls, bench_device)

@@ -19,6 +19,8 @@ __all__ = [
     "canonical_activation",
     "gathered_linear_ref",
     "gathered_glu_ref",
+    "segmented_linear_ref",
+    "segmented_glu_ref",
 ]
 
 
@@ -121,3 +123,61 @@ def gathered_glu_ref(
     u = gathered_linear_ref(x, up_weight, up_bias, rows=rows)
     return act(g) * u
 
+
+def _segments(table: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
+    """The G entries of a segment table (``doe_kernels.segments``), as host int64 tensors."""
+    t = table.detach().to("cpu", torch.int64)
+    return [t[int(t[g]):int(t[g + 1])] for g in range(num_groups)]
+
+
+def _by_group(x: torch.Tensor, table: torch.Tensor, rows_table: torch.Tensor, out_features: int, fn):
+    """(M, out_features) with rows of group g set to ``fn(x[rows_g], idx_g)`` (zero-padded on the right)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    num_groups = rows_table.numel() - x2.shape[0] - 1
+    out = x2.new_zeros(x2.shape[0], out_features)
+    for idx, members in zip(_segments(table, num_groups), _segments(rows_table, num_groups)):
+        if members.numel():
+            members = members.to(x.device)
+            y = fn(x2.index_select(0, members), idx.to(x.device))
+            out = out.index_copy(0, members, F.pad(y, (0, out_features - y.shape[-1])))
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def segmented_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    table: torch.Tensor,
+    rows_table: torch.Tensor,
+    *,
+    rows: bool,
+    width: int,
+) -> torch.Tensor:
+    """``gathered_linear_ref`` per group of rows (a loop; reads the tables on the host).
+
+    x: (..., K); table / rows_table: a ``GroupedIndices`` and a ``RowGroups`` table.
+    rows=True: out (..., width), row m's first k_g columns ``x[m] @ W[idx_g]^T + b[idx_g]``,
+    the rest 0. rows=False: x (..., width), out (..., N) = ``x[m, :k_g] @ W[:, idx_g]^T + b``.
+    """
+    if rows:
+        return _by_group(x, table, rows_table, width, lambda xg, idx: gathered_linear_ref(
+            xg, weight, bias, rows=idx))
+    return _by_group(x, table, rows_table, weight.shape[0], lambda xg, idx: gathered_linear_ref(
+        xg[:, : idx.numel()], weight, bias, cols=idx))
+
+
+def segmented_glu_ref(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    table: torch.Tensor,
+    rows_table: torch.Tensor,
+    *,
+    width: int,
+    activation: str = "silu",
+    gate_bias: Optional[torch.Tensor] = None,
+    up_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``gathered_glu_ref`` per group of rows: out (..., width), zero beyond each row's k_g."""
+    return _by_group(x, table, rows_table, width, lambda xg, idx: gathered_glu_ref(
+        xg, gate_weight, up_weight, rows=idx, activation=activation, gate_bias=gate_bias, up_bias=up_bias))

@@ -10,6 +10,7 @@ that ``validate_indices`` already turned into a 1-D int32 tensor: one boolean, n
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -170,3 +171,29 @@ def glu_args_ok(x, gate_weight, up_weight, gate_bias, up_bias, idx, total: int) 
     bound ``idx`` was validated against). ``idx``: 1-D int32."""
     return (linear_args_ok(x, gate_weight, gate_bias, idx, True, total)
             and linear_args_ok(x, up_weight, up_bias, idx, True, total))
+
+
+def check_segmented_args(x, weight, bias, grouped, groups, rows: bool, width: int, wname: str = "weight") -> None:
+    """Metadata checks of the segmented ops: ``grouped`` (a ``GroupedIndices``) indexes
+    ``weight``'s gathered axis on its device, ``groups`` (a ``RowGroups``) has one group id
+    per row of x for the same groups, and x's last dimension is K (rows) or ``width`` (cols)."""
+    _check_weight_and_input(x, weight, wname)
+    n_out, n_in = weight.shape
+    total = n_out if rows else n_in
+    if grouped.total != total:
+        raise ValueError(f"{'rows' if rows else 'cols'}: groups index {grouped.total} neurons, {wname} has {total} "
+                         f"on the gathered axis ({tuple(weight.shape)})")
+    if grouped.device != weight.device or groups.table.device != weight.device:
+        raise ValueError(f"group tables on {grouped.device} and {groups.table.device}, expected {weight.device} "
+                         f"(the {wname}'s device)")
+    if groups.num_groups != grouped.num_groups:
+        raise ValueError(f"groups: row groups are over {groups.num_groups} groups, the index lists over "
+                         f"{grouped.num_groups}")
+    m = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    if groups.num_rows != m:
+        raise ValueError(f"groups: expected one group per row of x ({m} rows), got {groups.num_rows}")
+    expected = n_in if rows else width
+    if x.shape[-1] != expected:
+        what = f"{wname}.shape[1]" if rows else "the width of the rows gather for these groups"
+        raise ValueError(f"x: expected last dimension {expected} ({what}), got shape {tuple(x.shape)}")
+    _check_bias(bias, weight, n_out, "bias")

@@ -45,8 +45,9 @@ def test_matrix_covers_kernels_forms_dtypes_and_targets(rows):
     seen = {(r.case.kernel, r.case.form, r.case.dtype, r.case.arch) for r in rows}
     for kernel, form in [("linear", "rows/linear"), ("linear", "cols/neuron"), ("linear", "rows/conv1d"),
                          ("glu", "rows/linear"), ("gemv", "rows/linear"), ("gemv", "cols/neuron"),
-                         ("gemv", "rows/conv1d"), ("glu-gemv", "rows/linear")]:
-        for dtype in ("bf16", "fp16"):
+                         ("gemv", "rows/conv1d"), ("glu-gemv", "rows/linear"), ("seg", "rows/linear"),
+                         ("seg", "cols/neuron"), ("seg", "rows/conv1d"), ("seg-glu", "rows/linear")]:
+        for dtype in ("bf16",) if kernel.startswith("seg") else ("bf16", "fp16"):
             for arch in (90, 80):
                 assert (kernel, form, dtype, arch) in seen
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from benchmarks.report.switch import render_switch
 from benchmarks.report.tables import Check, InfoColumn, Ratio, SuiteSpec, Table, fmt_ratio, generic_spec
-from benchmarks.suites import GOAL_FRACTION, GOAL_KEEP, KERNELS, MODEL, SWITCH
+from benchmarks.suites import GOAL_FRACTION, GOAL_KEEP, GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, SWITCH
 
 __all__ = ["SUITES", "spec_for"]
 
@@ -123,6 +123,8 @@ MODEL_SPEC = SuiteSpec(
         Ratio("gathered x", ("dense",), ("gathered",), note="speed-up over dense of the original model under doe.unplug_"),
         Ratio("gathered/sliced", ("gathered",), ("sliced", "dense"),
               note="time ratio, < 1: gathered beats the sliced copy; at keep 1 it is gathered/dense (the gather overhead)"),
+        Ratio("compact x", ("dense",), ("compact",),
+              note="speed-up over dense under doe.unplug_(..., compact=True) (compacted copies of the kept weights)"),
     ],
     info_columns=[
         InfoColumn("ideal x", "ideal_speedup",
@@ -161,7 +163,80 @@ SWITCH_SPEC = SuiteSpec(
     render=render_switch,
 )
 
-SUITES: dict = {s.name: s for s in (KERNELS_SPEC, MODEL_SPEC, SWITCH_SPEC)}
+def _goal_keep(keys: dict) -> bool:
+    return keys.get("keep") == GOAL_KEEP
+
+
+def _several(field: str):
+    return lambda keys: (keys.get(field) or 0) >= 2
+
+
+MIXED_KERNELS_SPEC = SuiteSpec(
+    name=MIXED.name,
+    title="Mixed-batch gathered GEMMs (rows of several groups in one launch)",
+    keys=list(MIXED.keys),
+    variants=list(MIXED.variants),
+    split_by=["dtype", "keep", "op"],
+    sort_by_appearance=["keep", "op"],
+    ratios=[
+        Ratio("auto/single", ("auto",), ("single",), note="the mixed batch vs a single-expert batch of the same size"),
+        Ratio("segmented/single", ("segmented",), ("single",)),
+        Ratio("union/single", ("union",), ("single",)),
+        Ratio("auto/per-group", ("auto",), ("per-group",), note="< 1: faster than one launch per group"),
+        Ratio("auto/dense", ("auto",), ("dense",)),
+    ],
+    info_columns=[InfoColumn("path", "path", note="what path='auto' chose")],
+    checks=[
+        Check(f"<= {GOAL_MIXED:g}x single", "auto/single", "<=", GOAL_MIXED, when=_goal_keep),
+        Check("beats per-group", "auto/per-group", "<=", 1.0, when=_several("groups")),
+    ],
+    plot_x="M",
+    plot_series=["groups", "shape"],
+    plot_facet="op",
+    plot_panels=[Ratio("mixed / single-expert time", ("auto",), ("single",)),
+                 Ratio("mixed / per-group time", ("auto",), ("per-group",))],
+    notes=[
+        "Times are medians per call in us. Row m belongs to group m % groups; each group keeps its own "
+        "random neurons. single: every row on group 0's list; per-group: one gathered op per group on its "
+        "own rows (the one-task-at-a-time runtime); auto / segmented / union: segmented_linear / "
+        "segmented_glu on that path. Triton on CUDA, the PyTorch reference on CPU (a smoke run).",
+    ],
+)
+
+MIXED_SPEC = SuiteSpec(
+    name=MIXED_MODEL.name,
+    filename="mixed",
+    title="Mixed-task batches: one forward for requests of several tasks",
+    keys=list(MIXED_MODEL.keys),
+    variants=list(MIXED_MODEL.variants),
+    split_by=["model", "dtype", "keep"],
+    sort_by_appearance=["model", "dtype"],
+    ratios=[
+        Ratio("mixed/single", ("mixed",), ("single",), note="the mixed batch vs a single-expert batch of the same size"),
+        Ratio("mixed/sequential", ("mixed",), ("sequential",),
+              note="< 1: faster than the one-task-at-a-time runtime (a switch and a forward per task)"),
+        Ratio("mixed/dense", ("mixed",), ("dense",)),
+    ],
+    info_columns=[InfoColumn("path", "path", note="the mixed path of the first FFN block (choose_path)")],
+    checks=[
+        Check(f"<= {GOAL_MIXED:g}x single", "mixed/single", "<=", GOAL_MIXED, when=_goal_keep),
+        Check("beats sequential", "mixed/sequential", "<=", 1.0, when=_several("tasks")),
+    ],
+    plot_x="batch",
+    plot_series=["tasks", "seq"],
+    plot_facet="model",
+    plot_panels=[Ratio("mixed / single-expert time", ("mixed",), ("single",)),
+                 Ratio("mixed / sequential time", ("mixed",), ("sequential",))],
+    notes=[
+        "Times are medians per forward in us. A batch of `batch` requests, request i of task i % tasks, "
+        "each task with its own random expert. dense: the batch on the dense model; single: the batch on "
+        "one expert; mixed: one forward under doe.mixed_batch; sequential: for each task, doe.unplug_ "
+        "(an index swap) and a forward over its requests (the one-task-at-a-time runtime). seq 1 rows "
+        "are decode-like (one token per sequence, no KV cache).",
+    ],
+)
+
+SUITES: dict = {s.name: s for s in (KERNELS_SPEC, MODEL_SPEC, SWITCH_SPEC, MIXED_KERNELS_SPEC, MIXED_SPEC)}
 
 
 def spec_for(suite: str, entries: list) -> SuiteSpec:

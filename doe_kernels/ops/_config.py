@@ -68,6 +68,11 @@ _GLU_SMALL_M = _SMALL_M
 #: The interpreter cannot autotune (no driver) and is slow: one small config, every dim >= 16.
 _INTERPRETER = [(16, 32, 32, 4, 4, 1)]
 
+#: Mixed batches of at most this many rows may read the union of their groups' kept neurons
+#: once instead of each group's own (``doe_kernels.segments.choose_path``): at decode sizes the
+#: weight bytes decide, and overlapping groups share them. By byte count, not yet timed.
+UNION_MAX_M = 16
+
 #: Shared memory one block may use (bytes, opt-in maximum) by compute capability major version,
 #: for targets without a device to ask (the compile audit).
 SMEM_LIMIT = {9: 232448, 8: 166912}
@@ -82,11 +87,36 @@ def _configs(rows) -> list[triton.Config]:
     return out
 
 
+#: The segmented (mixed-batch) kernels address x through a row table, one 64-bit address per
+#: row: the audit saw these tiles spill there (the linear 128x256 in every form, the GLU's
+#: 128x128), and, when kept neurons are strided columns (Conv1D as stored), every tile wider
+#: than 64 neurons or holding more than 8K weight elements (on sm_80).
+_SEG_SPILLS = {"seg": {(128, 256)}, "seg-glu": {(128, 128)}}
+_SEG_STRIDED_MAX_N, _SEG_STRIDED_MAX_TILE = 64, 8192
+
+
 def gpu_configs(kernel: str) -> list[triton.Config]:
-    """Every config a GPU autotunes over for ``kernel`` ("linear" or "glu")."""
-    if kernel == "glu":
-        return _configs(_GLU_SMALL_M + _GLU_MID_M + _GLU_LARGE_M)
-    return _configs(_SMALL_M + _MID_M + _LARGE_M)
+    """Every config a GPU autotunes over for ``kernel`` ("linear", "glu", "seg" or "seg-glu")."""
+    rows = _GLU_SMALL_M + _GLU_MID_M + _GLU_LARGE_M if kernel in ("glu", "seg-glu") else _SMALL_M + _MID_M + _LARGE_M
+    drop = _SEG_SPILLS.get(kernel, set())
+    return _configs([r for r in rows if (r[0], r[1]) not in drop])
+
+
+def fits_strided(config: triton.Config, rows: bool, stride_wk: int) -> bool:
+    """False for a segmented tile too big for a rows gather whose kept neurons are strided
+    columns (stride_wk != 1)."""
+    kw = config.kwargs
+    return (not rows or stride_wk == 1
+            or (kw["BLOCK_N"] <= _SEG_STRIDED_MAX_N and kw["BLOCK_N"] * kw["BLOCK_K"] <= _SEG_STRIDED_MAX_TILE))
+
+
+def prune_segmented(configs, named_args, **kwargs):
+    """``prune_configs``, then ``fits_strided``."""
+    configs = prune_configs(configs, named_args, **kwargs)
+    if len(configs) <= 1:
+        return configs
+    rows = kwargs.get("ROWS", named_args.get("ROWS", True))
+    return [c for c in configs if fits_strided(c, rows, named_args["stride_wk"])] or configs
 
 
 def autotune_configs(kernel: str = "linear") -> list[triton.Config]:

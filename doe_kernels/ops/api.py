@@ -1,7 +1,8 @@
 """Public gathered ops: checks, backend dispatch, then the Triton custom op or the reference.
 
-``linear_unchecked`` / ``glu_unchecked`` are the part after the checks, for callers that
-guarantee the metadata themselves (the wrapper modules); they are not exported.
+``linear_unchecked`` / ``glu_unchecked`` (and the ``segmented_*`` forms) are the part after
+the checks, for callers that guarantee the metadata themselves (the wrapper modules); they
+are not exported.
 """
 
 from __future__ import annotations
@@ -9,12 +10,21 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from doe_kernels.dispatch import resolve_backend
-from doe_kernels.reference import canonical_activation, gathered_glu_ref, gathered_linear_ref
-from doe_kernels.validation import check_glu_args, check_linear_args
+from doe_kernels.reference import (
+    activation_fn,
+    canonical_activation,
+    gathered_glu_ref,
+    gathered_linear_ref,
+    segmented_glu_ref,
+    segmented_linear_ref,
+)
+from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
+from doe_kernels.validation import check_glu_args, check_linear_args, check_segmented_args
 
-__all__ = ["gathered_linear", "gathered_glu"]
+__all__ = ["gathered_linear", "gathered_glu", "segmented_linear", "segmented_glu"]
 
 
 def linear_unchecked(x, weight, bias, idx, rows: bool, backend: str) -> torch.Tensor:
@@ -83,3 +93,113 @@ def gathered_glu(
     check_glu_args(x, gate_weight, up_weight, rows, gate_bias, up_bias)
     activation = canonical_activation(activation)
     return glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, rows, activation, resolve_backend(backend, x))
+
+
+def _row_mask(x: torch.Tensor, member: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """x: (..., U) with each row's entries outside its own group's list set to 0."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (x2 * member.index_select(0, groups.row_groups)).reshape(x.shape)
+
+
+def segmented_linear_unchecked(x, weight, bias, grouped: GroupedIndices, groups: RowGroups, rows: bool, path: str,
+                               backend: str) -> torch.Tensor:
+    """``segmented_linear`` after its checks: ``path`` resolved by ``choose_path``, ``backend``
+    resolved ("triton" or "torch")."""
+    if path == "single":
+        g = groups.active[0] if groups.active else 0
+        if grouped.is_dense(g):
+            return F.linear(x, weight, bias)
+        return linear_unchecked(x, weight, bias, grouped.group(g), rows, backend)
+    if path == "union":
+        ids, member = grouped.union(groups.active)
+        return linear_unchecked(x if rows else _row_mask(x, member, groups), weight, bias, ids, rows, backend)
+    width = grouped.width(groups.active)
+    if backend == "torch":
+        return segmented_linear_ref(x, weight, bias, grouped.table, groups.table, rows=rows, width=width)
+    from doe_kernels.ops.segmented_linear import segmented_linear_op
+
+    return segmented_linear_op(x, weight, bias, grouped.table, groups.table, rows, width, len(groups.active),
+                               groups.max_rows)
+
+
+def segmented_glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, grouped: GroupedIndices,
+                            groups: RowGroups, activation: str, path: str, backend: str) -> torch.Tensor:
+    """``segmented_glu`` after its checks: ``activation`` canonical, ``path`` and ``backend``
+    resolved."""
+    if path == "single":
+        g = groups.active[0] if groups.active else 0
+        if grouped.is_dense(g):
+            return activation_fn(activation)(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
+        return glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, grouped.group(g), activation, backend)
+    if path == "union":
+        ids = grouped.union(groups.active)[0]
+        return glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, ids, activation, backend)
+    width = grouped.width(groups.active)
+    if backend == "torch":
+        return segmented_glu_ref(x, gate_weight, up_weight, grouped.table, groups.table, width=width,
+                                 activation=activation, gate_bias=gate_bias, up_bias=up_bias)
+    from doe_kernels.ops.segmented_glu import segmented_glu_op
+
+    return segmented_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, grouped.table, groups.table, activation,
+                            width, len(groups.active), groups.max_rows)
+
+
+def segmented_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    rows: Optional[GroupedIndices] = None,
+    cols: Optional[GroupedIndices] = None,
+    groups: RowGroups,
+    path: str = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``gathered_linear`` for a batch whose rows use different kept-neuron lists, in one launch.
+
+    x: (..., K), M rows; weight: (N, K_full), any strides; bias: (N,) or None. groups: the
+    group of each of the M rows (``RowGroups``). Exactly one of
+      rows: ``GroupedIndices`` of the output neurons -> out (..., width), row m (group g)
+            holding ``F.linear(x[m], weight[idx_g], bias[idx_g])`` in its first k_g columns;
+      cols: ``GroupedIndices`` of the input neurons, x (..., width) as the rows form wrote it
+            -> out (..., N), row m = ``F.linear(x[m, :k_g], weight[:, idx_g], bias)``.
+    path: see ``choose_path``; it fixes the layout of h (x of the cols form), so a rows gather
+    and the cols gather that reads its output must resolve to the same path ("auto" does for
+    the same ``groups`` and lists). On "union", h's columns are the union's neurons and the
+    cols form ignores those outside each row's list; elsewhere width = ``mixed_width``.
+    backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors).
+    """
+    if (rows is None) == (cols is None):
+        raise ValueError("segmented_linear: expected exactly one of rows= or cols= (a GroupedIndices), got "
+                         f"{'both' if rows is not None else 'neither'}")
+    grouped = rows if rows is not None else cols
+    path = choose_path(grouped, groups, path)
+    check_segmented_args(x, weight, bias, grouped, groups, rows is not None, mixed_width(grouped, groups, path))
+    return segmented_linear_unchecked(x, weight, bias, grouped, groups, rows is not None, path,
+                                      resolve_backend(backend, x))
+
+
+def segmented_glu(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    *,
+    rows: GroupedIndices,
+    groups: RowGroups,
+    activation: str = "silu",
+    gate_bias: Optional[torch.Tensor] = None,
+    up_bias: Optional[torch.Tensor] = None,
+    path: str = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``gathered_glu`` for a batch whose rows use different kept-neuron lists, in one launch.
+
+    x: (..., K); gate_weight, up_weight: (N, K); rows: ``GroupedIndices``; groups: ``RowGroups``
+    -> out (..., width) laid out as ``segmented_linear``'s rows form on the same path.
+    """
+    path = choose_path(rows, groups, path)
+    for w, b, name in ((gate_weight, gate_bias, "gate_weight"), (up_weight, up_bias, "up_weight")):
+        check_segmented_args(x, w, b, rows, groups, True, 0, name)
+    activation = canonical_activation(activation)
+    return segmented_glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, rows, groups, activation, path,
+                                   resolve_backend(backend, x))

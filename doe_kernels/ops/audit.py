@@ -73,7 +73,7 @@ class AuditUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kernel: str  # "linear" | "glu"
+    kernel: str  # a name in _kernels(): "linear", "glu", "gemv", "glu-gemv", "seg", "seg-glu"
     form: str
     dtype: str
     arch: int
@@ -132,16 +132,26 @@ def _kernels() -> dict:
     gathered_glu = importlib.import_module("doe_kernels.ops.gathered_glu")
     gemv = importlib.import_module("doe_kernels.ops.gathered_gemv")
     glu_gemv = importlib.import_module("doe_kernels.ops.gathered_glu_gemv")
+    seg_linear = importlib.import_module("doe_kernels.ops.segmented_linear")
+    seg_glu = importlib.import_module("doe_kernels.ops.segmented_glu")
     return {
         "linear": (gathered_linear._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
         "glu": (gathered_glu._gathered_glu_kernel, 2, ("rows/linear",)),
         "gemv": (gemv._gathered_gemv_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
         "glu-gemv": (glu_gemv._gathered_glu_gemv_kernel, 2, ("rows/linear",)),
+        "seg": (seg_linear._segmented_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "seg-glu": (seg_glu._segmented_glu_kernel, 2, ("rows/linear",)),
     }
 
 
 #: Decode (GEMV) kernels: BLOCK_M is set by the launcher from M, audited at its largest.
 GEMV_KERNELS = ("gemv", "glu-gemv")
+#: Mixed-batch kernels (one launch for rows of several groups), audited with SEG_GROUPS groups.
+SEGMENTED_KERNELS = ("seg", "seg-glu")
+SEG_GROUPS = 9
+#: fp16 builds what bf16 builds for them (same tiles, same registers in the gathered kernels'
+#: rows): one 16-bit dtype keeps the audit's cold run short.
+SEG_DTYPES = ("bf16",)
 
 
 class _Ptr:
@@ -194,6 +204,14 @@ def _args(case: Case) -> dict:
         return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
                     stride_wn=swn, stride_wk=swk, stride_un=swn, stride_uk=swk,
                     HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **common)
+    if case.kernel in SEGMENTED_KERNELS:  # 9 resident groups, 8 of them with rows
+        seg = dict(idx_ptr=_Ptr(torch.int32), rows_ptr=_Ptr(torch.int32), G=SEG_GROUPS, ACTIVE=SEG_GROUPS - 1,
+                   N_KEY=N, **common)
+        if case.kernel == "seg":
+            return dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk, K_KEY=K,
+                        ROWS=case.form.startswith("rows"), HAS_BIAS=True, **seg)
+        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk,
+                    stride_un=swn, stride_uk=swk, HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **seg)
     raise ValueError(case.kernel)
 
 
@@ -285,7 +303,7 @@ def _annotate(row: Row) -> Row:
     lists and prune rules change without the kernel source changing)."""
     import triton
 
-    from doe_kernels.ops._config import SMEM_LIMIT, select_configs, smem_bytes
+    from doe_kernels.ops._config import SMEM_LIMIT, fits_strided, select_configs, smem_bytes
 
     case = row.case
     kernel, weights, _ = _kernels()[case.kernel]
@@ -310,6 +328,10 @@ def _annotate(row: Row) -> Row:
     launched = select_configs(kernel.configs, _args(case)["M_BUCKET"], elem, assumed, case.arch, limit)
     if _config_key(config) not in {_config_key(c) for c in launched}:
         row.pruned = "arch" if getattr(config_of(case), "min_arch", 0) > case.arch else "smem"
+    elif case.kernel in SEGMENTED_KERNELS:
+        args = _args(case)
+        if not fits_strided(config, args.get("ROWS", True), args["stride_wk"]):
+            row.pruned = "form"
     return row
 
 
@@ -367,6 +389,8 @@ def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
                 block = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"])
             for form in forms:
                 for dtype in dtypes:
+                    if name in SEGMENTED_KERNELS and dtype not in SEG_DTYPES:
+                        continue
                     for arch in archs:
                         out.append(Case(name, form, dtype, arch, block, c.num_warps, c.num_stages))
     return out
@@ -438,7 +462,8 @@ def failures(row: Row) -> list:
         want = "wgmma" if c.arch >= 90 else "mma"
         if row.tc != want:
             out.append(f"BLOCK_M {c.block[0]} uses {row.tc or 'no'} tensor-core op, expected {want}")
-    if c.form in PIPELINED_FORMS and c.kernel in ("linear", "glu") and c.num_stages > 1 and not row.pipelined:
+    if c.form in PIPELINED_FORMS and c.kernel in ("linear", "glu", *SEGMENTED_KERNELS) and c.num_stages > 1 \
+            and not row.pipelined:
         out.append(f"weight loads not pipelined (cp.async {row.cp_async}, smem {row.smem} B, one stage {row.stage_bytes} B)")
     if row.spill and row.spill > ALLOWED_SPILLS.get(c.form, (0, ""))[0]:
         out.append(f"spills: {row.spill} B stack frame at {row.regs} registers")

@@ -1,0 +1,197 @@
+"""Metadata of the segmented (mixed-batch) gathered ops: whose neurons each row uses.
+
+A mixed batch multiplies each row (token) of x with the kept neurons of its own *group*:
+
+    GroupedIndices   per layer, the kept-neuron lists of G groups in one int32 device buffer
+                     (built once, when the groups are installed)
+    RowGroups        per batch, the group of every row and the permutation that groups them
+                     (built on the host from host data, copied as one small tensor; no sync)
+
+Both are plain tables a kernel reads with integer offsets (no pointer tables):
+
+    GroupedIndices.table  (G + 1 + sum k_g,)  table[g]..table[g+1] is where group g's ids lie
+    RowGroups.table       (G + 1 + M,)        table[g]..table[g+1] is where group g's row ids lie
+
+A group may be empty (no rows, or k_g = 0 kept neurons). A group whose list holds every
+neuron (k_g == total) is a dense group: its rows run the full layer.
+
+For decode-sized batches the ops can read the *union* of the active groups' neurons once and
+ignore, per row, the neurons outside its own list (``GroupedIndices.union``); see
+``choose_path``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from doe_kernels.ops._config import UNION_MAX_M
+from doe_kernels.validation import validate_indices
+
+__all__ = ["GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS"]
+
+#: Ways to run a mixed batch: "single" (one active group: the plain gathered op on its list),
+#: "segmented" (one launch, every tile reads its group's neurons), "union" (the union of the
+#: active groups' neurons read once; each row ignores the others).
+PATHS = ("auto", "single", "segmented", "union")
+
+
+def _as_table(starts: Sequence[int], body: torch.Tensor) -> torch.Tensor:
+    """int32 (G + 1 + len(body),): the G + 1 offsets (shifted past themselves), then body."""
+    head = torch.tensor(starts, dtype=torch.int64) + len(starts)
+    return torch.cat([head, body.to(torch.int64)]).to(torch.int32)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class GroupedIndices:
+    """The kept-neuron lists of G groups for one layer, in one device buffer.
+
+    Args:
+        lists: G sorted unique id lists (1-D integer tensors or sequences; may be empty).
+        total: the neurons on the gathered axis (ids lie in [0, total)).
+        device: where the table lives.
+        validated: the lists are int32 tensors already checked by ``validate_indices``.
+
+    Attributes: ``table`` (see the module docstring), ``counts`` (host tuple of k_g),
+    ``total``, ``num_groups``. Group g's ids on the device: ``group(g)`` (a view).
+    """
+
+    def __init__(self, lists: Sequence, total: int, device, *, validated: bool = False):
+        if not isinstance(lists, (list, tuple)) or not lists:
+            raise ValueError(f"lists: expected a non-empty list of index lists, got {type(lists).__name__}")
+        host = []
+        for g, idx in enumerate(lists):
+            if validated:
+                host.append(idx.detach().to("cpu", torch.int32))
+            elif hasattr(idx, "__len__") and len(idx) == 0:
+                host.append(torch.empty(0, dtype=torch.int32))
+            else:
+                host.append(validate_indices(idx, total, name=f"group {g} indices").cpu())
+        self.total = int(total)
+        self.counts = tuple(int(h.numel()) for h in host)
+        self.num_groups = len(host)
+        self._host = host
+        starts = [0]
+        for n in self.counts:
+            starts.append(starts[-1] + n)
+        self._starts = starts
+        body = torch.cat(host) if sum(self.counts) else torch.empty(0, dtype=torch.int32)
+        self.table = _to_device(_as_table(starts, body), torch.device(device))
+        self._unions: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    def group(self, g: int) -> torch.Tensor:
+        """Group g's ids on the device: a (k_g,) int32 view of the table."""
+        start = self.num_groups + 1 + self._starts[g]
+        return self.table[start:start + self.counts[g]]
+
+    def is_dense(self, g: int) -> bool:
+        return self.counts[g] == self.total
+
+    def width(self, active: Sequence[int]) -> int:
+        """The padded width of a rows gather over groups ``active``: their largest k_g."""
+        return max((self.counts[g] for g in active), default=0)
+
+    def union(self, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, member) for the groups ``active``: ids (U,) int32 the sorted union of their
+        lists, member (G, U) bool, member[g, j] = ids[j] is kept by group g. Built on the
+        host from host copies once per ``active`` set and cached."""
+        key = tuple(sorted(set(active)))
+        hit = self._unions.get(key)
+        if hit is None:
+            ids = torch.unique(torch.cat([self._host[g] for g in key])) if key else torch.empty(0, dtype=torch.int32)
+            member = torch.zeros(self.num_groups, ids.numel(), dtype=torch.bool)
+            for g in key:
+                member[g] = torch.isin(ids, self._host[g])
+            hit = self._unions[key] = (_to_device(ids.to(torch.int32), self.device), _to_device(member, self.device))
+        return hit
+
+    def __repr__(self) -> str:
+        return f"GroupedIndices(groups={self.num_groups}, counts={list(self.counts)}, total={self.total})"
+
+
+class RowGroups:
+    """The group of every row of x, and the permutation that lists each group's rows together.
+
+    Built with ``RowGroups.build``. Attributes: ``table`` (see the module docstring; rows are
+    not moved, the kernels read and write them through it), ``counts`` (host tuple: rows per
+    group), ``num_rows`` (M), ``num_groups``, ``active`` (host tuple of the groups with rows),
+    ``max_rows`` (the largest group), ``row_groups`` ((M,) int32 device: the group of each row).
+    """
+
+    def __init__(self, table, counts, row_groups):
+        self.table, self.counts, self.row_groups = table, tuple(counts), row_groups
+        self.num_groups = len(self.counts)
+        self.num_rows = sum(self.counts)
+        self.active = tuple(g for g, n in enumerate(self.counts) if n)
+        self.max_rows = max(self.counts, default=0)
+
+    @classmethod
+    def build(cls, groups: Sequence[int], num_groups: int, *, rows_per_item: int = 1,
+              device=None) -> "RowGroups":
+        """Group the rows of a batch whose item i (``rows_per_item`` consecutive rows of x: the
+        tokens of one sequence) belongs to group ``groups[i]``.
+
+        Args:
+            groups: one group id in [0, num_groups) per batch item (host ints).
+            num_groups: G, the groups of the ``GroupedIndices`` it will be used with.
+            rows_per_item: rows of x per item (tokens per sequence): M = len(groups) * rows_per_item.
+            device: where the table goes.
+        """
+        g = torch.as_tensor(list(groups), dtype=torch.int64)
+        if g.dim() != 1:
+            raise ValueError(f"groups: expected one group id per batch item, got shape {tuple(g.shape)}")
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= num_groups):
+            bad = int(g.min()) if int(g.min()) < 0 else int(g.max())
+            raise ValueError(f"groups: group {bad} out of range, expected ids in [0, {num_groups})")
+        if rows_per_item < 0:
+            raise ValueError(f"rows_per_item: expected >= 0, got {rows_per_item}")
+        per_row = g.repeat_interleave(rows_per_item)
+        perm = torch.sort(per_row, stable=True).indices
+        counts = torch.bincount(per_row, minlength=num_groups).tolist()
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        # one copy: the table, then the group of each row
+        both = _to_device(torch.cat([_as_table(starts, perm), per_row.to(torch.int32)]), device)
+        table = both[: num_groups + 1 + perm.numel()]
+        return cls(table, counts, both[num_groups + 1 + perm.numel():])
+
+    def __repr__(self) -> str:
+        return f"RowGroups(rows={self.num_rows}, counts={list(self.counts)})"
+
+
+def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") -> str:
+    """How to run a mixed batch (one of ``PATHS`` but "auto"): "single" when one group has
+    rows; else "union" for decode-sized batches (M <= UNION_MAX_M) whose active groups'
+    union is smaller than their lists together (fewer weight bytes read); else "segmented".
+    The up and down projections of a block get the same answer for the same arguments."""
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    if len(groups.active) <= 1:
+        return "single"
+    if groups.num_rows <= UNION_MAX_M:
+        union = grouped.union(groups.active)[0].numel()
+        if union < sum(grouped.counts[g] for g in groups.active):
+            return "union"
+    return "segmented"
+
+
+def mixed_width(grouped: GroupedIndices, groups: RowGroups, path: str) -> int:
+    """The width of h (the rows gather's output, the cols gather's input) on a resolved ``path``:
+    the union's size ("union"), else the largest kept count among the groups with rows."""
+    if path == "union":
+        return grouped.union(groups.active)[0].numel()
+    return grouped.width(groups.active)
