@@ -303,9 +303,52 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from doe.serve import serve_command
+    missing = [name for name, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                         ("prometheus-client", "prometheus_client"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"`doe serve` needs {', '.join(missing)}: pip install -e \".[serve]\"")
+    from doe.router import TaskRouter
+    from doe.serve import ServeConfig, check_experts, check_positions, create_app, run_server
+    from doe.serve.server import bind
 
-    return serve_command(args)
+    with _user_input("option"):  # ServeConfig validates every value
+        config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token_budget=args.token_budget,
+                             max_tokens=args.max_tokens, max_queue=args.max_queue, max_items=args.max_items,
+                             max_new_tokens=args.max_new_tokens, retry_after_s=args.retry_after,
+                             shutdown_timeout_s=args.shutdown_timeout)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+    _check_device(args.device)
+    experts = _load_experts(args.experts)
+    with _user_input("--experts"):
+        check_experts(experts)
+    with _user_input("--router", (ValueError, FileNotFoundError)):
+        router = TaskRouter.from_pretrained(args.router) if args.router else None
+        check_experts(experts, router)
+    try:  # bound before the model loads: a busy port fails now, and port 0 picks a free one
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"--host/--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from exc
+    try:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        tok, model = _load_model(args.model, args.device)
+        with _user_input("--max-tokens"):
+            check_positions(model, experts, config)
+        with _user_input("--experts"):
+            app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config)
+        banner = f"model {args.model}, tasks {', '.join(e.task for e in experts)}{', router' if router else ''}"
+        return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
+                          banner=banner)
+    finally:
+        sock.close()
 
 
 def _cmd_router_fit(args) -> int:
@@ -480,7 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", help="router folder (to serve requests without a task name)")
     p.add_argument("--threshold", type=float, default=0.5, help="router confidence below which the dense model serves")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the ready line names it)")
+    p.add_argument("--max-batch", type=int, default=32, help="items per forward (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the oldest queued item waits for its batch to fill (default 5)")
+    p.add_argument("--token-budget", type=int, default=2048,
+                   help="padded text tokens per batch: batch size x its longest text (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="tokens per text; longer texts get 413 (default 128; nothing accepted is truncated)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="queued items before new requests get 503 with Retry-After (default 256)")
+    p.add_argument("--max-items", type=int, default=64, help="items per request body (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="the largest max_new_tokens a /v1/generate request may ask (default 256)")
+    p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of a 503 (default 1)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests (default 30)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level; info and debug log every request (default warning)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads for the forwards (default: torch's choice)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("router", help="build a task router (for requests without a task name)",

@@ -1,0 +1,14 @@
+"""``doe serve``: the unplug-and-play runtime behind an HTTP API (FastAPI + uvicorn).
+
+One worker thread owns the model and runs batches through ``UnplugAndPlay.process``; the event
+loop only queues requests and awaits their answers. Needs ``pip install -e ".[serve]"``.
+
+    app = doe.serve.create_app(model, tokenizer, experts, router=router)
+    doe.serve.run_server(app, host="127.0.0.1", port=8000)
+"""
+
+from doe.serve.app import check_experts, check_positions, create_app
+from doe.serve.config import ServeConfig
+from doe.serve.server import run_server
+
+__all__ = ["ServeConfig", "check_experts", "check_positions", "create_app", "run_server"]

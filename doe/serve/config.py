@@ -1,0 +1,53 @@
+"""Settings of ``doe serve``: batching, limits, back-pressure and shutdown, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+__all__ = ["ServeConfig"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server batches, what it accepts and how long it waits.
+
+    max_batch: items per forward. max_wait_ms: how long the oldest queued item waits for a
+    batch to fill. token_budget: padded text tokens per batch (batch size x its longest text).
+    max_tokens: tokens per text (more: 413); also the runtime's truncation length, so nothing
+    accepted is truncated. max_queue: queued items before new requests get 503. max_items:
+    items in one request body (more: 413). max_new_tokens: the largest ``max_new_tokens`` a
+    generate request may ask for. retry_after_s: the Retry-After of a 503. shutdown_timeout_s:
+    how long a graceful shutdown waits for in-flight requests.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    token_budget: int = 2048
+    max_tokens: int = 128
+    max_queue: int = 256
+    max_items: int = 64
+    max_new_tokens: int = 256
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "token_budget", "max_tokens", "max_queue", "max_items", "max_new_tokens",
+                     "retry_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}): expected an integer >= 1, got {value!r}")
+        for name in ("max_wait_ms", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                     and value >= 0):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}): expected a number >= 0, got {value!r}")
+        if self.token_budget < self.max_tokens:
+            raise ValueError(f"token_budget (--token-budget): expected >= max_tokens ({self.max_tokens}) so that "
+                             f"one text of the largest accepted size fits a batch, got {self.token_budget}")
+        if self.max_queue < self.max_items:
+            raise ValueError(f"max_queue (--max-queue): expected >= max_items ({self.max_items}) so that one "
+                             f"request of the largest accepted size can queue, got {self.max_queue}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,117 @@
+"""Text generation for decoder LMs on whatever expert is installed: greedy or sampled, token by
+token to a callback if asked, with a task's soft prompt prepended through ``inputs_embeds``
+(as ``doe.prompt.TaskModel`` attaches it)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from doe.unplug import model_lock
+
+__all__ = ["GenerateParams", "Generation", "generate"]
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """temperature 0: greedy. top_k 0 and top_p 1: no truncation of the sampled distribution."""
+
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence token), "length" or "cancelled"
+    ms: float
+
+
+def _stopping(should_stop: Callable[[], bool]):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
+
+
+def _streamer(on_token: Callable[[int], None]):
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Tokens(BaseStreamer):
+        """Skips ``generate``'s first call (the prompt), then passes each new token on."""
+
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                on_token(int(token))
+
+        def end(self):
+            pass
+
+    return _Tokens()
+
+
+def generate(model: nn.Module, tokenizer, params: GenerateParams, *, soft_prompt: Optional[torch.Tensor] = None,
+             on_token: Optional[Callable[[int], None]] = None,
+             should_stop: Callable[[], bool] = lambda: False) -> Generation:
+    """Continue ``params.prompt`` with the model as it is now (dense or unplugged).
+
+    Args:
+        model, tokenizer: a decoder LM (``*ForCausalLM``) and its tokenizer.
+        params: prompt and decoding settings.
+        soft_prompt: (n_tokens, hidden) embeddings put before the prompt's tokens.
+        on_token: called with each new token id as it is produced.
+        should_stop: polled after every step; True ends generation ("cancelled").
+    """
+    device = next(model.parameters()).device
+    ids = tokenizer(params.prompt, return_tensors="pt")["input_ids"].to(device)
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    options = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, stopping_criteria=_stopping(should_stop))
+    if params.temperature > 0:
+        options.update(do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    else:
+        options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if on_token is not None:
+        options["streamer"] = _streamer(on_token)
+    seeded = contextlib.nullcontext()
+    if params.seed is not None:
+        seeded = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with model_lock(model), torch.inference_mode(), seeded:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        embeds = model.get_input_embeddings()(ids)
+        if soft_prompt is not None:
+            embeds = torch.cat([soft_prompt.to(device=device, dtype=embeds.dtype).unsqueeze(0), embeds], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+    tokens = out[0].tolist()  # with inputs_embeds only, generate returns the new tokens alone
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    if tokens and tokens[-1] in eos_ids:
+        reason = "stop"
+    elif should_stop():
+        reason = "cancelled"
+    else:
+        reason = "length"
+    return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), int(ids.shape[1]), reason,
+                      1000 * (time.perf_counter() - t0))
