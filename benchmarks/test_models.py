@@ -2,7 +2,7 @@
 
 Two suites (``extra_info["suite"]``), both read by ``benchmarks.report``:
 
-``model`` -- forward latency of one model under four variants:
+``model`` -- forward latency of one model under five variants:
 
 - ``dense``:    the model as it is (all FFN neurons).
 - ``masked``:   a copy whose dropped neurons' up / gate rows (and biases) and down columns are
@@ -11,6 +11,9 @@ Two suites (``extra_info["suite"]``), both read by ``benchmarks.report``:
                 rows / columns (the speed bar: cuBLAS on contiguous weights).
 - ``gathered``: the original model under ``doe.unplug_`` (no weight copied; Triton gathered
                 kernels on CUDA, the index_select reference on CPU).
+- ``compact``:  the original model under ``doe.unplug_(..., compact=True)``: compacted copies
+                of the kept weights, made once per expert (memory for speed, reported as
+                ``compact_weight_bytes``).
 
 Swept: keep ratio {1.0, 0.5, 0.35, 0.2} x batch x sequence length (and, for the decoder, a
 decode-like seq=1 step without a KV cache). ``dense`` does not depend on the keep ratio: it is
@@ -128,6 +131,9 @@ def _cpu_models() -> dict:
                               note="tiny BertModel, random weights, fp32 (CPU smoke run)"),
         "llama-tiny": ModelCfg("llama-tiny", "llama", 128, 344, 2, 4, 4, 512, 128, "fp32",
                                note="tiny LlamaModel, random weights, fp32 (CPU smoke run)"),
+        "llama-small": ModelCfg("llama-small", "llama", 512, 2048, 4, 8, 8, 512, 128, "fp32",
+                                note="small LlamaModel (hidden 512, FFN 2048, 4 layers), random weights, fp32: "
+                                     "large enough that CPU time is matmuls, not overhead"),
     }
 
 
@@ -203,7 +209,7 @@ def _fwd_cases() -> list:
         for cfg in models:
             for b, s in _shapes(cfg, batches, seqs, decode_batches):
                 cases = [FwdCase(cfg, b, s, None, "dense")] if pass_no == 0 else []
-                variants = ["gathered"] if keep >= 1.0 else ["masked", "sliced", "gathered"]
+                variants = ["gathered"] if keep >= 1.0 else ["masked", "sliced", "gathered", "compact"]
                 cases += [FwdCase(cfg, b, s, keep, v) for v in variants]
                 out += [pytest.param(c, id=c.id) for c in cases]
     return out
@@ -353,8 +359,8 @@ class _Bundle:
     def model(self, variant: str, keep: Optional[float]) -> nn.Module:
         if variant == "dense":
             return self.dense
-        if variant == "gathered":
-            doe.unplug_(self.gathered, self.expert(keep))  # install, or switch experts
+        if variant in ("gathered", "compact"):  # install, or switch experts
+            doe.unplug_(self.gathered, self.expert(keep), compact=variant == "compact")
             return self.gathered
         store, make = {"masked": (self.masked, masked_copy), "sliced": (self.sliced, sliced_copy)}[variant]
         if keep not in store:
@@ -374,6 +380,7 @@ def _free_bundles(device: torch.device, keep_prefix: Optional[str] = None) -> No
         b = _CURRENT.pop(key)
         if isinstance(b, _Bundle):
             doe.restore_(b.gathered)
+            doe.release_compact(b.gathered)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -635,7 +642,7 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
 
     # Once per (model, keep), outside the timed region: gathered and masked compute what the
     # sliced copy computes.
-    if case.variant in ("gathered", "masked") and case.keep is not None and (case.variant, case.keep) not in bundle.checked:
+    if case.variant in ("gathered", "compact", "masked") and case.keep is not None and (case.variant, case.keep) not in bundle.checked:
         bundle.checked.add((case.variant, case.keep))
         ref_model = bundle.dense if case.keep >= 1.0 else bundle.model("sliced", case.keep)
         with torch.inference_mode():
@@ -647,6 +654,8 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
 
     rounds = int(os.environ.get("DOE_BENCH_MODEL_ROUNDS", 15 if dev.type == "cuda" else 10))
     harness.run_timed(benchmark, [lambda: model(**inputs)], dev, rounds=rounds)
+    if case.variant == "compact":
+        info["compact_weight_bytes"] = doe.compact_memory(model)
 
 
 def teardown_module(module):

@@ -4,71 +4,78 @@
     with doe.unplugged(model, result.expert):                        # gathered FFNs, no copy
         model(**batch)
                                                                      # original modules back, exactly
+
+Names are imported on first use, so ``import doe`` (and ``doe --help``) does not load torch.
 """
 
-from doe.architectures import (
-    SUPPORTED_MODEL_TYPES,
-    FFNBlock,
-    FFNSpec,
-    find_ffn_blocks,
-    get_ffn_specs,
-    register_architecture,
-)
-from doe.attribution import AttributionConfig, NeuronScores, score_neurons
-from doe.evaluate import EvalReport, evaluate
-from doe.expert import TaskExpert, model_fingerprint
-from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize
-from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
-from doe.router import TaskRouter
-from doe.runtime import Request, Result, UnplugAndPlay
-from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task
-from doe.unplug import (
-    check_expert,
-    current_expert,
-    is_unplugged,
-    model_lock,
-    restore_,
-    unplug_,
-    unplugged,
-)
-from doe_kernels._version import __version__
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "AttributionConfig",
-    "EvalReport",
-    "ExpertSearchConfig",
-    "ExpertSearchResult",
-    "FFNBlock",
-    "FFNSpec",
-    "LocalizationConfig",
-    "NeuronScores",
-    "PromptTuningConfig",
-    "Request",
-    "Result",
-    "TaskExpert",
-    "TaskModel",
-    "TaskRouter",
-    "TaskSpec",
-    "UnplugAndPlay",
-    "check_expert",
-    "current_expert",
-    "evaluate",
-    "find_expert",
-    "find_ffn_blocks",
-    "get_ffn_specs",
-    "get_task",
-    "is_unplugged",
-    "load_task",
-    "local_task",
-    "localize",
-    "model_fingerprint",
-    "model_lock",
-    "prompt_tune",
-    "register_architecture",
-    "register_task",
-    "restore_",
-    "score_neurons",
-    "unplug_",
-    "unplugged",
-]
+_EXPORTS = {
+    "doe.architectures": ("SUPPORTED_MODEL_TYPES", "FFNBlock", "FFNSpec", "find_ffn_blocks", "get_ffn_specs",
+                          "register_architecture"),
+    "doe.attribution": ("AttributionConfig", "NeuronScores", "score_neurons"),
+    "doe.evaluate": ("EvalReport", "evaluate"),
+    "doe.expert": ("TaskExpert", "model_fingerprint"),
+    "doe.localize": ("ExpertSearchConfig", "ExpertSearchResult", "LocalizationConfig", "find_expert", "localize"),
+    "doe.prompt": ("PromptTuningConfig", "TaskModel", "prompt_tune"),
+    "doe.router": ("TaskRouter",),
+    "doe.runtime": ("Request", "Result", "UnplugAndPlay"),
+    "doe.tasks": ("TaskSpec", "get_task", "load_task", "local_task", "register_task"),
+    "doe.unplug": ("Installed", "check_expert", "compact_memory", "current_expert", "installed", "is_unplugged",
+                   "model_lock", "release_compact", "restore_", "unplug_", "unplugged"),
+    "doe_kernels._version": ("__version__",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(n for n in _WHERE if n != "__version__")
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: doe.unplug, doe.cli, ...
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:  # what static analysers and IDEs see
+    from doe.architectures import (
+        SUPPORTED_MODEL_TYPES,
+        FFNBlock,
+        FFNSpec,
+        find_ffn_blocks,
+        get_ffn_specs,
+        register_architecture,
+    )
+    from doe.attribution import AttributionConfig, NeuronScores, score_neurons
+    from doe.evaluate import EvalReport, evaluate
+    from doe.expert import TaskExpert, model_fingerprint
+    from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize
+    from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
+    from doe.router import TaskRouter
+    from doe.runtime import Request, Result, UnplugAndPlay
+    from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task
+    from doe.unplug import (
+        Installed,
+        check_expert,
+        compact_memory,
+        current_expert,
+        installed,
+        is_unplugged,
+        model_lock,
+        release_compact,
+        restore_,
+        unplug_,
+        unplugged,
+    )
+    from doe_kernels._version import __version__

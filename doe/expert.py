@@ -156,10 +156,12 @@ class TaskExpert:
         if len(sizes) != len(indices):
             raise ValueError(f"num_neurons has {len(sizes)} entries but indices has {len(indices)} FFN blocks")
         # clone(): the caller's tensors never become the expert's (or a live model's) indices.
-        self._indices = tuple(
-            validate_indices(idx, n, name=f"FFN block {i} indices").cpu().clone()
-            for i, (idx, n) in enumerate(zip(indices, sizes))
-        )
+        # Normal tensors even under inference_mode: their version counters guard them.
+        with torch.inference_mode(False):
+            self._indices = tuple(
+                validate_indices(idx, n, name=f"FFN block {i} indices").cpu().clone()
+                for i, (idx, n) in enumerate(zip(indices, sizes))
+            )
         self._num_neurons = sizes
         self._versions = tuple(t._version for t in self._indices)
         self._digest = _digest(self._indices)
@@ -255,7 +257,8 @@ class TaskExpert:
         key = str(torch.device(device))
         entry = self._staged.get(key)
         if entry is None or tuple(t._version for t in entry[0]) != entry[1]:
-            staged = tuple(idx.to(device, copy=True) for idx in self._indices)
+            with torch.inference_mode(False):  # version-counted, also when staged under inference_mode
+                staged = tuple(idx.to(device, copy=True) for idx in self._indices)
             entry = self._staged[key] = (staged, tuple(t._version for t in staged))  # one store
         return entry[0]
 

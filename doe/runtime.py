@@ -26,7 +26,7 @@ from doe.models import eval_mode
 from doe.prompt import TaskModel
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
-from doe.unplug import Installed, check_expert, current_expert, installed, model_lock, restore_, unplug_
+from doe.unplug import Installed, check_expert, compact_memory, current_expert, installed, model_lock, restore_, unplug_
 from doe_kernels.env import synchronize
 
 __all__ = ["Request", "Result", "UnplugAndPlay"]
@@ -106,11 +106,14 @@ class UnplugAndPlay:
     threshold: the router's confidence below which a request runs on the dense model (with the
     routed task's dense prompt and head). max_batch: consecutive same-task requests per batch.
     restore_when_idle: put the original model back when ``process`` returns.
+    compact: run experts on compacted copies of their kept weights, made once per expert and
+    kept while it is resident (memory for speed, reported by ``summary()``; see
+    ``doe.unplug_``). Off by default: experts then cost only their index lists.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, router: Optional[TaskRouter] = None,
                  threshold: float = 0.5, max_batch: int = 32, max_length: int = 64,
-                 restore_when_idle: bool = True):
+                 restore_when_idle: bool = True, compact: bool = False):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
         if max_batch < 1:
@@ -118,6 +121,7 @@ class UnplugAndPlay:
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.threshold, self.max_batch, self.max_length = threshold, max_batch, max_length
         self.restore_when_idle = restore_when_idle
+        self.compact = compact
         self._entries: dict[str, _Entry] = {}
         self.records: list[Result] = []
         self.switches: list[float] = []
@@ -197,14 +201,16 @@ class UnplugAndPlay:
         backend); returns milliseconds spent."""
         expert = target.expert if isinstance(target, Installed) else target
         backend = target.backend if isinstance(target, Installed) else None
+        compact = target.compact if isinstance(target, Installed) else self.compact
         now = installed(self.model)
-        if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete):
+        if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete
+                                                 and now.compact == compact):
             return 0.0
         device = self._device()
         synchronize(device)
         t0 = time.perf_counter()
         if expert is not None:
-            unplug_(self.model, expert, backend=backend)
+            unplug_(self.model, expert, backend=backend, compact=compact)
         else:
             restore_(self.model)
         synchronize(device)
@@ -305,4 +311,5 @@ class UnplugAndPlay:
             "switch_ms_median": statistics.median(self.switches) if self.switches else 0.0,
             "switch_ms_max": max(self.switches) if self.switches else 0.0,
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
+            "compact_weight_bytes": compact_memory(self.model),
         }

@@ -16,6 +16,12 @@ model as it was. Every change records its intent on the model first and each ste
 idempotent, so an operation interrupted anywhere (KeyboardInterrupt, an exception) leaves a
 model that ``restore_`` gives back exactly, and that the next ``unplug_`` completes.
 
+Memory for speed (opt-in): ``unplug_(model, expert, compact=True)`` multiplies with compacted
+copies of each expert's kept FFN weights, made on the expert's first forward and kept (across
+switches and restores) while the expert lives, or until ``release_compact(model)``;
+``compact_memory(model)`` reports their bytes. Where gathering costs more than it saves (CPU),
+this runs as fast as a sliced copy of the model; the default stays zero-copy.
+
 Threads: these functions take ``model_lock(model)``. ``unplugged`` holds it for its whole body,
 so ``with doe.unplugged(model, expert): model(...)`` is safe from any number of threads. Code
 that calls ``unplug_`` and then runs the model from several threads must hold the lock around
@@ -34,14 +40,15 @@ import torch.nn as nn
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
 from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe.locking import model_lock
-from doe_kernels import BACKENDS, GatheredGatedMLP, GatheredLinear, resolve_backend, to_neuron_major_, to_row_major_
+from doe_kernels import BACKENDS, CompactWeights, GatheredGatedMLP, GatheredLinear, resolve_backend, to_neuron_major_, to_row_major_
 from doe_kernels.modules import hooked_modules, is_neuron_major, unwrap
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
-           "model_lock", "check_expert"]
+           "model_lock", "check_expert", "compact_memory", "release_compact"]
 
 _STATE_ATTR = "_doe_unplug_state"
 _CONVERTED_ATTR = "_doe_neuron_major"  # weights re-stored neuron-major, kept across restores
+_COMPACT_ATTR = "_doe_compact"  # CompactWeights of the compact=True experts, kept across restores
 LAYOUTS = ("auto", "neuron_major", "original")
 
 
@@ -66,6 +73,7 @@ class _State:
     fingerprint: str
     backend: str
     layout: str
+    compact: Optional[CompactWeights] = None  # the model's store while compact=True
     complete: bool = False
 
 
@@ -82,7 +90,8 @@ def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]
 
 
 class Installed(NamedTuple):
-    """What ``unplug_`` installed: pass it back as ``unplug_(model, i.expert, backend=i.backend)``.
+    """What ``unplug_`` installed: pass it back as
+    ``unplug_(model, i.expert, backend=i.backend, compact=i.compact)``.
 
     complete is False after an interrupted unplug_ / restore_: the model may be half-swapped
     until the next ``unplug_`` (which completes it) or ``restore_``.
@@ -92,12 +101,35 @@ class Installed(NamedTuple):
     backend: str
     layout: str
     complete: bool
+    compact: bool = False
 
 
 def installed(model: nn.Module) -> Optional[Installed]:
     """The expert installed in ``model`` (or a submodule) with its backend and layout, else None."""
     state = _find_state(model)[1]
-    return None if state is None else Installed(state.expert, state.backend, state.layout, state.complete)
+    return None if state is None else Installed(state.expert, state.backend, state.layout, state.complete,
+                                                state.compact is not None)
+
+
+def _compact_store(model: nn.Module) -> CompactWeights:
+    return model.__dict__.setdefault(_COMPACT_ATTR, CompactWeights())
+
+
+def compact_memory(model: nn.Module) -> int:
+    """Bytes held by compacted expert weights (``unplug_(..., compact=True)``) of ``model``."""
+    return sum(m.__dict__[_COMPACT_ATTR].nbytes for m in model.modules() if _COMPACT_ATTR in m.__dict__)
+
+
+def release_compact(model: nn.Module) -> int:
+    """Free the compacted expert weights of ``model`` (they are made again on the next compact
+    forward); returns the bytes freed."""
+    with model_lock(model):
+        freed = compact_memory(model)
+        for m in model.modules():
+            store = m.__dict__.get(_COMPACT_ATTR)
+            if store is not None:
+                store.clear()
+        return freed
 
 
 def is_unplugged(model: nn.Module) -> bool:
@@ -233,6 +265,7 @@ def _apply(state: _State) -> None:
     for ws, idx in zip(state.wrappers, staged):
         for w in ws:
             w.backend = state.backend
+            w.compact = state.compact
             if w.indices is not idx:
                 w.set_indices(idx, validated=True)
     for s in state.swaps:
@@ -248,6 +281,7 @@ def unplug_(
     spec: FFNSpec | Sequence[FFNSpec] | None = None,
     backend: Optional[str] = None,
     layout: Optional[str] = None,
+    compact: Optional[bool] = None,
 ) -> nn.Module:
     """Run only ``expert``'s neurons in every FFN block of ``model``, in place.
 
@@ -264,12 +298,18 @@ def unplug_(
         layout: "auto" (re-store down projections neuron-major on CUDA), "neuron_major" or
             "original" (never re-store). None: "auto" on a fresh install, nothing new on a
             switch. The re-store happens in place once; no extra memory stays allocated.
+        compact: True multiplies with compacted copies of the expert's kept weights, made on
+            its first forward and kept while the expert lives (memory for speed; see
+            ``compact_memory`` / ``release_compact``). None keeps the installed choice on a
+            switch (False on a fresh install).
 
     Returns:
         ``model``.
     """
     _check_choice("backend", backend, BACKENDS)
     _check_choice("layout", layout, LAYOUTS)
+    if compact is not None and not isinstance(compact, bool):
+        raise TypeError(f"compact: expected True, False or None, got {compact!r}")
     if not isinstance(expert, TaskExpert):
         raise TypeError(f"expert: expected a doe.TaskExpert, got {type(expert).__name__}")
     with model_lock(model):
@@ -279,13 +319,13 @@ def unplug_(
             raise ValueError(f"submodule {name!r} of this model is unplugged: switch or restore_ it through "
                              f"model.get_submodule({name!r}), or restore_(model) first")
         if state is not None:
-            _switch(model, state, expert, spec, backend, layout)
+            _switch(model, state, expert, spec, backend, layout, compact)
         else:
-            _install(model, expert, spec, backend or "auto", layout or "auto")
+            _install(model, expert, spec, backend or "auto", layout or "auto", bool(compact))
         return model
 
 
-def _install(model, expert, spec, backend, layout) -> None:
+def _install(model, expert, spec, backend, layout, compact: bool) -> None:
     blocks = find_ffn_blocks(model, spec)
     fingerprint = model_fingerprint(model, blocks)
     check_expert(model, expert, blocks, fingerprint)
@@ -293,14 +333,15 @@ def _install(model, expert, spec, backend, layout) -> None:
     resolve_backend(backend, blocks[0].up.weight)  # raises now if the backend cannot run here
     staged = expert.stage(blocks[0].up.weight.device)
     swaps, wrappers = _build_swaps(model, blocks, staged, backend)
-    state = _State(expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend, layout)
+    state = _State(expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend, layout,
+                   _compact_store(model) if compact else None)
     # Intent first: from here on every step can be redone by _apply or undone by restore_.
     _record_conversions(model, state.planned)
     model.__dict__[_STATE_ATTR] = state
     _apply(state)
 
 
-def _switch(model, state: _State, expert, spec, backend, layout) -> None:
+def _switch(model, state: _State, expert, spec, backend, layout, compact: Optional[bool]) -> None:
     if spec is not None:
         names = [b.name for b in find_ffn_blocks(model, spec)]
         if names != [b.name for b in state.blocks]:
@@ -319,6 +360,8 @@ def _switch(model, state: _State, expert, spec, backend, layout) -> None:
         state.backend = backend
     if layout is not None:
         state.layout = layout
+    if compact is not None:
+        state.compact = _compact_store(model) if compact else None
     state.expert = expert
     _apply(state)
 
@@ -366,4 +409,4 @@ def _put_back(model: nn.Module, previous: Optional[Installed]) -> None:
     if previous is None:
         restore_(model)
     else:
-        unplug_(model, previous.expert, backend=previous.backend)
+        unplug_(model, previous.expert, backend=previous.backend, compact=previous.compact)

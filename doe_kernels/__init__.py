@@ -12,6 +12,7 @@ from doe_kernels._version import __version__
 from doe_kernels.dispatch import BACKENDS, resolve_backend, use_backend
 from doe_kernels.env import DTYPES, dtype_name, env_flag, interpreting, parse_dtype, synchronize
 from doe_kernels.modules import (
+    CompactWeights,
     GatheredGatedMLP,
     GatheredLinear,
     is_neuron_major,
@@ -27,6 +28,7 @@ from doe_kernels.validation import validate_indices
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "CompactWeights",
     "DTYPES",
     "GatheredGatedMLP",
     "GatheredLinear",

@@ -14,10 +14,16 @@ model while looking like it from outside:
 
 Switching experts is ``set_indices``. Nothing here knows about tasks or model families; the
 ``doe`` package decides what to wrap.
+
+Opt-in, memory for speed: a wrapper given a :class:`CompactWeights` store multiplies with
+compacted copies of its kept rows or columns, made once per (weight, kept ids) and kept while
+both live, instead of gathering on every forward (where a gather costs more than it saves, as
+on CPU).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -35,6 +41,7 @@ from doe_kernels.validation import (
 )
 
 __all__ = [
+    "CompactWeights",
     "GatheredLinear",
     "GatheredGatedMLP",
     "linear_weight",
@@ -149,6 +156,76 @@ def _linear(x, weight, bias, idx, rows: bool, total: int, backend: str, name: st
     return linear_unchecked(x, weight, bias, idx, rows, backend)
 
 
+class CompactWeights:
+    """Compacted copies of gathered weights: ``W[idx]`` (and ``b[idx]``) for a rows gather,
+    ``W[:, idx]`` for a cols gather, each made once and reused while the weight, its bias and
+    the index tensor live and are unchanged (an in-place change to any of them makes a new copy).
+
+    One store can serve many wrappers and many index tensors; ``nbytes`` is what it holds.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the compacted copies."""
+        return sum(e[-1] for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Free every copy."""
+        self._entries.clear()
+
+    def get(self, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, rows: bool,
+            transposed: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(w, b)`` for ``F.linear``: weight (out, in), or (in, out) when ``transposed``
+        (Conv1D); idx (n,) kept ids -> w (n, in) and b[idx] for rows, w (out, n) and b for cols."""
+        key = (id(weight), id(bias), id(idx), rows, transposed)
+        live = (weight, bias, idx)
+        versions = tuple(None if t is None else t._version for t in live)
+        entry = self._entries.get(key)
+        if entry is not None and all(r() is t for r, t in zip(entry[0], live)) and entry[1] == versions:
+            return entry[2]
+        with torch.inference_mode(False):  # usable later with autograd on the input
+            w = weight.detach().t() if transposed else weight.detach()
+            w = (w.index_select(0, idx) if rows else w.index_select(1, idx)).contiguous()
+            b = bias.detach().index_select(0, idx) if rows and bias is not None else bias
+        copies = w.numel() * w.element_size() + (b.numel() * b.element_size() if rows and b is not None else 0)
+        entries = self._entries
+
+        def drop(_ref, key=key):
+            entries.pop(key, None)
+
+        refs = tuple((lambda: None) if t is None else weakref.ref(t, drop) for t in live)
+        entries[key] = (refs, versions, (w, b), copies)
+        return w, b
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+               rows: bool, transposed: bool = False) -> torch.Tensor:
+        """``F.linear`` on the compacted copy: the same result as the gathered op."""
+        w, b = self.get(weight, bias, idx, rows, transposed)
+        return torch.nn.functional.linear(x, w, b)
+
+
+def _compact_linear(store: CompactWeights, x, weight, bias, idx, rows: bool, total: int, name: str,
+                    transposed: bool = False) -> torch.Tensor:
+    """``_linear`` through a :class:`CompactWeights` store (same stale-weight check)."""
+    neuron_dim = (1 if transposed else 0) if rows else (0 if transposed else 1)
+    if weight.dim() != 2 or weight.shape[neuron_dim] != total:
+        raise _stale(name, total, weight)
+    return store.linear(x, weight, bias, idx, rows, transposed)
+
+
+def _use_compact(store: Optional[CompactWeights], weight: torch.Tensor) -> Optional[CompactWeights]:
+    """``store``, unless the weight itself needs a gradient (a compacted copy would not pass it on)."""
+    if store is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    return store
+
+
 def _weight_bias(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(module.weight, module.bias)``, read from the parameter dict when they live there
     (attribute lookup on an nn.Module is slow); parametrized layers fall back to getattr."""
@@ -170,7 +247,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 class _Wrapper(nn.Module):
     """Shares ``base``'s parameter and submodule dicts (see the module docstring) and holds
-    ``indices``, the kept neuron ids, as a non-persistent buffer."""
+    ``indices``, the kept neuron ids, as a non-persistent buffer. ``compact``: a
+    :class:`CompactWeights` store to multiply with compacted copies instead of gathering
+    (None: gather, the default)."""
 
     def __init__(self, base: nn.Module, indices: torch.Tensor, total: int, name: str, device: torch.device):
         if base._buffers:
@@ -185,6 +264,7 @@ class _Wrapper(nn.Module):
         self.training = base.training
         self.total = total
         self._name = name
+        self.compact: Optional[CompactWeights] = None
         self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
 
     def set_indices(self, indices: torch.Tensor, *, validated: bool = False, in_place: bool = False) -> None:
@@ -239,6 +319,10 @@ class GatheredLinear(_Wrapper):
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         w, b = _weight_bias(self.base_layer)
+        compact = _use_compact(self.compact, w)
+        if compact is not None:
+            return _compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
+                                   self._name, self._transposed)
         if self._transposed:
             w = w.t()
         return _linear(x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
@@ -298,12 +382,15 @@ class GatheredGatedMLP(_Wrapper):
         idx, total, name = self._buffers["indices"], self.total, self._name
         backend = resolve_backend(self.backend, x)
         hooked = _has_hooks(gate) or _has_hooks(up) or _has_hooks(down)
+        compact = _use_compact(self.compact, _weight_bias(up)[0])
 
         def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
+            if compact is not None:
+                return _compact_linear(compact, t, w, b, idx, rows, total, name)
             return _linear(t, w, b, idx, rows, total, backend, name)
 
-        if isinstance(self.activation, str) and not hooked:
+        if isinstance(self.activation, str) and not hooked and compact is None:
             wg, bg = _weight_bias(gate)
             wu, bu = _weight_bias(up)
             if not glu_args_ok(x, wg, wu, bg, bu, idx, total):

@@ -188,3 +188,16 @@ def test_cuda_on_a_cpu_build_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--device", "cuda", "--cache", str(tmp_path)])
     assert exc.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_help_and_parsing_load_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, doe, doe.cli; doe.cli.build_parser().parse_args(['run', '--requests', 'r', '--out', 'o']); "
+            "print([m for m in ('torch', 'transformers', 'datasets', 'triton', 'fastapi') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert doe.TaskExpert is doe.expert.TaskExpert and "unplug_" in dir(doe)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        doe.no_such_name

@@ -182,3 +182,23 @@ def test_threads_get_their_own_experts(setup):
     for th in threads:
         th.join()
     assert failures == [] and not doe.is_unplugged(model)
+
+
+def test_compact_runtime_serves_the_same_answers_and_reports_its_memory(setup):
+    model, tok, data, folders, _ = setup
+    snap = snapshot(model)
+    reqs = [{"text": e.text, "task": t} for t in TASKS for e in data[t].eval[:6]]
+    plain = UnplugAndPlay(model, tok, max_batch=4)
+    compact = UnplugAndPlay(model, tok, max_batch=4, compact=True)
+    for rt in (plain, compact):
+        for f in folders.values():
+            rt.add_expert(f)
+    want = [(r.label, r.expert) for r in plain.process(reqs)]
+    got = compact.process(reqs)
+    assert [(r.label, r.expert) for r in got] == want
+    for r, p in zip(got, plain.records):
+        assert r.probability == pytest.approx(p.probability, abs=1e-5)
+    assert compact.summary()["compact_weight_bytes"] > 0
+    assert_same_as(model, snap)
+    doe.release_compact(model)
+    assert compact.summary()["compact_weight_bytes"] == 0
