@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from doe import progress
 from doe.architectures import find_ffn_blocks
 from doe.models import eval_mode, frozen
 from doe.prompt import TaskModel
@@ -162,8 +162,8 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
     # Everything frozen but the prompt, which carries the gradient into every layer.
     with eval_mode(task_model), frozen(list(task_model.parameters())):
         task_model.prompt.requires_grad_(config.method in _NEEDS_GRAD)
-        bar = tqdm(range(0, len(examples), config.batch_size), desc=f"scoring neurons ({config.method})",
-                   disable=not config.show_progress, leave=False)
+        bar = progress.bar(f"scoring neurons of {task_model.spec.name} ({config.method})",
+                           iterable=range(0, len(examples), config.batch_size), enabled=config.show_progress)
         for start in bar:
             batch = examples[start : start + config.batch_size]
             enc = task_model.encode(batch)

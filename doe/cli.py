@@ -92,7 +92,9 @@ def _load_model(name: str, device: Optional[str]):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from doe.models import load_minilm, model_kind
+    from doe.progress import quiet_libraries
 
+    quiet_libraries()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "minilm":
         return load_minilm(device=device)
@@ -122,9 +124,12 @@ def _task(args):
             raise UsageError("--train needs --labels (comma-separated label names in id order)")
         files = {"train": args.train, **({"validation": args.eval_file} if args.eval_file else {})}
         name = getattr(args, "task_name", None) or args.task or _default_task_name(args.train)
+        if not args.eval_file and not 0 < args.holdout < 1:
+            raise UsageError(f"--holdout: expected a fraction in (0, 1) of --train to evaluate on, got {args.holdout}")
         with _user_input("--train"):
             return local_task(name, files, labels=args.labels.split(","),
-                              text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field)
+                              text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field,
+                              holdout=0.0 if args.eval_file else args.holdout)
     if not args.task:
         raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
     with _user_input("--task"):
@@ -134,8 +139,10 @@ def _task(args):
 def _load_data(spec, **limits):
     """``load_task`` with the data problems a user can fix (missing or malformed files, no hub
     access for a hub task) reported as usage errors."""
+    from doe.progress import quiet_libraries
     from doe.tasks import load_task
 
+    quiet_libraries()
     with _user_input("data", (ValueError, FileNotFoundError, ConnectionError)):
         return load_task(spec, **limits)
 
@@ -143,6 +150,7 @@ def _load_data(spec, **limits):
 def _add_model_args(p):
     p.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_task_args(p):
@@ -150,6 +158,9 @@ def _add_task_args(p):
     p.add_argument("--train", help="a local csv/json/jsonl/parquet training file instead of --task")
     p.add_argument("--eval-file", help="the matching held-out file (for `doe eval`: a file to score instead of "
                    "the task's own held-out split)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="with --train and no --eval-file: the fraction of --train held out to evaluate on "
+                   "(stratified, the same rows every time; default 0.2)")
     p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
     p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
     p.add_argument("--label-field", default="label", help="label column (default: label)")
@@ -158,6 +169,7 @@ def _add_task_args(p):
 
 
 def _cmd_localize(args) -> int:
+    from doe import progress
     from doe.attribution import AttributionConfig
     from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
     from doe.prompt import PromptTuningConfig
@@ -171,9 +183,10 @@ def _cmd_localize(args) -> int:
     retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs}
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
-            prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed),
+            prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
+                                      show_progress=not args.quiet),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
-                                          seed=args.seed),
+                                          seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of),
             **retune,
         ) for keep in keeps]
@@ -183,14 +196,16 @@ def _cmd_localize(args) -> int:
     tok, model = _load_model(args.model, args.device)
     data = _load_data(spec, max_train=args.max_train, max_eval=args.max_eval)
     result = None
-    for keep, config in zip(keeps, configs):
-        result = find_expert(model, tok, data, config,
-                             task_model=result.task_model if result else None,
-                             scores=result.scores if result else None)
-        out = Path(args.out) if len(keeps) == 1 else Path(args.out) / f"keep{keep}"
-        result.expert.save_pretrained(out)
-        print(f"{data.spec.name}: kept {sum(result.expert.kept)}/{sum(result.expert.num_neurons)} FFN neurons "
-              f"({result.expert.keep_ratio:.1%}, {args.method}) -> {out}")
+    phases = 1 + (args.method != "random") + len(keeps) * (configs[0].retune_epochs > 0)
+    with progress.steps(phases):
+        for keep, config in zip(keeps, configs):
+            result = find_expert(model, tok, data, config,
+                                 task_model=result.task_model if result else None,
+                                 scores=result.scores if result else None)
+            out = Path(args.out) if len(keeps) == 1 else Path(args.out) / f"keep{keep}"
+            result.expert.save_pretrained(out)
+            print(f"{data.spec.name}: kept {sum(result.expert.kept)}/{sum(result.expert.num_neurons)} FFN neurons "
+                  f"({result.expert.keep_ratio:.1%}, {args.method}) -> {out}")
     return 0
 
 
@@ -288,7 +303,8 @@ def _cmd_run(args) -> int:
         print(f"doe run: {path} holds no requests; wrote an empty {out}", file=sys.stderr)
         return 0
     tok, model = _load_model(args.model, args.device)
-    rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size)
+    rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size,
+                       compact=args.compact_weights)
     for expert in experts:
         rt.add_expert(expert)
     results = rt.process(requests)
@@ -387,7 +403,7 @@ def _cmd_router_fit(args) -> int:
     texts = {name: [e.text for e in _load_data(spec, max_train=args.max_per_task, max_eval=1).train]
              for name, spec in specs.items()}
     tok, model = _load_model(args.model, args.device)
-    router = TaskRouter.fit(model, tok, texts, seed=args.seed)
+    router = TaskRouter.fit(model, tok, texts, seed=args.seed, show_progress=not args.quiet)
     router.save_pretrained(out)
     acc = router.accuracy(model, tok, texts)
     print(f"router over {len(texts)} tasks ({', '.join(texts)}), {sum(map(len, texts.values()))} texts, "
@@ -513,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", required=True, help="input JSONL")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--compact-weights", action="store_true",
+                   help="run experts on compacted copies of their kept weights, made once per expert: faster on "
+                   "CPU, costs memory (reported in the summary); default: zero-copy gathered weights")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("serve", help="serve experts over HTTP (needs pip install -e \".[serve]\")",

@@ -111,7 +111,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run the four steps and print them; returns the numbers printed (``identical``: the
     restored model matches the original bit for bit)."""
     from doe.models import load_minilm
+    from doe.progress import quiet_libraries
 
+    quiet_libraries()
     torch.manual_seed(cfg.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
@@ -134,7 +136,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     except (FileNotFoundError, ValueError):
         router = None
     if router is None:
-        router = TaskRouter.fit(model, tok, {t: [e.text for e in d.train] for t, d in data.items()})
+        router = TaskRouter.fit(model, tok, {t: [e.text for e in d.train] for t, d in data.items()},
+                                show_progress=cfg.show_progress)
         router.save_pretrained(router_dir)
     held_out = {t: [e.text for e in d.eval] for t, d in data.items()}
     router_acc = router.accuracy(model, tok, held_out)

@@ -40,6 +40,7 @@ class EvalReport:
     batch_size: int
     device: str
     rows: list[EvalRow] = field(default_factory=list)
+    examples: int = 0  # held-out examples scored
 
     def row(self, name: str) -> EvalRow:
         for r in self.rows:
@@ -49,7 +50,8 @@ class EvalReport:
 
     def to_markdown(self) -> str:
         lines = [
-            f"task {self.task} · metric {self.metric_name} · batch {self.batch_size} · {self.device}",
+            f"task {self.task} · {self.examples} held-out examples · metric {self.metric_name} · "
+            f"batch {self.batch_size} · {self.device}",
             "",
             f"| model | keep | {self.metric_name} | latency ms/batch | speed-up |",
             "|---|---:|---:|---:|---:|",
@@ -60,8 +62,8 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """The report as plain JSON-serialisable data (``rows``: one dict per row, dense first)."""
-        return {"task": self.task, "metric": self.metric_name, "batch_size": self.batch_size, "device": self.device,
-                "rows": [asdict(r) for r in self.rows]}
+        return {"task": self.task, "metric": self.metric_name, "examples": self.examples,
+                "batch_size": self.batch_size, "device": self.device, "rows": [asdict(r) for r in self.rows]}
 
 
 def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
@@ -114,7 +116,7 @@ def evaluate(
         raise ValueError(f"evaluate: task {data.spec.name!r} has no evaluation examples")
     if names is not None and len(names) != len(experts):
         raise ValueError(f"evaluate: expected one name per expert ({len(experts)}), got {len(names)}")
-    report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device))
+    report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device), examples=len(data.eval))
     metric, latency = score_task_model(dense, examples, batch_size)
     report.rows.append(EvalRow("dense", 1.0, metric, latency))
     for i, expert in enumerate(experts):

@@ -175,7 +175,8 @@ def find_expert(
         retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs,
                                            "head_lr": config.retune_head_lr})
         with unplugged(model, expert):
-            result = prompt_tune(retuned, data, retune_cfg)
+            result = prompt_tune(retuned, data, retune_cfg, phase_name=f"re-tuning {data.spec.name} on its expert "
+                                                                      f"(keep {expert.keep_ratio:.2f})")
         prompt, head = result.prompt, result.head
     expert.prompt, expert.head = prompt, head
     expert.dense_prompt, expert.dense_head = tuning.prompt, tuning.head

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from doe import progress
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
@@ -203,8 +203,10 @@ def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random):
         yield [examples[j] for j in order[i : i + batch_size]]
 
 
-def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig) -> PromptTuningResult:
+def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig, *,
+                phase_name: Optional[str] = None) -> PromptTuningResult:
     """Train the soft prompt (and head) of ``task_model`` on ``data`` (its train split).
+    ``phase_name`` labels the progress bar (default: ``prompt tuning <task>``).
 
     The backbone's parameters are frozen for the duration (their requires_grad flags are put
     back afterwards) and must come out bit-identical. Works on an unplugged (expert) model
@@ -224,8 +226,8 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
     # Dropout off: the backbone is a fixed function.
     with eval_mode(task_model.model), frozen(backbone_params):
         steps = config.epochs * math.ceil(len(examples) / config.batch_size)
-        bar = tqdm(total=steps, desc=f"prompt tuning {task_model.spec.name}", disable=not config.show_progress,
-                   leave=False)
+        bar = progress.bar(phase_name or f"prompt tuning {task_model.spec.name}", total=steps,
+                           enabled=config.show_progress)
         for _ in range(config.epochs):
             for batch in _batches(examples, config.batch_size, rng):
                 labels = torch.tensor([e.label for e in batch], device=task_model.device)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from doe import progress
 from doe.models import eval_mode, model_kind
 
 __all__ = ["TaskRouter", "embed_texts"]
@@ -23,13 +24,14 @@ _WEIGHTS = "router.safetensors"
 
 @torch.no_grad()
 def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
-                max_length: int = 64) -> torch.Tensor:
+                max_length: int = 64, bar=None) -> torch.Tensor:
     """(N, hidden) fp32 mean-pooled last hidden states of the dense model (no prompt).
 
     Args:
         model, tokenizer: the dense backbone and its tokenizer.
         texts: N texts.
         batch_size, max_length: texts per forward, tokens per text.
+        bar: a progress bar to advance by one per batch.
     """
     device = next(model.parameters()).device
     kind = model_kind(model)
@@ -46,6 +48,8 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size
                 hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append(((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
+            if bar is not None:
+                bar.update(1)
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
@@ -65,13 +69,15 @@ class TaskRouter:
 
     @classmethod
     def fit(cls, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]], *,
-            steps: int = 300, lr: float = 0.5, weight_decay: float = 1e-4, seed: int = 0) -> "TaskRouter":
+            steps: int = 300, lr: float = 0.5, weight_decay: float = 1e-4, seed: int = 0,
+            show_progress: bool = False) -> "TaskRouter":
         """Train on each task's example texts (full-batch Adam on cached embeddings: seconds).
 
         Args:
             model, tokenizer: the dense backbone whose embeddings the router reads.
             texts_by_task: task name -> its example texts (every task needs some).
             steps, lr, weight_decay, seed: of the Adam fit.
+            show_progress: one bar over embedding the texts and the fit steps.
 
         Returns:
             A TaskRouter over the tasks, in ``texts_by_task`` order.
@@ -80,7 +86,10 @@ class TaskRouter:
         if empty or not texts_by_task:
             raise ValueError(f"router: every task needs example texts; none for {empty or 'any task'}")
         tasks = list(texts_by_task)
-        x = F.normalize(torch.cat([embed_texts(model, tokenizer, list(texts_by_task[t])) for t in tasks]), dim=-1)
+        batches = sum(-(-len(texts_by_task[t]) // 64) for t in tasks)
+        bar = progress.bar(f"fitting the router over {len(tasks)} tasks", total=batches + steps, enabled=show_progress)
+        x = F.normalize(torch.cat([embed_texts(model, tokenizer, list(texts_by_task[t]), batch_size=64, bar=bar)
+                                   for t in tasks]), dim=-1)
         y = torch.cat([torch.full((len(texts_by_task[t]),), i) for i, t in enumerate(tasks)])
         g = torch.Generator().manual_seed(seed)
         weight = (torch.randn(len(tasks), x.shape[1], generator=g) * 0.01).requires_grad_()
@@ -92,6 +101,8 @@ class TaskRouter:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                bar.update(1)
+        bar.close()
         return cls(tasks, weight.detach(), bias.detach())
 
     def route_embeddings(self, emb: torch.Tensor) -> tuple[list[str], list[float]]:

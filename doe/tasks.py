@@ -114,6 +114,8 @@ class TaskSpec:
     train_split / eval_split: split names, optionally sliced ("train[:80%]").
     metric: one of METRICS; "f1" is binary with label id 1 as the positive class.
     verbalizer: one short word per label, the answer words for decoder LMs (default: labels).
+    holdout: for data without an eval split, the fraction of the train split held out as the
+    eval split (a stratified sample, the same rows on every load); 0 reads ``eval_split``.
     """
 
     name: str
@@ -128,6 +130,7 @@ class TaskSpec:
     metric: str = "accuracy"
     verbalizer: Optional[tuple[str, ...]] = None
     description: str = ""
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -150,6 +153,8 @@ class TaskSpec:
                              f"got {self.label_field!r}")
         if self.label_field in self.text_fields:
             raise ValueError(f"TaskSpec({self.name!r}): label_field {self.label_field!r} is also a text field")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
+            raise ValueError(f"TaskSpec({self.name!r}).holdout: expected a fraction in [0, 1), got {self.holdout!r}")
         if self.metric not in METRICS:
             raise ValueError(f"TaskSpec({self.name!r}).metric: unknown metric {self.metric!r}; "
                              f"known: {', '.join(METRICS)}")
@@ -539,13 +544,17 @@ def _subsample(labels: Sequence[int], k: Optional[int], seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _examples(spec: TaskSpec, ds: Any, split: str, k: Optional[int], seed: int) -> list[Example]:
+def _check_fields(spec: TaskSpec, ds: Any, split: str) -> None:
     columns = list(ds.column_names)
     missing = [f for f in (*spec.text_fields, spec.label_field) if f not in columns]
     if missing:
         raise ValueError(f"task {spec.name!r}, split {split!r}: field(s) {missing} not in the data; the fields "
                          f"present are {columns}. Set text_fields=(...) and label_field=... to match "
                          f"(e.g. local_task(..., text_fields=({columns[0]!r},), label_field=...)).")
+
+
+def _examples(spec: TaskSpec, ds: Any, split: str, k: Optional[int], seed: int) -> list[Example]:
+    _check_fields(spec, ds, split)
     labels = _label_ids(spec, ds[spec.label_field], split)
     keep = _subsample(labels, k, seed)
     if len(keep) < len(labels):
@@ -581,9 +590,31 @@ def load_task(
     if spec.dataset is None:
         raise ValueError(f"task {spec.name!r} has no dataset to load; set dataset=... (or use local_task)")
     raw = _load_raw(spec)
-    train = _examples(spec, _get_split(spec, raw, spec.train_split), spec.train_split, max_train, seed)
-    eval_ = _examples(spec, _get_split(spec, raw, spec.eval_split), spec.eval_split, max_eval, seed + 1)
+    if spec.holdout:
+        train_ds, eval_ds = _held_out(spec, _get_split(spec, raw, spec.train_split))
+        eval_name = f"{spec.holdout:.0%} held out of {spec.train_split}"
+    else:
+        train_ds, eval_ds, eval_name = (_get_split(spec, raw, spec.train_split), _get_split(spec, raw, spec.eval_split),
+                                        spec.eval_split)
+    train = _examples(spec, train_ds, spec.train_split, max_train, seed)
+    eval_ = _examples(spec, eval_ds, eval_name, max_eval, seed + 1)
     return TaskData(spec=spec, train=train, eval=eval_)
+
+
+_HOLDOUT_SEED = 1234  # fixed: every load of a task holds out the same rows, whatever ``seed`` is
+
+
+def _held_out(spec: TaskSpec, ds: Any) -> tuple[Any, Any]:
+    """(train rows, held-out rows) of ``ds``: ``spec.holdout`` of it, stratified by label."""
+    _check_fields(spec, ds, spec.train_split)
+    labels = _label_ids(spec, ds[spec.label_field], spec.train_split)
+    n_eval = round(spec.holdout * len(labels))
+    if not 0 < n_eval < len(labels):
+        raise ValueError(f"task {spec.name!r}: holding out {spec.holdout:.0%} of {len(labels)} training rows leaves "
+                         f"{n_eval} to evaluate and {len(labels) - n_eval} to train; expected at least one of each "
+                         "(give a separate eval file, or more data)")
+    held = set(_subsample(labels, n_eval, _HOLDOUT_SEED))
+    return ds.select([i for i in range(len(labels)) if i not in held]), ds.select(sorted(held))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,3 +201,31 @@ def test_help_and_parsing_load_no_heavy_library():
     assert doe.TaskExpert is doe.expert.TaskExpert and "unplug_" in dir(doe)
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         doe.no_such_name
+
+
+def test_localize_on_a_training_file_alone_holds_out_part_of_it(local_expert, model_dir, tmp_path, capsys):
+    """No --eval-file: 20% of --train is held out (stratified, the same rows on every load), the
+    bars are numbered phases, and no library prints its own bars or split messages."""
+    out = tmp_path / "alone"
+    assert main(["localize", "--model", str(model_dir), "--device", "cpu", "--train", str(local_expert["train"]),
+                 "--labels", ",".join(local_expert["labels"]), "--task-name", "alone", "--out", str(out),
+                 "--epochs", "1", "--retune-epochs", "1", "--prompt-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    for label in ("[1/3] prompt tuning alone", "[2/3] scoring neurons of alone", "[3/3] re-tuning alone"):
+        assert label in err
+    assert "Generating" not in err and "Loading weights" not in err
+    spec = doe.TaskExpert.from_pretrained(out).metadata["task_spec"]
+    assert spec["holdout"] == 0.2
+
+    TASKS.pop("alone", None)
+    assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--experts", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == round(0.2 * 32)  # the held-out rows of the 32-row training file
+
+
+def test_quiet_shows_no_bars(local_expert, model_dir, tmp_path, capsys):
+    assert main(["localize", "--model", str(model_dir), "--device", "cpu", "--train", str(local_expert["train"]),
+                 "--eval-file", str(local_expert["test"]), "--labels", ",".join(local_expert["labels"]),
+                 "--task-name", "hush", "--out", str(tmp_path / "q"), "--quiet", *FAST]) == 0
+    assert capsys.readouterr().err == ""
+    TASKS.pop("hush", None)

@@ -226,8 +226,9 @@ def test_unknown_task_lists_known_tasks_and_local_files():
     (dict(name="t", labels=("a", "b"), dataset="json"), "needs data_files"),
     (dict(name="t", labels=("a", "b"), data_files="x.csv"), "without a dataset"),
     (dict(name="t", labels=("a", "b"), label_field="text"), "also a text field"),
+    (dict(name="t", labels=("a", "b"), holdout=1.0), "holdout: expected a fraction"),
 ], ids=["empty-name", "one-label", "dup-labels", "no-fields", "three-fields", "metric", "f1-multiclass",
-        "verbalizer", "json-no-files", "files-no-dataset", "label-is-text"])
+        "verbalizer", "json-no-files", "files-no-dataset", "label-is-text", "holdout"])
 def test_bad_spec(kw, match):
     with pytest.raises(ValueError, match=match):
         TaskSpec(**kw)
@@ -404,3 +405,20 @@ def test_metric_input_checks():
         compute_metric("accuracy", [], [])
     with pytest.raises(ValueError, match="integer"):
         compute_metric("accuracy", [0.5], [0])
+
+
+def test_holdout_splits_one_file_the_same_way_every_time(tmp_path):
+    rows = [{"text": f"row {i}", "label": "pos" if i < 30 else "neg"} for i in range(40)]  # sorted by label
+    f = _jsonl(tmp_path / "all.jsonl", rows)
+    spec = local_task("one_file", f, labels=("neg", "pos"), holdout=0.25)
+    a, b = load_task(spec, seed=0), load_task(spec, seed=7)
+    held = [e.text for e in a.eval]
+    assert held == [e.text for e in b.eval]  # the load seed does not move the held-out rows
+    assert len(held) == 10 and not set(held) & {e.text for e in a.train}
+    assert sorted(held + [e.text for e in a.train]) == sorted(r["text"] for r in rows)
+    counts = collections.Counter(e.label for e in a.eval)
+    assert abs(counts[1] - 7.5) <= 0.5 and abs(counts[0] - 2.5) <= 0.5  # stratified: 30 pos / 10 neg
+    assert T.spec_from_dict(T.spec_to_dict(spec)) == spec
+    with pytest.raises(ValueError, match="leaves 0 to evaluate"):
+        load_task(local_task("tiny_file", _jsonl(tmp_path / "two.jsonl", rows[:2]), labels=("neg", "pos"),
+                             holdout=0.2))
