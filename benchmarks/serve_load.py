@@ -299,6 +299,8 @@ def parse_metrics(text: str) -> dict:
     switches = total("doe_switches_total")
     return {
         "batches": int(batches), "mean_batch_size": total("doe_batch_size_sum") / batches if batches else 0.0,
+        "forward_s": total("doe_forward_seconds_sum"), "queue_wait_s_mean":
+            total("doe_queue_wait_seconds_sum") / max(total("doe_queue_wait_seconds_count"), 1),
         "switches": int(switches),
         "mean_switch_ms": 1000 * total("doe_switch_seconds_sum") / switches if switches else 0.0,
         "errors": errors,
@@ -367,7 +369,8 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_1min": os.getloadavg()[0]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -382,7 +385,8 @@ def to_markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
         f"{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}; device {cfg['device'] or 'default'}; "
-        f"torch {report['machine']['torch']}. Client and server share the machine.",
+        f"torch {report['machine']['torch']}. Client and server share the machine (1-minute load average "
+        f"{report['machine']['load_average_1min']:.1f} when the run ended).",
         "",
         f"Model `{cfg['model']}`, experts {', '.join(report['tasks'])}{', router' if cfg['router'] else ''}; "
         f"{cfg['clients']} concurrent clients; server --max-batch {cfg['max_batch']} --max-wait-ms "
@@ -395,7 +399,9 @@ def to_markdown(report: dict) -> str:
         f"{m['throughput_rps']:.1f} req/s | {m['items_per_s']:.1f} | {lat['p50']:.1f} ms | {lat['p95']:.1f} ms | "
         f"{lat['p99']:.1f} ms | {m['lost']} | {m['wrong']} | {m['bad_status_mismatch']} |",
         "",
-        f"Server side: {sm['batches']} batches, mean batch size {sm['mean_batch_size']:.2f}, {sm['switches']} "
+        f"Server side: {sm['batches']} batches, mean batch size {sm['mean_batch_size']:.2f}, worker busy in "
+        f"switch + forward {100 * sm['forward_s'] / m['wall_s']:.0f}% of the time, mean queue wait "
+        f"{1000 * sm['queue_wait_s_mean']:.1f} ms, {sm['switches']} "
         f"expert switches (mean {sm['mean_switch_ms']:.3f} ms), errors by kind {sm['errors']}; 503s waited out: "
         f"{m['rejected_503']}.",
     ]

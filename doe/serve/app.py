@@ -146,7 +146,6 @@ class _Server:
     kind: str
     fingerprint: str
     loop_tokenizer: Any  # a tokenizer of the loop's own: a fast tokenizer's padding state is not thread-safe
-    closing: bool = False
 
     @property
     def tasks(self) -> list[str]:
@@ -194,6 +193,32 @@ class _Server:
                            headers={"Retry-After": str(self.config.retry_after_s)}) from exc
         except ShuttingDown as exc:
             raise ApiError(503, "shutting_down", str(exc)) from exc
+
+
+class _CountRequests:
+    """ASGI middleware: requests by endpoint and status, and how many are in flight."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
 
 async def _disconnected(request: Request) -> None:
@@ -277,11 +302,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
                             max_length=config.max_tokens, restore_when_idle=False, **(runtime_options or {}))
     served = {e.task: runtime.add_expert(e) for e in experts}
-    batcher_box: list[Batcher] = []
-    metrics = Metrics(lambda: batcher_box[0].depth if batcher_box else 0)
-    mixed = bool((runtime_options or {}).get("mixed"))
-    batcher = Batcher(runtime, config, metrics, group_by_task=not mixed)
-    batcher_box.append(batcher)
+    metrics = Metrics()
+    batcher = Batcher(runtime, config, metrics, group_by_task=not (runtime_options or {}).get("mixed"))
     server = _Server(runtime, batcher, metrics, config, served, model_kind(model), model_fingerprint(model),
                      copy.deepcopy(tokenizer))
 
@@ -292,7 +314,6 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         try:
             yield
         finally:
-            server.closing = True
             ended = await asyncio.to_thread(batcher.stop, config.shutdown_timeout_s)
             print(f"doe serve: stopped; {batcher.admitted} items admitted, {batcher.answered} answered, "
                   f"{batcher.dropped} dropped (their clients went away)"
@@ -302,19 +323,9 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                   description="Many tasks from one transformer, each request run on its task's expert "
                   "(the FFN neurons the task needs).", lifespan=lifespan)
     app.state.doe = server
+    app.state.draining = False
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
-        metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.in_flight.dec()
-            metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -463,8 +474,9 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
 
     @app.get("/health", summary="200 while serving, 503 when shutting down or the worker stopped")
     async def health():
-        ok = batcher.alive and not server.closing and not batcher.stopping
-        body = {"status": "ok" if ok else ("shutting_down" if server.closing else "worker_stopped"),
+        closing = app.state.draining or batcher.stopping
+        ok = batcher.alive and not closing
+        body = {"status": "ok" if ok else ("shutting_down" if closing else "worker_stopped"),
                 "queue_depth": batcher.depth, "max_queue": config.max_queue, "tasks": server.tasks}
         return JSONResponse(body, status_code=200 if ok else 503)
 

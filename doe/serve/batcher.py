@@ -93,6 +93,7 @@ class Batcher:
         self.admitted = 0  # items taken into the queue
         self.answered = 0  # items the worker answered (including errors)
         self.dropped = 0  # items taken out unanswered: their client went away
+        metrics.queue_depth.set_function(lambda: self.depth)
 
     @property
     def depth(self) -> int:

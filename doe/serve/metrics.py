@@ -3,8 +3,6 @@ do not collide)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -16,7 +14,7 @@ _SWITCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1
 class Metrics:
     """Requests, errors by kind, batch sizes, queue depth, expert switches and per-task latency."""
 
-    def __init__(self, queue_depth: Callable[[], int]):
+    def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("doe_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
@@ -25,7 +23,6 @@ class Metrics:
                              ["task", "expert"], registry=r)
         self.in_flight = Gauge("doe_in_flight_requests", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("doe_queue_depth", "Items waiting for the worker", registry=r)
-        self.queue_depth.set_function(queue_depth)
         self.batch_size = Histogram("doe_batch_size", "Items per batch handed to the runtime",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_tokens = Histogram("doe_batch_tokens", "Padded text tokens per batch",

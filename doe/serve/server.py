@@ -42,7 +42,7 @@ def run_server(app, *, sock: Optional[socket.socket] = None, host: str = "127.0.
     """Serve ``app`` until SIGTERM or SIGINT; 0 after a graceful stop, 1 if it never started.
 
     Args:
-        app: the ASGI app (``create_app``).
+        app: a Starlette/FastAPI app (``create_app``); ``app.state.draining`` turns True on the signal.
         sock: a bound socket (``bind``), else one is bound to ``host:port``.
         log_level: uvicorn's; "info" and "debug" also log every request.
         shutdown_timeout_s: how long to wait for in-flight requests after SIGTERM.
@@ -53,7 +53,13 @@ def run_server(app, *, sock: Optional[socket.socket] = None, host: str = "127.0.
     sock = sock or bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"),
                             timeout_graceful_shutdown=shutdown_timeout_s, lifespan="on")
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.draining = True  # /health answers 503 from now on
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     main = threading.current_thread() is threading.main_thread()
     # uvicorn handles SIGTERM while it runs, then raises it again for the handler found before
     # it: this one, so that a graceful stop ends the process normally.
