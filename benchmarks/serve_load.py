@@ -115,7 +115,8 @@ def offline_runtime(args):
         torch.set_num_threads(args.threads)
     tok, model = _load_model(args.model, args.device)
     rt = UnplugAndPlay(model, tok, router=TaskRouter.from_pretrained(args.router) if args.router else None,
-                       threshold=args.threshold, max_batch=args.max_batch, max_length=args.max_tokens)
+                       threshold=args.threshold, max_batch=args.max_batch, max_length=args.max_tokens,
+                       compact=args.compact_weights)
     for folder in args.experts:
         rt.add_expert(TaskExpert.from_pretrained(folder))
     return rt
@@ -169,6 +170,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int]:
            "--max-items", str(args.max_items)]
     cmd += ["--router", args.router] if args.router else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--compact-weights"] if args.compact_weights else []
     cmd += ["--device", args.device] if args.device else []
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -390,7 +392,8 @@ def to_markdown(report: dict) -> str:
         "",
         f"Model `{cfg['model']}`, experts {', '.join(report['tasks'])}{', router' if cfg['router'] else ''}; "
         f"{cfg['clients']} concurrent clients; server --max-batch {cfg['max_batch']} --max-wait-ms "
-        f"{cfg['max_wait_ms']} --max-tokens {cfg['max_tokens']} --threads {cfg['threads'] or 'default'}.",
+        f"{cfg['max_wait_ms']} --max-tokens {cfg['max_tokens']} --threads {cfg['threads'] or 'default'}"
+        f"{' --compact-weights' if cfg['compact_weights'] else ''}.",
         "",
         "| requests | good (items) | bad | disconnects | throughput | items/s | p50 | p95 | p99 | lost | wrong | "
         "bad requests with another status |",
@@ -435,6 +438,7 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-items", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server and the offline run")
+    p.add_argument("--compact-weights", action="store_true", help="serve (and run offline) with compacted experts")
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)

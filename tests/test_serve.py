@@ -27,6 +27,7 @@ from doe.runtime import UnplugAndPlay  # noqa: E402
 from doe.serve import ServeConfig, create_app  # noqa: E402
 from doe.tasks import load_task  # noqa: E402
 from doe.testing import assert_same_as, snapshot  # noqa: E402
+from doe.unplug import compact_memory  # noqa: E402
 from tiny_models import INTERMEDIATE, make_tiny, tiny_tokenizer  # noqa: E402
 
 TASKS = ("offline_sentiment", "offline_topic")
@@ -59,10 +60,10 @@ def tiny():
     return model, tok, experts, router, texts
 
 
-def offline(tiny, requests, router=True):
+def offline(tiny, requests, router=True, compact=False):
     """The same requests through the runtime, in this thread, as the server sets it up."""
     model, tok, experts, rt_router, _ = tiny
-    rt = UnplugAndPlay(model, tok, router=rt_router if router else None, max_length=MAX_TOKENS)
+    rt = UnplugAndPlay(model, tok, router=rt_router if router else None, max_length=MAX_TOKENS, compact=compact)
     for e in experts:
         rt.add_expert(e)
     return [r.to_dict() for r in rt.process(requests)]
@@ -73,10 +74,11 @@ def same(got: dict, want: dict) -> bool:
             and abs(got["probability"] - want["probability"]) < 1e-4)
 
 
-def app_for(tiny, router=True, **config):
+def app_for(tiny, router=True, compact=False, **config):
     model, tok, experts, rt_router, _ = tiny
     cfg = ServeConfig(**{"max_tokens": MAX_TOKENS, "token_budget": 2048, **config})
-    return create_app(model, tok, experts, router=rt_router if router else None, config=cfg)
+    return create_app(model, tok, experts, router=rt_router if router else None, config=cfg,
+                      runtime_options={"compact": compact})
 
 
 class Gate:
@@ -95,13 +97,14 @@ class Gate:
             raise RuntimeError("expert on fire")
 
 
-def test_classify_one_many_and_routed_match_the_offline_runtime(tiny):
+@pytest.mark.parametrize("compact", [False, True], ids=["gathered", "compact"])
+def test_classify_one_many_and_routed_match_the_offline_runtime(tiny, compact):
     _, _, _, _, texts = tiny
     items = [{"text": texts["offline_sentiment"][0], "task": "offline_sentiment", "id": "a"},
              {"text": texts["offline_topic"][1], "task": "offline_topic"},
              {"text": texts["offline_topic"][2]}]
-    want = offline(tiny, [{k: v for k, v in i.items() if k != "id"} for i in items])
-    with TestClient(app_for(tiny)) as client:
+    want = offline(tiny, [{k: v for k, v in i.items() if k != "id"} for i in items], compact=compact)
+    with TestClient(app_for(tiny, compact=compact)) as client:
         one = client.post("/v1/classify", json=items[0])
         many = client.post("/v1/classify", json=items)
     assert one.status_code == 200 and many.status_code == 200
@@ -304,7 +307,7 @@ def test_experts_health_metrics_and_openapi(tiny):
         app.state.draining = True  # what SIGTERM sets under uvicorn
         draining = client.get("/health")
     assert listed["model"] == {"type": "bert", "kind": "encoder", "fingerprint": doe.model_fingerprint(model),
-                               "generate": False}
+                               "generate": False, "compact_weight_bytes": compact_memory(model)}
     assert [(e["task"], e["keep_ratio"], e["fingerprint"]) for e in listed["experts"]] == \
         [(e.task, e.keep_ratio, e.fingerprint) for e in experts]
     assert listed["router"]["tasks"] == list(TASKS)

@@ -43,7 +43,7 @@ from doe.serve.batcher import Batcher, InferenceFailed, Job, QueueFull, Shutting
 from doe.serve.config import ServeConfig
 from doe.serve.generate import GenerateParams, Generation, generate
 from doe.serve.metrics import Metrics
-from doe.unplug import current_expert
+from doe.unplug import compact_memory, current_expert
 
 __all__ = ["create_app", "check_experts", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest", "GenerateResult", "ErrorBody"]
 
@@ -462,7 +462,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         now = current_expert(model)
         return {
             "model": {"type": getattr(getattr(model, "config", None), "model_type", None), "kind": server.kind,
-                      "fingerprint": server.fingerprint, "generate": server.kind == "decoder"},
+                      "fingerprint": server.fingerprint, "generate": server.kind == "decoder",
+                      "compact_weight_bytes": compact_memory(model)},
             "router": None if runtime.router is None else {"tasks": runtime.router.tasks, "threshold": threshold},
             "installed": None if now is None else now.task,
             "experts": [{

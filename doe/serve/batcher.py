@@ -21,7 +21,7 @@ from doe.runtime import Request, Result, UnplugAndPlay
 from doe.serve.config import ServeConfig
 from doe.serve.metrics import Metrics
 from doe.expert import TaskExpert
-from doe.unplug import current_expert, installed, model_lock, restore_, unplug_
+from doe.unplug import installed, model_lock, restore_, unplug_
 from doe_kernels.env import synchronize
 
 __all__ = ["Batcher", "Job", "QueueFull", "ShuttingDown", "InferenceFailed"]
@@ -261,7 +261,9 @@ class Batcher:
     def _switch(self, expert: Optional[TaskExpert]) -> None:
         model = self.runtime.model
         with model_lock(model):
-            if current_expert(model) is expert and (expert is None or installed(model).complete):
+            now = installed(model)
+            if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete
+                                                     and now.compact == self.runtime.compact):
                 return
             device = next(model.parameters()).device
             synchronize(device)
@@ -269,6 +271,6 @@ class Batcher:
             if expert is None:
                 restore_(model)
             else:
-                unplug_(model, expert)
+                unplug_(model, expert, compact=self.runtime.compact)
             synchronize(device)
             self.metrics.observe_switch(1000 * (time.perf_counter() - t0))
