@@ -24,7 +24,7 @@ _EXPORTS = {
     "doe.runtime": ("Request", "Result", "UnplugAndPlay"),
     "doe.tasks": ("TaskSpec", "get_task", "load_task", "local_task", "register_task"),
     "doe.unplug": ("Installed", "check_expert", "compact_memory", "current_expert", "installed", "is_unplugged",
-                   "model_lock", "release_compact", "restore_", "unplug_", "unplugged"),
+                   "mixed_batch", "model_lock", "release_compact", "restore_", "unplug_", "unplugged"),
     "doe_kernels._version": ("__version__",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
         current_expert,
         installed,
         is_unplugged,
+        mixed_batch,
         model_lock,
         release_compact,
         restore_,

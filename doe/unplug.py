@@ -5,6 +5,10 @@
     with doe.unplugged(model, expert):
         model(**batch)
 
+    doe.unplug_(model, {"a": expert_a, "b": expert_b})     # several experts resident
+    with doe.mixed_batch(model, ["a", "b", None, "a"]):     # one task (None: dense) per row
+        model(**batch)                                      # each row on its own expert
+
 Nothing is copied: the wrappers hold the original layers by reference and share their
 parameters, so ``state_dict``, ``named_parameters``, ``save_pretrained`` and
 ``load_state_dict`` of an unplugged model are those of the original (same keys, same
@@ -22,6 +26,12 @@ switches and restores) while the expert lives, or until ``release_compact(model)
 ``compact_memory(model)`` reports their bytes. Where gathering costs more than it saves (CPU),
 this runs as fast as a sliced copy of the model; the default stays zero-copy.
 
+Mixed batches: with a mapping installed, every FFN block holds the index lists of all its
+experts plus a dense list (every neuron) in one device buffer, and ``mixed_batch`` assigns the
+rows of the forwards inside it; one launch per projection serves all rows (see
+``doe_kernels.segments``). Nothing is switched per batch, and a forward outside ``mixed_batch``
+is refused (which expert would it run?). A single TaskExpert installs exactly as before.
+
 Threads: these functions take ``model_lock(model)``. ``unplugged`` holds it for its whole body,
 so ``with doe.unplugged(model, expert): model(...)`` is safe from any number of threads. Code
 that calls ``unplug_`` and then runs the model from several threads must hold the lock around
@@ -31,8 +41,9 @@ both, or another thread may switch experts in between.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -42,9 +53,13 @@ from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe.locking import model_lock
 from doe_kernels import BACKENDS, CompactWeights, GatheredGatedMLP, GatheredLinear, resolve_backend, to_neuron_major_, to_row_major_
 from doe_kernels.modules import hooked_modules, is_neuron_major, unwrap
+from doe_kernels.segments import BatchGroups, GroupedIndices
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
-           "model_lock", "check_expert", "compact_memory", "release_compact"]
+           "model_lock", "check_expert", "compact_memory", "release_compact", "mixed_batch"]
+
+#: What ``unplug_`` installs: one expert, or task name -> expert (several resident).
+Experts = Union[TaskExpert, Mapping[str, TaskExpert]]
 
 _STATE_ATTR = "_doe_unplug_state"
 _CONVERTED_ATTR = "_doe_neuron_major"  # weights re-stored neuron-major, kept across restores
@@ -65,7 +80,7 @@ class _State:
     """What is (or is being) installed. Written before the model changes; ``complete`` is
     True only while every swap, layout change and index list matches it."""
 
-    expert: TaskExpert
+    expert: Optional[TaskExpert]  # the expert, or None while a mapping is installed
     blocks: list[FFNBlock]
     swaps: list[_Swap]
     wrappers: list[list[nn.Module]]  # per block, the wrappers whose indices it sets
@@ -75,6 +90,50 @@ class _State:
     layout: str
     compact: Optional[CompactWeights] = None  # the model's store while compact=True
     complete: bool = False
+    experts: Optional[dict[str, TaskExpert]] = None  # a mapping install: the resident experts
+    grouped: Optional[list[GroupedIndices]] = None  # per block, their lists and a dense one
+    batch: Optional[BatchGroups] = None  # the row assignment every wrapper reads
+
+
+class _Target(NamedTuple):
+    """What to install, validated and staged, before anything changes."""
+
+    expert: Optional[TaskExpert]
+    experts: Optional[dict[str, TaskExpert]]
+    grouped: Optional[list[GroupedIndices]]
+    batch: Optional[BatchGroups]
+
+    def lead(self) -> TaskExpert:
+        """The expert whose lists the wrappers' own ``indices`` hold."""
+        return self.expert if self.expert is not None else next(iter(self.experts.values()))
+
+
+def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fingerprint: Optional[str],
+            device: torch.device) -> _Target:
+    """Check ``experts`` against the model and stage their lists on ``device``."""
+    if isinstance(experts, TaskExpert):
+        check_expert(model, experts, blocks, fingerprint)
+        experts.stage(device)
+        return _Target(experts, None, None, None)
+    if not isinstance(experts, Mapping):
+        raise TypeError(f"expert: expected a doe.TaskExpert, got {type(experts).__name__} (several experts: a "
+                        "mapping task name -> TaskExpert)")
+    if not experts:
+        raise ValueError("experts: expected at least one task name -> TaskExpert entry, got an empty mapping")
+    mapping = {}
+    for name, expert in experts.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"experts: task names must be non-empty strings, got {name!r}")
+        if not isinstance(expert, TaskExpert):
+            raise TypeError(f"experts[{name!r}]: expected a doe.TaskExpert, got {type(expert).__name__}")
+        check_expert(model, expert, blocks, fingerprint)
+        mapping[name] = expert
+    lists = [e.indices for e in mapping.values()]  # validated host copies
+    for e in mapping.values():
+        e.stage(device)
+    grouped = [GroupedIndices([idx[i] for idx in lists] + [torch.arange(b.num_neurons, dtype=torch.int32)],
+                              b.num_neurons, device, validated=True) for i, b in enumerate(blocks)]
+    return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1))
 
 
 def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]]:
@@ -97,18 +156,27 @@ class Installed(NamedTuple):
     until the next ``unplug_`` (which completes it) or ``restore_``.
     """
 
-    expert: TaskExpert
+    expert: Optional[TaskExpert]
     backend: str
     layout: str
     complete: bool
     compact: bool = False
+    experts: Optional[dict[str, TaskExpert]] = None  # a mapping install (expert is then None)
+
+    @property
+    def target(self) -> Experts:
+        """What to pass back to ``unplug_``: the expert or the mapping."""
+        return self.expert if self.experts is None else self.experts
 
 
 def installed(model: nn.Module) -> Optional[Installed]:
-    """The expert installed in ``model`` (or a submodule) with its backend and layout, else None."""
+    """The expert (or the mapping of experts) installed in ``model`` or a submodule, with its
+    backend and layout, else None."""
     state = _find_state(model)[1]
-    return None if state is None else Installed(state.expert, state.backend, state.layout, state.complete,
-                                                state.compact is not None)
+    if state is None:
+        return None
+    return Installed(state.expert, state.backend, state.layout, state.complete, state.compact is not None,
+                     None if state.experts is None else dict(state.experts))
 
 
 def _compact_store(model: nn.Module) -> CompactWeights:
@@ -138,7 +206,8 @@ def is_unplugged(model: nn.Module) -> bool:
 
 
 def current_expert(model: nn.Module) -> Optional[TaskExpert]:
-    """The expert installed in ``model`` (or one of its submodules), else None."""
+    """The expert installed in ``model`` (or one of its submodules), else None (also while a
+    mapping of experts is installed: see ``installed``)."""
     state = _find_state(model)[1]
     return state.expert if state is not None else None
 
@@ -261,13 +330,19 @@ def _apply(state: _State) -> None:
     """Make the model match ``state``. Idempotent: safe to re-run after any interruption."""
     for w in state.planned:
         to_neuron_major_(w, 1)
-    staged = state.expert.stage(state.wrappers[0][0].indices.device)
-    for ws, idx in zip(state.wrappers, staged):
+    target = _Target(state.expert, state.experts, state.grouped, state.batch)
+    staged = target.lead().stage(state.wrappers[0][0].indices.device)
+    for i, (ws, idx) in enumerate(zip(state.wrappers, staged)):
+        grouped = None if target.grouped is None else target.grouped[i]
         for w in ws:
             w.backend = state.backend
             w.compact = state.compact
             if w.indices is not idx:
                 w.set_indices(idx, validated=True)
+            if grouped is None:
+                w.set_groups(None)
+            elif w.mixed is None or w.mixed[0] is not grouped or w.mixed[1] is not target.batch:
+                w.set_groups(grouped, target.batch)
     for s in state.swaps:
         # One dict store per swap: an interrupt lands before or after it, never inside.
         s.parent._modules[s.attr] = s.wrapper
@@ -276,7 +351,7 @@ def _apply(state: _State) -> None:
 
 def unplug_(
     model: nn.Module,
-    expert: TaskExpert,
+    expert: Experts,
     *,
     spec: FFNSpec | Sequence[FFNSpec] | None = None,
     backend: Optional[str] = None,
@@ -290,7 +365,9 @@ def unplug_(
 
     Args:
         model: a supported Hugging Face model (or any model ``spec`` describes).
-        expert: the TaskExpert to install.
+        expert: the TaskExpert to install; or a mapping task name -> TaskExpert to keep several
+            resident, each batch row then running the expert ``mixed_batch`` names for it (the
+            index lists go to the device once, here; compact does not apply to them).
         spec: FFN layout for a model the registry does not know; on a switch it must name the
             blocks already installed.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". None keeps
@@ -310,8 +387,6 @@ def unplug_(
     _check_choice("layout", layout, LAYOUTS)
     if compact is not None and not isinstance(compact, bool):
         raise TypeError(f"compact: expected True, False or None, got {compact!r}")
-    if not isinstance(expert, TaskExpert):
-        raise TypeError(f"expert: expected a doe.TaskExpert, got {type(expert).__name__}")
     with model_lock(model):
         owner, state = _find_state(model)
         if owner is not None and owner is not model:
@@ -328,13 +403,14 @@ def unplug_(
 def _install(model, expert, spec, backend, layout, compact: bool) -> None:
     blocks = find_ffn_blocks(model, spec)
     fingerprint = model_fingerprint(model, blocks)
-    check_expert(model, expert, blocks, fingerprint)
+    device = blocks[0].up.weight.device
+    target = _target(model, expert, blocks, fingerprint, device)
     _check_replaceable(model, blocks)
     resolve_backend(backend, blocks[0].up.weight)  # raises now if the backend cannot run here
-    staged = expert.stage(blocks[0].up.weight.device)
-    swaps, wrappers = _build_swaps(model, blocks, staged, backend)
-    state = _State(expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend, layout,
-                   _compact_store(model) if compact else None)
+    swaps, wrappers = _build_swaps(model, blocks, target.lead().stage(device), backend)
+    state = _State(target.expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend,
+                   layout, _compact_store(model) if compact else None, experts=target.experts,
+                   grouped=target.grouped, batch=target.batch)
     # Intent first: from here on every step can be redone by _apply or undone by restore_.
     _record_conversions(model, state.planned)
     model.__dict__[_STATE_ATTR] = state
@@ -347,11 +423,10 @@ def _switch(model, state: _State, expert, spec, backend, layout, compact: Option
         if names != [b.name for b in state.blocks]:
             raise ValueError(f"spec finds FFN blocks {names}, but the installed expert runs on "
                              f"{[b.name for b in state.blocks]}; restore_ first to change the FFN layout")
-    check_expert(model, expert, state.blocks, state.fingerprint)
+    target = _target(model, expert, state.blocks, state.fingerprint, state.wrappers[0][0].indices.device)
     if backend is not None:
         resolve_backend(backend, state.blocks[0].up.weight)
     planned = _planned(state.blocks, layout) if layout is not None else []
-    expert.stage(state.wrappers[0][0].indices.device)
     # Intent first, each a single store; _apply then brings the model in line.
     state.complete = False
     _record_conversions(model, planned)
@@ -362,7 +437,7 @@ def _switch(model, state: _State, expert, spec, backend, layout, compact: Option
         state.layout = layout
     if compact is not None:
         state.compact = _compact_store(model) if compact else None
-    state.expert = expert
+    vars(state).update(target._asdict())  # one store: expert, experts, grouped, batch
     _apply(state)
 
 
@@ -390,7 +465,7 @@ def restore_(model: nn.Module, *, original_layout: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def unplugged(model: nn.Module, expert: TaskExpert, **kwargs):
+def unplugged(model: nn.Module, expert: Experts, **kwargs):
     """``with unplugged(model, expert): ...`` runs the body on the expert and restores in
     ``finally``, also when the body raises. Holds the model's lock for the whole body, so other
     threads can't switch experts under it. If an expert was installed before, it is put back
@@ -409,4 +484,44 @@ def _put_back(model: nn.Module, previous: Optional[Installed]) -> None:
     if previous is None:
         restore_(model)
     else:
-        unplug_(model, previous.expert, backend=previous.backend, compact=previous.compact)
+        unplug_(model, previous.target, backend=previous.backend, compact=previous.compact)
+
+
+def _row_groups(state: _State, row_tasks) -> list[int]:
+    """The group of each row: the position of its task among the installed experts, or the
+    dense group (the last) for None."""
+    if isinstance(row_tasks, (str, bytes)) or not isinstance(row_tasks, Sequence):
+        raise TypeError(f"row_tasks: expected one task name (or None for a dense row) per batch row, got "
+                        f"{type(row_tasks).__name__}")
+    if not row_tasks:
+        raise ValueError("row_tasks: expected at least one row, got none")
+    slots = {name: g for g, name in enumerate(state.experts)}
+    for r, task in enumerate(row_tasks):
+        if task is not None and task not in slots:
+            raise ValueError(f"row_tasks: row {r}: unknown task {task!r}; installed: {list(slots)}")
+    return [len(slots) if task is None else slots[task] for task in row_tasks]
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
+    """``with mixed_batch(model, row_tasks): model(**batch)`` runs row r of every forward inside
+    on the expert of task ``row_tasks[r]`` (None: the dense model), all rows in one pass.
+
+    Needs ``unplug_(model, {task: expert, ...})`` first; touches no weight or module. The
+    batch (dim 0 of every FFN input) must have ``len(row_tasks)`` rows; each row's tokens,
+    padding included, follow it; ``generate`` works the same (greedy, one sequence per row).
+    Holds the model's lock for its body. Bad names are refused before anything is set; a
+    batch of the wrong size is refused at the first FFN, before it computes.
+    """
+    with model_lock(model):
+        state = _find_state(model)[1]
+        if state is None or state.experts is None:
+            raise ValueError("mixed_batch needs several experts resident: unplug_(model, {task: expert, ...}) first")
+        groups = _row_groups(state, row_tasks)
+        batch = state.batch
+        previous = batch.items
+        batch.set(groups)
+        try:
+            yield model
+        finally:
+            batch.set(previous)

@@ -19,6 +19,13 @@ Opt-in, memory for speed: a wrapper given a :class:`CompactWeights` store multip
 compacted copies of its kept rows or columns, made once per (weight, kept ids) and kept while
 both live, instead of gathering on every forward (where a gather costs more than it saves, as
 on CPU).
+
+Mixed batches: ``set_groups(grouped, batch)`` gives a wrapper the kept lists of several groups
+(``doe_kernels.segments.GroupedIndices``) and a ``BatchGroups`` shared by the model's wrappers;
+each batch row then runs its own group's neurons (the segmented ops), and the wrapper's own
+``indices`` are not used until ``set_groups(None)``. The rows gather's output h is laid out as
+``segmented_linear`` documents (padded per row, or the union's columns at decode sizes), so
+forward hooks on the up projection see that layout.
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import torch
 import torch.nn as nn
 
 from doe_kernels.dispatch import resolve_backend
-from doe_kernels.ops.api import glu_unchecked, linear_unchecked
+from doe_kernels.ops.api import glu_unchecked, linear_unchecked, segmented_glu_unchecked, segmented_linear_unchecked
 from doe_kernels.reference import activation_fn, canonical_activation
+from doe_kernels.segments import BatchGroups, GroupedIndices, choose_path, mixed_width
 from doe_kernels.validation import (
     check_glu_args,
     check_linear_args,
+    check_segmented_args,
+    check_segmented_glu_args,
     glu_args_ok,
     linear_args_ok,
     validate_indices,
@@ -226,6 +236,22 @@ def _use_compact(store: Optional[CompactWeights], weight: torch.Tensor) -> Optio
     return store
 
 
+def _plan(mixed: tuple, x: torch.Tensor) -> tuple:
+    """(grouped, groups, path, width) of a wrapper's mixed state for input x: the row groups of
+    the current batch, the path (the same for a block's up and down projections) and h's width."""
+    grouped, batch = mixed
+    groups = batch.rows_for(x)
+    path = choose_path(grouped, groups)
+    return grouped, groups, path, mixed_width(grouped, groups, path)
+
+
+def _segmented(x, weight, bias, plan: tuple, rows: bool, backend: str) -> torch.Tensor:
+    """The segmented linear of a mixed batch: its metadata check, then the unchecked op."""
+    grouped, groups, path, width = plan
+    check_segmented_args(x, weight, bias, grouped, groups, rows, width)
+    return segmented_linear_unchecked(x, weight, bias, grouped, groups, rows, path, backend)
+
+
 def _weight_bias(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(module.weight, module.bias)``, read from the parameter dict when they live there
     (attribute lookup on an nn.Module is slow); parametrized layers fall back to getattr."""
@@ -265,7 +291,27 @@ class _Wrapper(nn.Module):
         self.total = total
         self._name = name
         self.compact: Optional[CompactWeights] = None
+        self.mixed: Optional[tuple[GroupedIndices, BatchGroups]] = None
         self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
+
+    def set_groups(self, grouped: Optional[GroupedIndices], batch: Optional[BatchGroups] = None) -> None:
+        """Run each batch row on its own group's kept neurons: ``grouped`` holds the G groups'
+        lists (over this layer's ``total`` neurons, on the device of ``indices``) and ``batch``
+        (shared by the model's wrappers) says which group each row of a forward belongs to.
+        None goes back to ``indices`` for every row."""
+        if grouped is None:
+            self.mixed = None
+            return
+        if not isinstance(grouped, GroupedIndices) or not isinstance(batch, BatchGroups):
+            raise TypeError(f"{self._name}: expected a GroupedIndices and a BatchGroups, got "
+                            f"{type(grouped).__name__} and {type(batch).__name__}")
+        if grouped.total != self.total or grouped.device != self.indices.device:
+            raise ValueError(f"{self._name}: expected groups over {self.total} neurons on {self.indices.device}, got "
+                             f"{grouped.total} on {grouped.device}")
+        if batch.num_groups != grouped.num_groups:
+            raise ValueError(f"{self._name}: the batch assigns {batch.num_groups} groups, the lists hold "
+                             f"{grouped.num_groups}")
+        self.mixed = (grouped, batch)
 
     def set_indices(self, indices: torch.Tensor, *, validated: bool = False, in_place: bool = False) -> None:
         """Switch to another kept set (an index swap; no weight is touched).
@@ -291,6 +337,11 @@ class _Wrapper(nn.Module):
             raise ValueError(f"{self._name}: an in-place switch needs {self.indices.numel()} ids (the current "
                              f"count), got {indices.numel()}")
         self.indices.copy_(indices)
+
+    def _kept(self) -> str:
+        if self.mixed is not None:
+            return f"groups={self.mixed[0].num_groups}, kept={list(self.mixed[0].counts)}/{self.total}"
+        return f"kept={self.indices.numel()}/{self.total}"
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -319,6 +370,9 @@ class GatheredLinear(_Wrapper):
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         w, b = _weight_bias(self.base_layer)
+        if self.mixed is not None:
+            return _segmented(x, w.t() if self._transposed else w, b, _plan(self.mixed, x), self.mode == "rows",
+                              resolve_backend(self.backend, x))
         compact = _use_compact(self.compact, w)
         if compact is not None:
             return _compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
@@ -335,7 +389,7 @@ class GatheredLinear(_Wrapper):
         return self._gathered(x)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, kept={self.indices.numel()}/{self.total}, base_layer={self.base_layer!r}"
+        return f"mode={self.mode}, {self._kept()}, base_layer={self.base_layer!r}"
 
 
 class GatheredGatedMLP(_Wrapper):
@@ -382,15 +436,23 @@ class GatheredGatedMLP(_Wrapper):
         idx, total, name = self._buffers["indices"], self.total, self._name
         backend = resolve_backend(self.backend, x)
         hooked = _has_hooks(gate) or _has_hooks(up) or _has_hooks(down)
-        compact = _use_compact(self.compact, _weight_bias(up)[0])
+        plan = None if self.mixed is None else _plan(self.mixed, x)
+        compact = None if plan is not None else _use_compact(self.compact, _weight_bias(up)[0])
 
         def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
+            if plan is not None:
+                return _segmented(t, w, b, plan, rows, backend)
             if compact is not None:
                 return _compact_linear(compact, t, w, b, idx, rows, total, name)
             return _linear(t, w, b, idx, rows, total, backend, name)
 
-        if isinstance(self.activation, str) and not hooked and compact is None:
+        if isinstance(self.activation, str) and not hooked and plan is not None:
+            (wg, bg), (wu, bu) = _weight_bias(gate), _weight_bias(up)
+            grouped, groups, path, _ = plan
+            check_segmented_glu_args(x, wg, wu, bg, bu, grouped, groups)
+            h = segmented_glu_unchecked(x, wg, wu, bg, bu, grouped, groups, self.activation, path, backend)
+        elif isinstance(self.activation, str) and not hooked and compact is None:
             wg, bg = _weight_bias(gate)
             wu, bu = _weight_bias(up)
             if not glu_args_ok(x, wg, wu, bg, bu, idx, total):
@@ -421,4 +483,4 @@ class GatheredGatedMLP(_Wrapper):
     def extra_repr(self) -> str:
         act = self.activation if isinstance(self.activation, str) else type(self.activation).__name__
         fused = "fused" if isinstance(self.activation, str) else "unfused"
-        return f"activation={act} ({fused}), kept={self.indices.numel()}/{self.total}"
+        return f"activation={act} ({fused}), {self._kept()}"

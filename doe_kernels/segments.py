@@ -29,7 +29,7 @@ import torch
 from doe_kernels.ops._config import UNION_MAX_M
 from doe_kernels.validation import validate_indices
 
-__all__ = ["GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS"]
+__all__ = ["BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS"]
 
 #: Ways to run a mixed batch: "single" (one active group: the plain gathered op on its list),
 #: "segmented" (one launch, every tile reads its group's neurons), "union" (the union of the
@@ -169,6 +169,47 @@ class RowGroups:
 
     def __repr__(self) -> str:
         return f"RowGroups(rows={self.num_rows}, counts={list(self.counts)})"
+
+
+class BatchGroups:
+    """The group of each batch item for the forwards that run while it is set; shared by the
+    wrappers of one model, so that every FFN block of a forward sees one assignment.
+
+    ``set(items)`` assigns (a host list of group ids, one per batch item, i.e. per sequence)
+    or clears (None). ``rows_for(x)`` gives the ``RowGroups`` of an FFN input x: (B, ..., K)
+    with B = len(items); each item's rows (its tokens, padding included) follow it. They are
+    built once per row count and cached until the next ``set``: every layer, and every
+    decode step of one shape, reuses one small table.
+    """
+
+    def __init__(self, num_groups: int):
+        self.num_groups = num_groups
+        self.items: Optional[tuple] = None
+        self._rows: dict = {}
+
+    def set(self, items: Optional[Sequence[int]]) -> None:
+        if items is not None:
+            items = tuple(int(g) for g in items)
+            bad = [g for g in items if not 0 <= g < self.num_groups]
+            if bad:
+                raise ValueError(f"items: group {bad[0]} out of range, expected ids in [0, {self.num_groups})")
+        self.items, self._rows = items, {}
+
+    def rows_for(self, x: torch.Tensor) -> RowGroups:
+        items = self.items
+        if items is None:
+            raise RuntimeError(f"these gathered modules hold {self.num_groups} groups (several experts): assign one "
+                               "to each batch row first (doe.mixed_batch)")
+        key = (x.shape[:-1], x.device)
+        rows = self._rows.get(key)
+        if rows is None:
+            if x.dim() < 2 or x.shape[0] != len(items):
+                raise ValueError(f"the batch has {x.shape[0] if x.dim() >= 2 else 1} rows (input "
+                                 f"{tuple(x.shape)}), but {len(items)} were assigned a group")
+            rows = RowGroups.build(items, self.num_groups, rows_per_item=x[0].numel() // max(x.shape[-1], 1),
+                                   device=x.device)
+            self._rows[key] = rows
+        return rows
 
 
 def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") -> str:

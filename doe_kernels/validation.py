@@ -197,3 +197,9 @@ def check_segmented_args(x, weight, bias, grouped, groups, rows: bool, width: in
         what = f"{wname}.shape[1]" if rows else "the width of the rows gather for these groups"
         raise ValueError(f"x: expected last dimension {expected} ({what}), got shape {tuple(x.shape)}")
     _check_bias(bias, weight, n_out, "bias")
+
+
+def check_segmented_glu_args(x, gate_weight, up_weight, gate_bias, up_bias, grouped, groups) -> None:
+    """``check_segmented_args`` for the gate and the up projection of a segmented GLU."""
+    for w, b, name in ((gate_weight, gate_bias, "gate_weight"), (up_weight, up_bias, "up_weight")):
+        check_segmented_args(x, w, b, grouped, groups, True, 0, name)

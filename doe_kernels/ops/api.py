@@ -22,7 +22,7 @@ from doe_kernels.reference import (
     segmented_linear_ref,
 )
 from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
-from doe_kernels.validation import check_glu_args, check_linear_args, check_segmented_args
+from doe_kernels.validation import check_glu_args, check_linear_args, check_segmented_args, check_segmented_glu_args
 
 __all__ = ["gathered_linear", "gathered_glu", "segmented_linear", "segmented_glu"]
 
@@ -198,8 +198,7 @@ def segmented_glu(
     -> out (..., width) laid out as ``segmented_linear``'s rows form on the same path.
     """
     path = choose_path(rows, groups, path)
-    for w, b, name in ((gate_weight, gate_bias, "gate_weight"), (up_weight, up_bias, "up_weight")):
-        check_segmented_args(x, w, b, rows, groups, True, 0, name)
+    check_segmented_glu_args(x, gate_weight, up_weight, gate_bias, up_bias, rows, groups)
     activation = canonical_activation(activation)
     return segmented_glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, rows, groups, activation, path,
                                    resolve_backend(backend, x))
