@@ -244,6 +244,29 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_queue_drains(tiny):
     assert all(answers[i].status_code == 200 and same(answers[i].json(), want[i]) for i in range(3))
 
 
+async def asgi_then_leave(app, path, body, wait):
+    """POST ``body`` to ``app`` over raw ASGI; the client goes away once ``await wait(sent)``
+    returns (``sent``: the messages the app sent so far). Returns what the app sent."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await wait(sent)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "state": {}}
+    await app(scope, receive, send)
+    return sent
+
+
 def test_a_client_that_goes_away_loses_only_its_own_item(tiny):
     model, _, _, _, texts = tiny
     gate = Gate(model)
@@ -258,30 +281,11 @@ def test_a_client_that_goes_away_loses_only_its_own_item(tiny):
             blocker.start()
             assert gate.entered.wait(10)
 
-            async def leave():
-                """One request over raw ASGI whose client disconnects once it is queued."""
-                body = json.dumps(item).encode()
-                messages = [{"type": "http.request", "body": body, "more_body": False}]
-                sent = []
+            async def queued(sent):
+                while batcher.depth == 0:
+                    await asyncio.sleep(0.01)
 
-                async def receive():
-                    if messages:
-                        return messages.pop()
-                    while batcher.depth == 0:
-                        await asyncio.sleep(0.01)
-                    return {"type": "http.disconnect"}
-
-                async def send(message):
-                    sent.append(message)
-
-                scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                         "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "root_path": "",
-                         "query_string": b"", "headers": [(b"content-type", b"application/json")],
-                         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
-                await app(scope, receive, send)
-                return sent
-
-            sent = client.portal.call(leave)
+            sent = client.portal.call(asgi_then_leave, app, "/v1/classify", item, queued)
             gate.hold.set()
             blocker.join()
             after = client.post("/v1/classify", json=item)
@@ -355,6 +359,37 @@ def test_generate_greedy_sampled_and_streamed_on_a_decoder():
         unknown = client.post("/v1/generate", json={"prompt": "x", "task": "offline_topic"})
         bad_top_p = client.post("/v1/generate", json={"prompt": "x", "top_p": 1.5})
         dense = client.post("/v1/generate", json={"prompt": "the movie was", "max_new_tokens": 2})
+
+        # A streaming client leaves after its first token while the worker is held in the next
+        # step: generation stops there instead of running to max_new_tokens.
+        steps, resume = [], threading.Event()
+
+        def count_and_hold(module, inputs, output):
+            steps.append(1)
+            if len(steps) >= 2:
+                resume.wait(10)
+
+        hook = doe.find_ffn_blocks(model)[0].up.register_forward_hook(count_and_hold)
+
+        async def first_token(sent):
+            while not any(m.get("body", b"").startswith(b"data: ") for m in sent):
+                await asyncio.sleep(0.005)
+
+        answered = app.state.doe.batcher.answered
+        try:
+            left = client.portal.call(asgi_then_leave, app, "/v1/generate",
+                                      {"prompt": "the movie was", "task": "offline_sentiment", "max_new_tokens": 8,
+                                       "stream": True}, first_token)
+            resume.set()
+            deadline = time.monotonic() + 10
+            while app.state.doe.batcher.answered == answered and time.monotonic() < deadline:
+                time.sleep(0.005)
+        finally:
+            resume.set()
+            hook.remove()
+        after = client.post("/v1/generate", json={"prompt": "the movie was", "task": "offline_sentiment",
+                                                  "max_new_tokens": 6})
+        metrics = client.get("/metrics").text
     assert greedy.status_code == 200, greedy.text
     body = greedy.json()
     assert body["token_ids"] == want and body["expert"] == "offline_sentiment"
@@ -363,6 +398,10 @@ def test_generate_greedy_sampled_and_streamed_on_a_decoder():
     assert [e["token_id"] for e in events[:-1]] == want and events[-1]["done"] and events[-1]["token_ids"] == want
     assert (too_many.status_code, unknown.status_code, bad_top_p.status_code) == (422, 404, 422)
     assert dense.status_code == 200 and dense.json()["expert"] == "dense"
+    assert left[0]["status"] == 200 and not any(b'"done"' in m.get("body", b"") for m in left)
+    assert len(steps) <= 3  # the prompt's forward, the held step, at most one more
+    assert 'doe_errors_total{kind="disconnected"} 1.0' in metrics
+    assert after.status_code == 200 and after.json()["token_ids"] == want
     assert not doe.is_unplugged(model)
 
 

@@ -422,40 +422,43 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                                   queue_ms=1000 * max(job.started - job.enqueued, 0.0))
 
         if body.stream:
-            return StreamingResponse(_sse(server, job, tokens, result), media_type="text/event-stream")
+            return StreamingResponse(_sse(request, job, tokens, result), media_type="text/event-stream")
         answers = await _answers(server, request, [job])
         if answers is None:
             return Response(status_code=DISCONNECTED)
         _failed(answers)
         return result(answers[0])
 
-    async def _sse(server: _Server, job: Job, tokens: asyncio.Queue, result):
+    async def _sse(request: Request, job: Job, tokens: asyncio.Queue, result):
+        """One ``data:`` event per token, then a final one with ``done`` (or an ``error`` event)."""
         ids: list[int] = []
         text = ""
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while True:
+            while not (job.future.done() and tokens.empty()):
                 getter = asyncio.ensure_future(tokens.get())
-                await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
+                await asyncio.wait({getter, job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
                     getter.cancel()
-                    while not tokens.empty():  # tokens put before the answer
-                        ids.append(tokens.get_nowait())
-                    break
+                    return
+                if not getter.done():
+                    getter.cancel()  # the answer came; the loop takes the tokens still queued
+                    continue
                 ids.append(getter.result())
                 new = server.loop_tokenizer.decode(ids, skip_special_tokens=True)
                 yield f"data: {json.dumps({'token_id': ids[-1], 'text': new[len(text):]})}\n\n"
                 text = new
             answer = job.future.result()
             if isinstance(answer, Exception):
-                server.metrics.errors.labels(kind="inference_error").inc()
+                metrics.errors.labels(kind="inference_error").inc()
                 yield f"event: error\ndata: {json.dumps({'kind': 'inference_error', 'detail': str(answer)})}\n\n"
                 return
-            final = result(answer).model_dump()
-            yield f"data: {json.dumps({'done': True, **final})}\n\n"
+            yield f"data: {json.dumps({'done': True, **result(answer).model_dump()})}\n\n"
         finally:
+            gone.cancel()
             if not job.future.done():  # the client went away: stop generating
                 job.cancelled = True
-                server.metrics.errors.labels(kind="disconnected").inc()
+                metrics.errors.labels(kind="disconnected").inc()
 
     @app.get("/v1/experts", summary="Resident experts and the model")
     async def list_experts():
