@@ -66,6 +66,7 @@ def _bad_requests(tasks: list[str], max_tokens: int, max_items: int, encoder: bo
         Planned("empty_list", b"[]", 422),
         Planned("too_many_items", js([{"text": "fine", "task": t}] * (max_items + 1)), 413),
         Planned("not_json_content", js({"text": "fine", "task": t}), 415, content_type="text/plain"),
+        Planned("body_too_large", js({"text": "x" * (1 << 20), "task": t}), 413),  # the server's default limit
     ]
     if encoder:
         bad.append(Planned("generate_on_encoder", js({"prompt": "hello"}), 404, path="/v1/generate"))

@@ -304,7 +304,7 @@ def _cmd_run(args) -> int:
         return 0
     tok, model = _load_model(args.model, args.device)
     rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size,
-                       compact=args.compact_weights)
+                       compact=args.compact_weights, mixed=args.mixed)
     for expert in experts:
         rt.add_expert(expert)
     results = rt.process(requests)
@@ -331,7 +331,8 @@ def _cmd_serve(args) -> int:
     with _user_input("option"):  # ServeConfig validates every value
         config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token_budget=args.token_budget,
                              max_tokens=args.max_tokens, max_queue=args.max_queue, max_items=args.max_items,
-                             max_new_tokens=args.max_new_tokens, retry_after_s=args.retry_after,
+                             max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
+                             retry_after_s=args.retry_after,
                              shutdown_timeout_s=args.shutdown_timeout)
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact-weights", action="store_true",
                    help="run experts on compacted copies of their kept weights, made once per expert: faster on "
                    "CPU, costs memory (reported in the summary); default: zero-copy gathered weights")
+    p.add_argument("--mixed", action="store_true",
+                   help="batch requests of different tasks together, one forward per batch with every expert "
+                   "resident (same answers as the default one-task-at-a-time batching)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("serve", help="serve experts over HTTP (needs pip install -e \".[serve]\")",
@@ -554,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="queued items before new requests get 503 with Retry-After (default 256)")
     p.add_argument("--max-items", type=int, default=64, help="items per request body (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="request body size; larger bodies get 413 unread (default 1 MiB)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="the largest max_new_tokens a /v1/generate request may ask (default 256)")
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of a 503 (default 1)")

@@ -153,6 +153,8 @@ BAD = [
     ("too-many-tokens", dict(json={"text": "word " * (MAX_TOKENS + 1), "task": "offline_topic"}), 413, "too_large"),
     ("too-many-chars", dict(json={"text": "x" * 100_000, "task": "offline_topic"}), 413, "too_large"),
     ("too-many-items", dict(json=[{"text": "x", "task": "offline_topic"}] * 5), 413, "too_large"),
+    ("body-too-large", dict(json={"text": "x" * (1 << 20), "task": "offline_topic"}), 413, "too_large"),
+    ("chunked-body-too-large", dict(content=iter([b'{"text": "', b"x" * (1 << 20), b'"}'])), 413, "too_large"),
     ("unknown-task", dict(json={"text": "x", "task": "offline_weather"}), 404, "unknown_task"),
     ("not-json", dict(content=b'{"text": "x"}', headers={"content-type": "text/plain"}), 415,
      "unsupported_media_type"),
@@ -171,6 +173,9 @@ def test_bad_requests_get_their_documented_status(tiny):
             assert r.json()["detail"], name
         unknown = client.post("/v1/classify", json={"text": "x", "task": "offline_weather"}).json()
         assert unknown["tasks"] == sorted(TASKS) and "offline_weather" in unknown["detail"]
+        chunked = client.post("/v1/classify", content=iter([b'{"text": "', b"x" * (1 << 20), b'"}']),
+                              headers={"content-type": "application/json"})
+        assert "--max-body-bytes" in chunked.json()["detail"] and "content-length" not in chunked.request.headers
         missing = client.post("/v1/classify", json={"task": "offline_topic"}).json()["detail"]
         assert missing == [{"loc": ["body", "text"], "msg": "Field required", "type": "missing"}]
         assert client.post("/v1/generate", json={"prompt": "hi"}).status_code == 404  # an encoder
@@ -179,7 +184,7 @@ def test_bad_requests_get_their_documented_status(tiny):
         ok = client.post("/v1/classify", json={"text": "fine", "task": "offline_topic"})
         metrics = client.get("/metrics").text
     assert ok.status_code == 200
-    assert 'doe_errors_total{kind="too_large"} 3.0' in metrics and 'doe_errors_total{kind="unknown_task"} 2.0' in metrics
+    assert 'doe_errors_total{kind="too_large"} 6.0' in metrics and 'doe_errors_total{kind="unknown_task"} 2.0' in metrics
     assert_same_as(model, snap)
     with TestClient(app_for(tiny, router=False)) as client:
         r = client.post("/v1/classify", json={"text": "no task and no router"})

@@ -6,12 +6,16 @@
     GET  /health        200 while the worker runs and the server takes work, else 503
     GET  /metrics       Prometheus text format
 
-Errors are JSON ``{"kind": ..., "detail": ...}``: 400 malformed JSON, 415 a body that is not
-``application/json``, 422 a body that does not
-fit the schema (missing/extra fields, wrong types, empty text, no task without a router,
-decoding settings out of range), 404 unknown task (with ``tasks``) or no generation on this
-model, 413 a text over ``max_tokens`` tokens or a list over ``max_items`` items, 503 queue full
-(with Retry-After) or shutting down, 500 a forward that raised (that batch only).
+Errors are JSON ``{"kind": ..., "detail": ...}``:
+
+- 400 malformed JSON; 415 a body that is not ``application/json``;
+- 422 a body that does not fit the schema (missing or extra fields, wrong types, an empty text,
+  no task on a server without a router, decoding settings out of range);
+- 404 an unknown task (the body lists ``tasks``), or /v1/generate on a model that is not a decoder;
+- 413 a text over ``max_tokens`` tokens, a list over ``max_items`` items, a body over
+  ``max_body_bytes``;
+- 503 the queue is full (with Retry-After) or the server is shutting down;
+- 500 a forward raised: the items of that batch fail, the model is restored, the rest go on.
 """
 
 from __future__ import annotations
@@ -195,6 +199,36 @@ class _Server:
             raise ApiError(503, "shutting_down", str(exc)) from exc
 
 
+class BodyTooLarge(Exception):
+    """A request body over ``max_body_bytes`` (answered 413)."""
+
+
+class _LimitBody:
+    """ASGI middleware: a body over ``limit`` bytes is refused, by its Content-Length before it
+    is read, else (chunked) once the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(int(length))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(seen)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 class _CountRequests:
     """ASGI middleware: requests by endpoint and status, and how many are in flight."""
 
@@ -325,6 +359,11 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     app.state.doe = server
     app.state.draining = False
 
+    def too_large(size: int) -> JSONResponse:
+        return server.error(ApiError(413, "too_large", f"request body of {size}+ bytes; this server takes at most "
+                                     f"{config.max_body_bytes} (--max-body-bytes)"))
+
+    app.add_middleware(_LimitBody, limit=config.max_body_bytes, refuse=too_large)
     app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
@@ -348,6 +387,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         if isinstance(exc.__cause__, ClientDisconnect):  # gone while sending the body
             metrics.errors.labels(kind="disconnected").inc()
             return Response(status_code=DISCONNECTED)
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return too_large(exc.__cause__.args[0])
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return server.error(ApiError(exc.status_code, kind, exc.detail, headers=getattr(exc, "headers", None)))
 
@@ -404,7 +445,10 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         tokens: asyncio.Queue = asyncio.Queue()
 
         def run() -> Generation:
-            batcher.install(expert) if expert is not None else batcher.restore()
+            if expert is None:
+                batcher.restore()
+            else:
+                batcher.install(expert)
             push = (lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)) if body.stream else None
             return generate(model, tokenizer, params, soft_prompt=soft, on_token=push,
                             should_stop=lambda: job.cancelled)

@@ -17,7 +17,7 @@ class ServeConfig:
     max_tokens: tokens per text (more: 413); also the runtime's truncation length, so nothing
     accepted is truncated. max_queue: queued items before new requests get 503. max_items:
     items in one request body (more: 413). max_new_tokens: the largest ``max_new_tokens`` a
-    generate request may ask for. retry_after_s: the Retry-After of a 503. shutdown_timeout_s:
+    generate request may ask for. max_body_bytes: request body size (more: 413, unread). retry_after_s: the Retry-After of a 503. shutdown_timeout_s:
     how long a graceful shutdown waits for in-flight requests.
     """
 
@@ -28,12 +28,13 @@ class ServeConfig:
     max_queue: int = 256
     max_items: int = 64
     max_new_tokens: int = 256
+    max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "max_tokens", "max_queue", "max_items", "max_new_tokens",
-                     "retry_after_s"):
+                     "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}): expected an integer >= 1, got {value!r}")
