@@ -172,6 +172,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int]:
     cmd += ["--router", args.router] if args.router else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--compact-weights"] if args.compact_weights else []
+    cmd += ["--mixed"] if args.mixed else []
     cmd += ["--device", args.device] if args.device else []
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -394,7 +395,7 @@ def to_markdown(report: dict) -> str:
         f"Model `{cfg['model']}`, experts {', '.join(report['tasks'])}{', router' if cfg['router'] else ''}; "
         f"{cfg['clients']} concurrent clients; server --max-batch {cfg['max_batch']} --max-wait-ms "
         f"{cfg['max_wait_ms']} --max-tokens {cfg['max_tokens']} --threads {cfg['threads'] or 'default'}"
-        f"{' --compact-weights' if cfg['compact_weights'] else ''}.",
+        f"{' --compact-weights' if cfg['compact_weights'] else ''}{' --mixed' if cfg['mixed'] else ''}.",
         "",
         "| requests | good (items) | bad | disconnects | throughput | items/s | p50 | p95 | p99 | lost | wrong | "
         "bad requests with another status |",
@@ -440,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--max-items", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server and the offline run")
     p.add_argument("--compact-weights", action="store_true", help="serve (and run offline) with compacted experts")
+    p.add_argument("--mixed", action="store_true", help="serve mixed-task batches (the offline reference runs one "
+                   "task at a time)")
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)

@@ -360,8 +360,9 @@ def _cmd_serve(args) -> int:
         with _user_input("--max-tokens"):
             check_positions(model, experts, config)
         with _user_input("--experts"):
+            options = {"compact": args.compact_weights, **({"mixed": True} if args.mixed else {})}
             app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config,
-                             runtime_options={"compact": args.compact_weights})
+                             runtime_options=options)
         banner = f"model {args.model}, tasks {', '.join(e.task for e in experts)}{', router' if router else ''}"
         return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
                           banner=banner)
@@ -571,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch's CPU threads for the forwards (default: torch's choice)")
     p.add_argument("--compact-weights", action="store_true",
                    help="as for `doe run`: experts run on compacted copies of their kept weights (memory for speed)")
+    p.add_argument("--mixed", action="store_true",
+                   help="as for `doe run`: requests of different tasks share a batch, one forward with every expert "
+                   "resident (default: batches of one task)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("router", help="build a task router (for requests without a task name)",

@@ -6,6 +6,7 @@ starts the real command in a subprocess through the load test (``benchmarks.serv
 """
 
 import asyncio
+import inspect
 import json
 import re
 import subprocess
@@ -74,11 +75,11 @@ def same(got: dict, want: dict) -> bool:
             and abs(got["probability"] - want["probability"]) < 1e-4)
 
 
-def app_for(tiny, router=True, compact=False, **config):
+def app_for(tiny, router=True, compact=False, mixed=False, **config):
     model, tok, experts, rt_router, _ = tiny
     cfg = ServeConfig(**{"max_tokens": MAX_TOKENS, "token_budget": 2048, **config})
     return create_app(model, tok, experts, router=rt_router if router else None, config=cfg,
-                      runtime_options={"compact": compact})
+                      runtime_options={"compact": compact, **({"mixed": True} if mixed else {})})
 
 
 class Gate:
@@ -139,6 +140,32 @@ def test_concurrent_clients_are_batched_by_task(tiny):
     at_most_8 = re.search(r'^doe_batch_size_bucket\{le="8.0"\} (\S+)$', metrics, re.M).group(1)
     assert batches == at_most_8  # 16 fit a batch, but each task has only 8
     assert 'doe_request_latency_seconds_bucket{le="0.001",task="offline_topic"}' in metrics
+
+
+MIXED = "mixed" in inspect.signature(UnplugAndPlay).parameters
+
+
+@pytest.mark.skipif(not MIXED, reason="this runtime has no mixed-task mode")
+def test_mixed_batches_hold_several_tasks_and_answer_as_one_task_at_a_time(tiny):
+    _, _, _, _, texts = tiny
+    items = [{"text": texts[t][i], **({"task": t} if i % 3 else {})} for i in range(8) for t in TASKS]
+    want = offline(tiny, items)  # one task at a time
+    app = app_for(tiny, max_wait_ms=200, max_batch=16, mixed=True)
+    with TestClient(app) as client:
+        answers = [None] * len(items)
+
+        def post(i):
+            answers[i] = client.post("/v1/classify", json=items[i])
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(items))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        metrics = client.get("/metrics").text
+    assert all(a.status_code == 200 for a in answers)
+    assert all(same(a.json(), w) for a, w in zip(answers, want)), [a.json() for a in answers]
+    assert max(a.json()["batch_size"] for a in answers) > 8  # more than one task's worth in a forward
 
 
 BAD = [
