@@ -8,10 +8,17 @@ For each request: (1) receive it, (2) identify the task's expert (by name, else 
 below ``threshold`` the dense model serves it), (3) run it on the expert-localized model,
 (4) restore the original model when the stream moves to a task with no expert or goes idle.
 Consecutive requests for one task run as one batch; switching between experts is an index swap.
+
+Mixed mode (``mixed=True``): every registered expert stays resident (``doe.unplug_`` with the
+mapping of all of them) and requests of any task, named or routed, batch together up to
+``max_batch`` requests and ``max_tokens`` padded tokens; each batch is one forward
+(``doe.mixed_batch``), every row on its own expert with its own prompt and head, rows below the
+router's threshold on the dense model. Results are those of the one-task-at-a-time mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +30,22 @@ import torch.nn as nn
 
 from doe.expert import TaskExpert
 from doe.models import eval_mode
+from doe.mixed import mixed_classify
 from doe.prompt import TaskModel
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
-from doe.unplug import Installed, check_expert, compact_memory, current_expert, installed, model_lock, restore_, unplug_
+from doe.unplug import (
+    Experts,
+    Installed,
+    check_expert,
+    compact_memory,
+    installed,
+    is_unplugged,
+    mixed_batch,
+    model_lock,
+    restore_,
+    unplug_,
+)
 from doe_kernels.env import synchronize
 
 __all__ = ["Request", "Result", "UnplugAndPlay"]
@@ -100,12 +119,34 @@ class _Entry:
     on_dense: TaskModel  # prompt/head for the dense model
 
 
+class _Row(NamedTuple):
+    """A request ready to run: where it goes in the output, its task's entry, and whether the
+    expert (else the dense model) serves it."""
+
+    index: int
+    request: Request
+    entry: _Entry
+    use_expert: bool
+
+    @property
+    def task_model(self) -> TaskModel:
+        return self.entry.on_expert if self.use_expert else self.entry.on_dense
+
+    @property
+    def expert_task(self) -> Optional[str]:
+        """The expert's task (its name in ``mixed_batch``), None for the dense model."""
+        return self.entry.spec.name if self.use_expert else None
+
+
 class UnplugAndPlay:
     """Serve many tasks from one model by swapping task experts in and out.
 
     threshold: the router's confidence below which a request runs on the dense model (with the
     routed task's dense prompt and head). max_batch: consecutive same-task requests per batch.
     restore_when_idle: put the original model back when ``process`` returns.
+    mixed: batch requests of different tasks together, one forward per batch (see the module
+    docstring); max_tokens: in mixed mode, the padded tokens (rows x the longest row, prompt
+    included) a batch may hold (None: no limit).
     compact: run experts on compacted copies of their kept weights, made once per expert and
     kept while it is resident (memory for speed, reported by ``summary()``; see
     ``doe.unplug_``). Off by default: experts then cost only their index lists.
@@ -113,11 +154,15 @@ class UnplugAndPlay:
 
     def __init__(self, model: nn.Module, tokenizer, *, router: Optional[TaskRouter] = None,
                  threshold: float = 0.5, max_batch: int = 32, max_length: int = 64,
-                 restore_when_idle: bool = True, compact: bool = False):
+                 restore_when_idle: bool = True, compact: bool = False, mixed: bool = False,
+                 max_tokens: Optional[int] = None):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
         if max_batch < 1:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+        if max_tokens is not None and (not mixed or max_tokens < 1):
+            raise ValueError(f"max_tokens: expected None or >= 1 with mixed=True, got {max_tokens} (mixed={mixed})")
+        self.mixed, self.max_tokens = mixed, max_tokens
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.threshold, self.max_batch, self.max_length = threshold, max_batch, max_length
         self.restore_when_idle = restore_when_idle
@@ -192,19 +237,22 @@ class UnplugAndPlay:
 
     def model_for_routing(self) -> nn.Module:
         """Routing reads dense representations: restore first if an expert is installed."""
-        if current_expert(self.model) is not None:
+        if is_unplugged(self.model):
             restore_(self.model)
         return self.model
 
-    def _switch(self, target: Union[TaskExpert, Installed, None]) -> float:
-        """Install ``target`` (None: the dense model; an ``Installed``: that expert with its
-        backend); returns milliseconds spent."""
-        expert = target.expert if isinstance(target, Installed) else target
+    def _resident(self) -> Optional[dict[str, TaskExpert]]:
+        """Mixed mode: every registered expert, by task (None when there is none)."""
+        experts = {name: e.expert for name, e in self._entries.items() if e.expert is not None}
+        return experts or None
+
+    def _switch(self, target: Union[Experts, Installed, None]) -> float:
+        """Install ``target`` (None: the dense model; a mapping: all its experts, resident; an
+        ``Installed``: that with its backend); returns milliseconds spent."""
+        expert = target.target if isinstance(target, Installed) else target
         backend = target.backend if isinstance(target, Installed) else None
         compact = target.compact if isinstance(target, Installed) else self.compact
-        now = installed(self.model)
-        if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete
-                                                 and now.compact == compact):
+        if _is_installed(installed(self.model), expert, compact):
             return 0.0
         device = self._device()
         synchronize(device)
@@ -218,35 +266,53 @@ class UnplugAndPlay:
         self.switches.append(ms)
         return ms
 
-    def _run_group(self, entry: _Entry, use_expert: bool, group: list[tuple[int, Request]],
-                   meta: list[_Identity]) -> list[tuple[int, Result]]:
-        task_model = entry.on_expert if use_expert else entry.on_dense
-        served_by = entry.spec.name if use_expert else DENSE
+    def _probabilities(self, group: list[_Row]) -> torch.Tensor:
+        """(B, L) class probabilities of one forward over ``group`` (mixed mode: L the most labels
+        of any row's task, the others 0)."""
+        examples = [Example(row.request.text, 0, row.request.text_pair) for row in group]
+        task_models = [row.task_model for row in group]
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for tm in dict.fromkeys(task_models):
+                stack.enter_context(eval_mode(tm))
+            if not self.mixed:
+                return torch.softmax(task_models[0](**task_models[0].encode(examples)).float(), -1)
+            if self._resident() is not None:
+                stack.enter_context(mixed_batch(self.model, [row.expert_task for row in group]))
+            rows = mixed_classify(task_models, examples)
+            logits = torch.full((len(rows), max(r.numel() for r in rows)), float("-inf"), device=rows[0].device)
+            for i, r in enumerate(rows):
+                logits[i, : r.numel()] = r
+            return torch.softmax(logits, -1)
+
+    def _run_group(self, group: list[_Row], meta: list[_Identity]) -> list[tuple[int, Result]]:
+        """One forward over ``group``: the rows of one task on one model (its expert or the dense
+        one), or in mixed mode any rows, every expert resident."""
         results = []
         with model_lock(self.model):
             try:
-                switch_ms = self._switch(entry.expert if use_expert else None)
+                first = group[0]
+                switch_ms = self._switch(self._resident() if self.mixed else
+                                         first.entry.expert if first.use_expert else None)
                 t0 = time.perf_counter()
-                examples = [Example(r.text, 0, r.text_pair) for _, r in group]
-                with torch.inference_mode(), eval_mode(task_model):
-                    probs = torch.softmax(task_model(**task_model.encode(examples)).float(), -1)
+                probs = self._probabilities(group)
                 synchronize(probs.device)
                 ms = switch_ms + 1000 * (time.perf_counter() - t0)
                 p, idx = probs.max(-1)
-                for (i, r), pi, li in zip(group, p.tolist(), idx.tolist()):
-                    results.append((i, Result(
-                        id=r.id, task=entry.spec.name, expert=served_by, label=entry.spec.labels[li], label_id=li,
-                        probability=pi, routed=meta[i].routed, route_confidence=meta[i].confidence,
-                        latency_ms=ms, switch_ms=switch_ms, batch_size=len(group),
-                    )))
+                for row, pi, li in zip(group, p.tolist(), idx.tolist()):
+                    results.append((row.index, self._result(row, meta, batch_size=len(group), label_id=li,
+                                                            label=row.entry.spec.labels[li], probability=pi,
+                                                            latency_ms=ms, switch_ms=switch_ms)))
             except Exception as exc:  # the request fails, the runtime stays usable
-                for i, r in group:
-                    results.append((i, Result(
-                        id=r.id, task=entry.spec.name, expert=served_by, routed=meta[i].routed,
-                        route_confidence=meta[i].confidence, batch_size=len(group),
-                        error=f"{type(exc).__name__}: {exc}",
-                    )))
+                for row in group:
+                    results.append((row.index, self._result(row, meta, batch_size=len(group),
+                                                            error=f"{type(exc).__name__}: {exc}")))
         return results
+
+    @staticmethod
+    def _result(row: _Row, meta: list[_Identity], **fields) -> Result:
+        who = meta[row.index]
+        return Result(id=row.request.id, task=row.entry.spec.name, expert=row.expert_task or DENSE, routed=who.routed,
+                      route_confidence=who.confidence, **fields)
 
     def process(self, requests: Iterable[Union[Request, dict, str]]) -> list[Result]:
         """Serve a stream of requests in order; returns one Result per request, same order.
@@ -268,15 +334,7 @@ class UnplugAndPlay:
     def _serve(self, reqs: list[Request]) -> list[Result]:
         meta = self._identify(reqs)
         out: list[Optional[Result]] = [None] * len(reqs)
-        group: list[tuple[int, Request]] = []
-        key = None
-
-        def flush():
-            if group:
-                for i, res in self._run_group(self._entries[key[0]], key[1], group, meta):
-                    out[i] = res
-                group.clear()
-
+        rows = []
         for i, r in enumerate(reqs):
             who = meta[i]
             if who.error is not None:
@@ -285,13 +343,35 @@ class UnplugAndPlay:
                 continue
             entry = self._entries[who.task]
             use_expert = entry.expert is not None and (not who.routed or who.confidence >= self.threshold)
-            k = (who.task, use_expert)
-            if k != key or len(group) >= self.max_batch:
-                flush()
-                key = k
-            group.append((i, r))
-        flush()
+            rows.append(_Row(i, r, entry, use_expert))
+        for group in self._batches(rows):
+            for i, res in self._run_group(group, meta):
+                out[i] = res
         return out
+
+    def _batches(self, rows: list[_Row]):
+        """Consecutive rows, at most ``max_batch`` a batch: one task on one model at a time, or in
+        mixed mode any rows up to ``max_tokens`` padded tokens (a longer row alone)."""
+        group: list[_Row] = []
+        longest = 0
+        for row in rows:
+            size = self._tokens(row) if self.max_tokens is not None else 0
+            if group and (len(group) >= self.max_batch
+                          or (not self.mixed and (row.entry, row.use_expert) != (group[0].entry, group[0].use_expert))
+                          or (self.max_tokens is not None and (len(group) + 1) * max(longest, size) > self.max_tokens)):
+                yield group
+                group, longest = [], 0
+            group.append(row)
+            longest = max(longest, size)
+        if group:
+            yield group
+
+    def _tokens(self, row: _Row) -> int:
+        """The row's length in the forward: its prompt and its text tokens."""
+        r = row.request
+        pair = (r.text_pair,) if r.text_pair is not None else ()
+        text = self.tokenizer(r.text, *pair, truncation=True, max_length=self.max_length)["input_ids"]
+        return row.task_model.prompt.shape[0] + len(text)
 
     __call__ = process
 
@@ -313,3 +393,15 @@ class UnplugAndPlay:
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
             "compact_weight_bytes": compact_memory(self.model),
         }
+
+
+def _is_installed(now: Optional[Installed], want: Optional[Experts], compact: bool) -> bool:
+    """True when ``now`` (``installed``'s answer) is ``want`` (None: dense), complete, with ``compact``."""
+    if now is None or want is None:
+        return now is None and want is None
+    if not now.complete or now.compact != compact:
+        return False
+    if isinstance(want, TaskExpert):
+        return now.expert is want
+    return now.experts is not None and now.experts.keys() == want.keys() and all(
+        now.experts[k] is e for k, e in want.items())

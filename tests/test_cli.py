@@ -58,6 +58,11 @@ def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in results] == list(range(len(texts)))
     assert all(r["expert"] == TASK and r["label"] in ("statement", "question") for r in results)
+    mixed = tmp_path / "mixed.jsonl"  # --mixed: the same answers
+    assert main(["run", "--model", str(model_dir), "--device", "cpu", "--experts", str(experts / "keep0.35"),
+                 "--requests", str(requests), "--out", str(mixed), "--mixed"]) == 0
+    assert [(r["id"], r["label"]) for r in map(json.loads, mixed.read_text().splitlines())] == [
+        (r["id"], r["label"]) for r in results]
 
 
 @pytest.mark.parametrize(

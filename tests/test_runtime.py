@@ -202,3 +202,49 @@ def test_compact_runtime_serves_the_same_answers_and_reports_its_memory(setup):
     assert_same_as(model, snap)
     doe.release_compact(model)
     assert compact.summary()["compact_weight_bytes"] == 0
+
+
+def test_mixed_mode_batches_tasks_together_with_the_same_answers(setup):
+    model, tok, data, folders, router = setup
+    snap = snapshot(model)
+    named = [{"text": e.text, "task": t} for t in TASKS for e in data[t].eval[:4]]
+    routed = [{"text": e.text} for t in TASKS for e in data[t].eval[4:7]]
+    stream = [r for pair in zip(named, named[::-1]) for r in pair][:8] + routed  # interleaved tasks
+    confs = sorted(router.route(model, tok, [r["text"] for r in routed])[1])
+    runtimes = {}
+    for mixed in (False, True):  # the least confident routed request runs dense
+        rt = runtimes[mixed] = UnplugAndPlay(model, tok, router=router, threshold=confs[1], max_batch=5, mixed=mixed)
+        for t in TASKS:
+            rt.add_expert(folders[t])
+    one_at_a_time = runtimes[False].process(stream)
+    results = runtimes[True].process(stream)
+    assert all(r.error is None for r in results)
+    assert {r.expert for r in results} >= {"dense", *TASKS}  # experts and dense rows in one batch
+    for got, want in zip(results, one_at_a_time):
+        assert (got.task, got.expert, got.label_id, got.routed) == (want.task, want.expert, want.label_id, want.routed)
+        assert got.probability == pytest.approx(want.probability, abs=1e-5)
+    assert [r.batch_size for r in results] == [5] * 5 + [5] * 5 + [4] * 4  # 14 requests, max_batch 5
+    assert runtimes[True].summary()["switches"] == 2  # every expert in once, the dense model back once
+    assert not doe.is_unplugged(model) and not gathered_wrappers(model)
+    assert_same_as(model, snap)
+
+
+def test_mixed_mode_token_budget_and_checks(setup):
+    model, tok, data, folders, _ = setup
+    with pytest.raises(ValueError, match="max_tokens: expected None or >= 1 with mixed=True"):
+        UnplugAndPlay(model, tok, max_tokens=64)
+    budget = 40
+    rt = UnplugAndPlay(model, tok, mixed=True, max_tokens=budget)
+    prompts = {t: rt.add_expert(folders[t]).prompt.shape[0] for t in TASKS}
+    stream = [{"text": e.text, "task": t} for t in TASKS for e in data[t].eval[:3]]
+    results = rt.process(stream)
+    assert all(r.error is None for r in results)
+    sizes = [prompts[r["task"]] + len(tok(r["text"], truncation=True, max_length=rt.max_length)["input_ids"])
+             for r in stream]
+    i = 0
+    while i < len(results):  # greedy: a batch holds what fits (rows x its longest row), the next row did not
+        n = results[i].batch_size
+        assert n == 1 or n * max(sizes[i:i + n]) <= budget
+        assert i + n == len(results) or (n + 1) * max(sizes[i:i + n + 1]) > budget
+        i += n
+    assert len({r.batch_size for r in results}) > 1 or results[0].batch_size < len(stream)
