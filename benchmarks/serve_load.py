@@ -388,7 +388,8 @@ def to_markdown(report: dict) -> str:
         "# `doe serve` load test",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
-        f"{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}; device {cfg['device'] or 'default'}; "
+        f"{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}; "
+        f"device {cfg['device'] or 'default'}; "
         f"torch {report['machine']['torch']}. Client and server share the machine (1-minute load average "
         f"{report['machine']['load_average_1min']:.1f} when the run ended).",
         "",

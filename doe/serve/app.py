@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -43,15 +42,14 @@ from doe.models import model_kind
 from doe.router import TaskRouter
 from doe.runtime import Request as RuntimeRequest
 from doe.runtime import Result, UnplugAndPlay
-from doe.serve.batcher import Batcher, InferenceFailed, Job, QueueFull, ShuttingDown
+from doe.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
 from doe.serve.config import ServeConfig
 from doe.serve.generate import GenerateParams, Generation, generate
 from doe.serve.metrics import Metrics
 from doe.unplug import compact_memory, current_expert
 
-__all__ = ["create_app", "check_experts", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest", "GenerateResult", "ErrorBody"]
-
-log = logging.getLogger("doe.serve")
+__all__ = ["create_app", "check_experts", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest",
+           "GenerateResult", "ErrorBody"]
 
 ENDPOINTS = ("/v1/classify", "/v1/generate", "/v1/experts", "/health", "/metrics")
 CHARS_PER_TOKEN = 32  # texts longer than this many characters per allowed token are refused untokenized

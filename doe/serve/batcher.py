@@ -240,10 +240,11 @@ class Batcher:
         if failed:
             self.restore()
         i = 0
-        while i < len(results):  # one observation per same-task group the runtime ran
+        while i < len(results):  # one observation per group the runtime ran
             r = results[i]
             if isinstance(r, Result) and r.error is None:
-                self.metrics.forward.labels(task=r.task).observe(r.latency_ms / 1000)
+                task = r.task if self.group_by_task else "mixed"
+                self.metrics.forward.labels(task=task).observe(r.latency_ms / 1000)
             i += max(getattr(r, "batch_size", 1), 1)
         for job, result in zip(batch, results):
             if isinstance(result, Result) and result.error is not None:

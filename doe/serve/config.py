@@ -17,8 +17,9 @@ class ServeConfig:
     max_tokens: tokens per text (more: 413); also the runtime's truncation length, so nothing
     accepted is truncated. max_queue: queued items before new requests get 503. max_items:
     items in one request body (more: 413). max_new_tokens: the largest ``max_new_tokens`` a
-    generate request may ask for. max_body_bytes: request body size (more: 413, unread). retry_after_s: the Retry-After of a 503. shutdown_timeout_s:
-    how long a graceful shutdown waits for in-flight requests.
+    generate request may ask for. max_body_bytes: request body size (more: 413, unread).
+    retry_after_s: the Retry-After of a 503. shutdown_timeout_s: how long a graceful shutdown
+    waits for in-flight requests.
     """
 
     max_batch: int = 32

@@ -31,7 +31,8 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("doe_request_latency_seconds", "Receipt to answer, per item, by task",
                                  ["task"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.forward = Histogram("doe_forward_seconds", "Switch + forward of one same-task group, by task",
+        self.forward = Histogram("doe_forward_seconds",
+                                 "Switch + forward of one batch the runtime ran, by task ('mixed' for mixed batches)",
                                  ["task"], buckets=_LATENCY_BUCKETS, registry=r)
         self.switches = Counter("doe_switches", "Expert switches (install, swap or restore)", registry=r)
         self.switch_seconds = Histogram("doe_switch_seconds", "Time of one expert switch",
