@@ -6,7 +6,6 @@ starts the real command in a subprocess through the load test (``benchmarks.serv
 """
 
 import asyncio
-import inspect
 import json
 import re
 import subprocess
@@ -117,40 +116,8 @@ def test_classify_one_many_and_routed_match_the_offline_runtime(tiny, compact):
     assert all(g["latency_ms"] >= g["forward_ms"] > 0 and g["batch_size"] >= 1 for g in got)
 
 
-def test_concurrent_clients_are_batched_by_task(tiny):
-    _, _, _, _, texts = tiny
-    items = [{"text": texts[t][i], "task": t} for i in range(8) for t in TASKS]
-    want = offline(tiny, items)
-    with TestClient(app_for(tiny, max_wait_ms=200, max_batch=16)) as client:
-        answers = [None] * len(items)
-
-        def post(i):
-            answers[i] = client.post("/v1/classify", json=items[i])
-
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(items))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        metrics = client.get("/metrics").text
-    assert all(a.status_code == 200 for a in answers)
-    assert all(same(a.json(), w) for a, w in zip(answers, want))
-    assert max(a.json()["batch_size"] for a in answers) > 1
-    batches = re.search(r"^doe_batch_size_count (\S+)$", metrics, re.M).group(1)
-    at_most_8 = re.search(r'^doe_batch_size_bucket\{le="8.0"\} (\S+)$', metrics, re.M).group(1)
-    assert batches == at_most_8  # 16 fit a batch, but each task has only 8
-    assert 'doe_request_latency_seconds_bucket{le="0.001",task="offline_topic"}' in metrics
-
-
-MIXED = "mixed" in inspect.signature(UnplugAndPlay).parameters
-
-
-@pytest.mark.skipif(not MIXED, reason="this runtime has no mixed-task mode")
-def test_mixed_batches_hold_several_tasks_and_answer_as_one_task_at_a_time(tiny):
-    _, _, _, _, texts = tiny
-    items = [{"text": texts[t][i], **({"task": t} if i % 3 else {})} for i in range(8) for t in TASKS]
-    want = offline(tiny, items)  # one task at a time
-    app = app_for(tiny, max_wait_ms=200, max_batch=16, mixed=True)
+def post_concurrently(app, items):
+    """Each item from its own client thread, all at once; returns the responses and the metrics."""
     with TestClient(app) as client:
         answers = [None] * len(items)
 
@@ -162,10 +129,32 @@ def test_mixed_batches_hold_several_tasks_and_answer_as_one_task_at_a_time(tiny)
             th.start()
         for th in threads:
             th.join()
-        metrics = client.get("/metrics").text
+        return answers, client.get("/metrics").text
+
+
+def test_concurrent_clients_are_batched_by_task(tiny):
+    _, _, _, _, texts = tiny
+    items = [{"text": texts[t][i], "task": t} for i in range(8) for t in TASKS]
+    want = offline(tiny, items)
+    answers, metrics = post_concurrently(app_for(tiny, max_wait_ms=200, max_batch=16), items)
+    assert all(a.status_code == 200 for a in answers)
+    assert all(same(a.json(), w) for a, w in zip(answers, want))
+    assert max(a.json()["batch_size"] for a in answers) > 1
+    batches = re.search(r"^doe_batch_size_count (\S+)$", metrics, re.M).group(1)
+    at_most_8 = re.search(r'^doe_batch_size_bucket\{le="8.0"\} (\S+)$', metrics, re.M).group(1)
+    assert batches == at_most_8  # 16 fit a batch, but each task has only 8
+    assert 'doe_request_latency_seconds_bucket{le="0.001",task="offline_topic"}' in metrics
+
+
+def test_mixed_batches_hold_several_tasks_and_answer_as_one_task_at_a_time(tiny):
+    _, _, _, _, texts = tiny
+    items = [{"text": texts[t][i], **({"task": t} if i % 3 else {})} for i in range(8) for t in TASKS]
+    want = offline(tiny, items)  # one task at a time
+    answers, metrics = post_concurrently(app_for(tiny, max_wait_ms=200, max_batch=16, mixed=True), items)
     assert all(a.status_code == 200 for a in answers)
     assert all(same(a.json(), w) for a, w in zip(answers, want)), [a.json() for a in answers]
     assert max(a.json()["batch_size"] for a in answers) > 8  # more than one task's worth in a forward
+    assert 'doe_forward_seconds_count{task="mixed"}' in metrics
 
 
 BAD = [
