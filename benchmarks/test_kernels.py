@@ -319,14 +319,8 @@ MIXED_PATHS = {"auto": "auto", "segmented": "segmented", "union": "union"}
 
 
 @dataclass(frozen=True)
-class MixedCase:
-    op: str
-    shape: Shape
-    M: int
-    groups: int
-    keep: float
-    dtype: str
-    variant: str
+class MixedCase(Case):
+    groups: int = 1
 
     @property
     def group(self) -> str:
@@ -334,7 +328,7 @@ class MixedCase:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.shape.name}-M{self.M}-k{self.groups}-keep{self.keep:g}-{self.dtype}-{self.variant}"
+        return f"{self.group.removeprefix('mixed-')}-{self.variant}"
 
 
 def _mixed_cases() -> list:
@@ -352,7 +346,7 @@ def _mixed_cases() -> list:
                             if k > M:
                                 continue
                             for variant in MIXED.variants:
-                                case = MixedCase(op, shape, M, k, keep, dtype, variant)
+                                case = MixedCase(op, shape, M, keep, dtype, variant, groups=k)
                                 out.append(pytest.param(case, id=case.id))
     return out
 

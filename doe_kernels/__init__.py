@@ -4,6 +4,10 @@
     y = h @ W[:, idx]^T + b         gathered_linear(h, W, b, cols=idx)    down / fc2
     h = act(x @ Wg[idx]^T) * (x @ Wu[idx]^T)   gathered_glu(...)          gated FFNs
 
+Mixed batches (rows of several groups, each with its own kept neurons, in one launch):
+``segmented_linear`` / ``segmented_glu`` with a ``GroupedIndices`` (the groups' lists) and a
+``RowGroups`` (each row's group); see ``doe_kernels.segments``.
+
 Triton kernels on CUDA, the PyTorch reference (``doe_kernels.reference``) elsewhere. This
 package knows nothing about tasks; ``doe`` builds on it.
 """
@@ -21,17 +25,27 @@ from doe_kernels.modules import (
     to_row_major_,
     unwrap,
 )
-from doe_kernels.ops import gathered_glu, gathered_linear
-from doe_kernels.reference import ACTIVATIONS, gathered_glu_ref, gathered_linear_ref
+from doe_kernels.ops import gathered_glu, gathered_linear, segmented_glu, segmented_linear
+from doe_kernels.reference import (
+    ACTIVATIONS,
+    gathered_glu_ref,
+    gathered_linear_ref,
+    segmented_glu_ref,
+    segmented_linear_ref,
+)
+from doe_kernels.segments import BatchGroups, GroupedIndices, RowGroups
 from doe_kernels.validation import validate_indices
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "BatchGroups",
     "CompactWeights",
     "DTYPES",
     "GatheredGatedMLP",
     "GatheredLinear",
+    "GroupedIndices",
+    "RowGroups",
     "dtype_name",
     "env_flag",
     "gathered_glu",
@@ -43,6 +57,10 @@ __all__ = [
     "linear_weight",
     "parse_dtype",
     "resolve_backend",
+    "segmented_glu",
+    "segmented_glu_ref",
+    "segmented_linear",
+    "segmented_linear_ref",
     "synchronize",
     "to_neuron_major_",
     "to_row_major_",

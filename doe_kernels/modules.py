@@ -238,11 +238,15 @@ def _use_compact(store: Optional[CompactWeights], weight: torch.Tensor) -> Optio
 
 def _plan(mixed: tuple, x: torch.Tensor) -> tuple:
     """(grouped, groups, path, width) of a wrapper's mixed state for input x: the row groups of
-    the current batch, the path (the same for a block's up and down projections) and h's width."""
+    the current batch, the path (the same for a block's up and down projections) and h's width;
+    worked out once per layer and batch."""
     grouped, batch = mixed
     groups = batch.rows_for(x)
-    path = choose_path(grouped, groups)
-    return grouped, groups, path, mixed_width(grouped, groups, path)
+    plan = groups.plans.get(grouped)
+    if plan is None:
+        path = choose_path(grouped, groups)
+        plan = groups.plans[grouped] = (grouped, groups, path, mixed_width(grouped, groups, path))
+    return plan
 
 
 def _segmented(x, weight, bias, plan: tuple, rows: bool, backend: str) -> torch.Tensor:

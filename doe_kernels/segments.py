@@ -125,11 +125,13 @@ class RowGroups:
     Built with ``RowGroups.build``. Attributes: ``table`` (see the module docstring; rows are
     not moved, the kernels read and write them through it), ``counts`` (host tuple: rows per
     group), ``num_rows`` (M), ``num_groups``, ``active`` (host tuple of the groups with rows),
-    ``max_rows`` (the largest group), ``row_groups`` ((M,) int32 device: the group of each row).
+    ``max_rows`` (the largest group), ``row_groups`` ((M,) int32 device: the group of each row),
+    ``plans`` (a dict for users to cache what they derive per ``GroupedIndices``, e.g. its path).
     """
 
     def __init__(self, table, counts, row_groups):
         self.table, self.counts, self.row_groups = table, tuple(counts), row_groups
+        self.plans: dict = {}
         self.num_groups = len(self.counts)
         self.num_rows = sum(self.counts)
         self.active = tuple(g for g, n in enumerate(self.counts) if n)

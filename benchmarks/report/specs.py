@@ -171,6 +171,19 @@ def _several(field: str):
     return lambda keys: (keys.get(field) or 0) >= 2
 
 
+def _mixed_goals(mixed: str, sequential: str, field: str) -> dict:
+    """The checks and plot panels of a mixed-batch suite: variant ``mixed`` against ``single``
+    (the goal at keep GOAL_KEEP) and against ``sequential`` (for >= 2 ``field``)."""
+    return dict(
+        checks=[Check(f"<= {GOAL_MIXED:g}x single", f"{mixed}/single", "<=", GOAL_MIXED, when=_goal_keep,
+                      note=f"goal at keep {GOAL_KEEP:g}: at most {GOAL_MIXED:g}x a single-expert batch of the same size"),
+                Check(f"beats {sequential}", f"{mixed}/{sequential}", "<=", 1.0, when=_several(field),
+                      note=f"goal for >= 2 {field}: faster than {sequential}")],
+        plot_panels=[Ratio("mixed / single-expert time", (mixed,), ("single",)),
+                     Ratio(f"mixed / {sequential} time", (mixed,), (sequential,))],
+    )
+
+
 MIXED_KERNELS_SPEC = SuiteSpec(
     name=MIXED.name,
     title="Mixed-batch gathered GEMMs (rows of several groups in one launch)",
@@ -186,15 +199,10 @@ MIXED_KERNELS_SPEC = SuiteSpec(
         Ratio("auto/dense", ("auto",), ("dense",)),
     ],
     info_columns=[InfoColumn("path", "path", note="what path='auto' chose")],
-    checks=[
-        Check(f"<= {GOAL_MIXED:g}x single", "auto/single", "<=", GOAL_MIXED, when=_goal_keep),
-        Check("beats per-group", "auto/per-group", "<=", 1.0, when=_several("groups")),
-    ],
+    **_mixed_goals("auto", "per-group", "groups"),
     plot_x="M",
     plot_series=["groups", "shape"],
     plot_facet="op",
-    plot_panels=[Ratio("mixed / single-expert time", ("auto",), ("single",)),
-                 Ratio("mixed / per-group time", ("auto",), ("per-group",))],
     notes=[
         "Times are medians per call in us. Row m belongs to group m % groups; each group keeps its own "
         "random neurons. single: every row on group 0's list; per-group: one gathered op per group on its "
@@ -211,6 +219,7 @@ MIXED_SPEC = SuiteSpec(
     variants=list(MIXED_MODEL.variants),
     split_by=["model", "dtype", "keep"],
     sort_by_appearance=["model", "dtype"],
+    broadcast=["tasks"],
     ratios=[
         Ratio("mixed/single", ("mixed",), ("single",), note="the mixed batch vs a single-expert batch of the same size"),
         Ratio("mixed/sequential", ("mixed",), ("sequential",),
@@ -218,15 +227,10 @@ MIXED_SPEC = SuiteSpec(
         Ratio("mixed/dense", ("mixed",), ("dense",)),
     ],
     info_columns=[InfoColumn("path", "path", note="the mixed path of the first FFN block (choose_path)")],
-    checks=[
-        Check(f"<= {GOAL_MIXED:g}x single", "mixed/single", "<=", GOAL_MIXED, when=_goal_keep),
-        Check("beats sequential", "mixed/sequential", "<=", 1.0, when=_several("tasks")),
-    ],
+    **_mixed_goals("mixed", "sequential", "tasks"),
     plot_x="batch",
     plot_series=["tasks", "seq"],
     plot_facet="model",
-    plot_panels=[Ratio("mixed / single-expert time", ("mixed",), ("single",)),
-                 Ratio("mixed / sequential time", ("mixed",), ("sequential",))],
     notes=[
         "Times are medians per forward in us. A batch of `batch` requests, request i of task i % tasks, "
         "each task with its own random expert. dense: the batch on the dense model; single: the batch on "

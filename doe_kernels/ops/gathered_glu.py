@@ -24,7 +24,39 @@ from doe_kernels.ops.gathered_glu_gemv import gathered_glu_gemv
 from doe_kernels.ops.gathered_linear import gathered_linear_op, grouped_tile
 from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
 
-__all__ = ["gathered_glu_mm", "gathered_glu_op", "ACTIVATION_IDS"]
+__all__ = ["gathered_glu_mm", "gathered_glu_op", "glu_tile", "ACTIVATION_IDS"]
+
+
+@triton.jit
+def glu_tile(x_rows, g_cols, u_cols, bg_ptr, bu_ptr, y_ptr, rn, k_end, mask_m, mask_n, stride_xk, stride_wk,
+             stride_uk, HAS_BIAS_G: tl.constexpr, HAS_BIAS_U: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile act(x @ Wg^T + bg) * (x @ Wu^T + bu) over k in [0, k_end):
+    x_rows (BLOCK_M, 1) row pointers, g_cols / u_cols (1, BLOCK_N) neuron pointers, rn the
+    neurons (bias offsets); g and u are rounded to y's dtype first, as the unfused module does."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < k_end
+        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        bg = tl.load(g_cols + ks[:, None].to(tl.int64) * stride_wk, mask=w_mask, other=0.0)
+        bu = tl.load(u_cols + ks[:, None].to(tl.int64) * stride_uk, mask=w_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+    if HAS_BIAS_G:
+        acc_g += tl.load(bg_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS_U:
+        acc_u += tl.load(bu_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
+    return apply_activation(g, ACT) * u
 
 
 @triton.autotune(
@@ -57,35 +89,11 @@ def _gathered_glu_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     rn = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     g_cols = wg_ptr + rn[None, :] * stride_wn
     u_cols = wu_ptr + rn[None, :] * stride_un
-
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_mask = mask_k[:, None] & mask_n[None, :]
-        bg = tl.load(g_cols + ks[:, None].to(tl.int64) * stride_wk, mask=w_mask, other=0.0)
-        bu = tl.load(u_cols + ks[:, None].to(tl.int64) * stride_uk, mask=w_mask, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-
-    if HAS_BIAS_G:
-        acc_g += tl.load(bg_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS_U:
-        acc_u += tl.load(bu_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    # Round g and u to the storage dtype first, as the unfused module computes them.
-    g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
-    u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
-    h = apply_activation(g, ACT) * u
+    h = glu_tile(x_rows, g_cols, u_cols, bg_ptr, bu_ptr, y_ptr, rn, K, mask_m, mask_n, stride_xk, stride_wk,
+                 stride_uk, HAS_BIAS_G, HAS_BIAS_U, ACT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -37,7 +37,7 @@ from doe_kernels.ops._config import (
 )
 from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
 
-__all__ = ["gathered_mm", "grouped_tile", "gathered_linear_op"]
+__all__ = ["gathered_mm", "grouped_tile", "gathered_dot", "gathered_linear_op"]
 
 
 @triton.jit
@@ -53,6 +53,31 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def gathered_dot(x_rows, w_cols, idx_ptr, k_first, k_end, k_step, mask_m, mask_n, stride_xk, stride_wk,
+                 ROWS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile sum_k x[m, k] * w[rk(k), n] over k in [k_first, k_end),
+    BLOCK_K at a time every k_step: x_rows (BLOCK_M, 1) row pointers, w_cols (1, BLOCK_N) neuron
+    pointers; rk(k) = k for a rows gather (ROWS), idx[k] for a cols gather."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_first, k_end, k_step):
+        ks = k0 + offs_k
+        mask_k = ks < k_end
+        if ROWS:
+            rk = ks.to(tl.int64)
+        else:
+            rk = tl.load(idx_ptr + ks, mask=mask_k, other=0).to(tl.int64)
+        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_cols + rk[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.autotune(
@@ -88,24 +113,10 @@ def _gathered_mm_kernel(
         rn = tl.load(idx_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     else:
         rn = offs_n.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_cols = w_ptr + rn[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        if ROWS:
-            rk = ks.to(tl.int64)
-        else:
-            rk = tl.load(idx_ptr + ks, mask=mask_k, other=0).to(tl.int64)
-        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_cols + rk[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = gathered_dot(x_rows, w_cols, idx_ptr, pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K, mask_m, mask_n,
+                       stride_xk, stride_wk, ROWS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         if pid_k == 0:

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._activations import ACTIVATION_IDS, apply_activation
+from doe_kernels.ops._activations import ACTIVATION_IDS
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
-from doe_kernels.ops.gathered_linear import grouped_tile
+from doe_kernels.ops.gathered_glu import glu_tile
 from doe_kernels.ops.segmented_linear import row_tiles, segment_tile, segmented_linear_op, width_bucket
 from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
 
@@ -49,47 +49,17 @@ def _segmented_glu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    tiles_m = tl.cdiv(M, BLOCK_M) + ACTIVE
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    group, first, end = segment_tile(pid_m, rows_ptr, G, BLOCK_M)
-    i0 = tl.load(idx_ptr + group)
-    kept = tl.load(idx_ptr + group + 1) - i0
-
-    offs_r = first + tl.arange(0, BLOCK_M)
-    mask_m = offs_r < end
-    rows = tl.load(rows_ptr + offs_r, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, live, pid_n, i0, kept = segment_tile(tl.program_id(0), M, N, ACTIVE, rows_ptr, idx_ptr, G,
+                                                       BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kept
     rn = tl.load(idx_ptr + i0 + offs_n, mask=mask_n, other=0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_end = tl.where((pid_n * BLOCK_N < kept) & (first < end), K, 0)
+    k_end = tl.where((pid_n * BLOCK_N < kept) & live, K, 0)
     x_rows = x_ptr + rows[:, None] * stride_xm
     g_cols = wg_ptr + rn[None, :] * stride_wn
     u_cols = wu_ptr + rn[None, :] * stride_un
-
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < k_end
-        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_mask = mask_k[:, None] & mask_n[None, :]
-        bg = tl.load(g_cols + ks[:, None].to(tl.int64) * stride_wk, mask=w_mask, other=0.0)
-        bu = tl.load(u_cols + ks[:, None].to(tl.int64) * stride_uk, mask=w_mask, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-
-    if HAS_BIAS_G:
-        acc_g += tl.load(bg_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS_U:
-        acc_u += tl.load(bu_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
-    u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
-    h = apply_activation(g, ACT) * u  # u is 0 in the padding
+    h = glu_tile(x_rows, g_cols, u_cols, bg_ptr, bu_ptr, y_ptr, rn, k_end, mask_m, mask_n, stride_xk, stride_wk,
+                 stride_uk, HAS_BIAS_G, HAS_BIAS_U, ACT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 

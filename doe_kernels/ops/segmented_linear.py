@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, prune_segmented
-from doe_kernels.ops.gathered_linear import grouped_tile
+from doe_kernels.ops.gathered_linear import gathered_dot, grouped_tile
 
 __all__ = ["segment_tile", "segmented_mm", "segmented_linear_op", "width_bucket"]
 
@@ -38,10 +38,15 @@ def width_bucket(width: int) -> int:
 
 
 @triton.jit
-def segment_tile(pid_m, rows_ptr, G, BLOCK_M: tl.constexpr):
-    """(group, first, end) of row tile ``pid_m``: its rows are the row-table entries
-    [first, min(first + BLOCK_M, end)). Tiles run group after group, each group's rows cut
-    into ceil(n_g / BLOCK_M) tiles; a tile past the last has first == end (no rows)."""
+def segment_tile(pid, M, N, ACTIVE, rows_ptr, idx_ptr, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """What program ``pid`` computes: (rows, mask_m, live, pid_n, start, kept). rows: the
+    (BLOCK_M,) int64 ids of its rows of x (mask_m: which are real), all of one group; live:
+    it has any; pid_n: its output tile; group's kept ids at idx_ptr + start, ``kept`` of them.
+    Row tiles run group after group, each group's rows cut into ceil(n_g / BLOCK_M) tiles (see
+    ``row_tiles``); a tile past the last has no rows."""
+    tiles_m = tl.cdiv(M, BLOCK_M) + ACTIVE
+    pid_m, pid_n = grouped_tile(pid, tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
     group = pid_m * 0
     first = pid_m * 0
     end = pid_m * 0
@@ -55,7 +60,12 @@ def segment_tile(pid_m, rows_ptr, G, BLOCK_M: tl.constexpr):
         first = tl.where(hit, r0 + (pid_m - tiles) * BLOCK_M, first)
         end = tl.where(hit, r1, end)
         tiles += n
-    return group, first, end
+    start = tl.load(idx_ptr + group)
+    kept = tl.load(idx_ptr + group + 1) - start
+    offs_r = first + tl.arange(0, BLOCK_M)
+    mask_m = offs_r < end
+    rows = tl.load(rows_ptr + offs_r, mask=mask_m, other=0).to(tl.int64)
+    return rows, mask_m, first < end, pid_n, start, kept
 
 
 @triton.autotune(
@@ -81,43 +91,22 @@ def _segmented_mm_kernel(
 ):
     # N: output features (rows: the padded width), K: reduction (cols: the padded width).
     # ACTIVE: groups with rows; each may end in a partial tile (see row_tiles).
-    tiles_m = tl.cdiv(M, BLOCK_M) + ACTIVE
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    group, first, end = segment_tile(pid_m, rows_ptr, G, BLOCK_M)
-    i0 = tl.load(idx_ptr + group)
-    kept = tl.load(idx_ptr + group + 1) - i0
-
-    offs_r = first + tl.arange(0, BLOCK_M)
-    mask_m = offs_r < end
-    rows = tl.load(rows_ptr + offs_r, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, live, pid_n, i0, kept = segment_tile(tl.program_id(0), M, N, ACTIVE, rows_ptr, idx_ptr, G,
+                                                       BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     if ROWS:
         mask_n = offs_n < kept
         rn = tl.load(idx_ptr + i0 + offs_n, mask=mask_n, other=0).to(tl.int64)
         # a tile wholly in the row's padding (or without rows) only writes zeros
-        k_end = tl.where((pid_n * BLOCK_N < kept) & (first < end), K, 0)
+        k_end = tl.where((pid_n * BLOCK_N < kept) & live, K, 0)
     else:
         mask_n = offs_n < N
         rn = offs_n.to(tl.int64)
-        k_end = tl.where(first < end, kept, 0)
+        k_end = tl.where(live, kept, 0)
     x_rows = x_ptr + rows[:, None] * stride_xm
     w_cols = w_ptr + rn[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < k_end
-        if ROWS:
-            rk = ks.to(tl.int64)
-        else:
-            rk = tl.load(idx_ptr + i0 + ks, mask=mask_k, other=0).to(tl.int64)
-        a = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_cols + rk[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = gathered_dot(x_rows, w_cols, idx_ptr + i0, 0, k_end, BLOCK_K, mask_m, mask_n, stride_xk, stride_wk,
+                       ROWS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
