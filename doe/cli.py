@@ -360,9 +360,8 @@ def _cmd_serve(args) -> int:
         with _user_input("--max-tokens"):
             check_positions(model, experts, config)
         with _user_input("--experts"):
-            options = {"compact": args.compact_weights, **({"mixed": True} if args.mixed else {})}
             app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config,
-                             runtime_options=options)
+                             runtime_options={"compact": args.compact_weights, "mixed": args.mixed})
         banner = f"model {args.model}, tasks {', '.join(e.task for e in experts)}{', router' if router else ''}"
         return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
                           banner=banner)

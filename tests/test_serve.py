@@ -78,7 +78,7 @@ def app_for(tiny, router=True, compact=False, mixed=False, **config):
     model, tok, experts, rt_router, _ = tiny
     cfg = ServeConfig(**{"max_tokens": MAX_TOKENS, "token_budget": 2048, **config})
     return create_app(model, tok, experts, router=rt_router if router else None, config=cfg,
-                      runtime_options={"compact": compact, **({"mixed": True} if mixed else {})})
+                      runtime_options={"compact": compact, "mixed": mixed})
 
 
 class Gate:
