@@ -266,7 +266,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_run(args) -> int:
     from doe.router import TaskRouter
-    from doe.runtime import Request, UnplugAndPlay
+    from doe.runtime import Request, UnplugAndPlay, check_experts
 
     # Files first, so that a typo fails before a model is loaded.
     path = Path(args.requests)
@@ -291,12 +291,10 @@ def _cmd_run(args) -> int:
     experts = _load_experts(args.experts)
     with _user_input("--router", (ValueError, FileNotFoundError)):
         router = TaskRouter.from_pretrained(args.router) if args.router else None
-    if router is not None:
-        served = {e.task for e in experts}
-        unknown = [t for t in router.tasks if t not in served]
-        if unknown:
-            raise UsageError(f"--router: routes to tasks {unknown} that no --experts folder serves "
-                             f"(experts serve {sorted(t for t in served if t)})")
+    with _user_input("--experts"):
+        check_experts(experts)
+    with _user_input("--router"):
+        check_experts(experts, router)
     if not requests:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")
@@ -426,8 +424,8 @@ def _cmd_bench(args) -> int:
     out = Path(args.out)
     _check_writable_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    files = {"kernels": ["test_kernels.py"], "models": ["test_models.py"],
-             "all": ["test_kernels.py", "test_models.py"]}[args.suite]
+    files = {"kernels": ["test_kernels.py"], "models": ["test_models.py"], "mixed": ["test_mixed.py"],
+             "all": ["test_kernels.py", "test_models.py", "test_mixed.py"]}[args.suite]
     jsons = []
     for f in files:
         js = out / f"{Path(f).stem.removeprefix('test_')}.json"
@@ -593,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark suites and write the report",
                        description="pytest-benchmark suites (from a source checkout) and their markdown/plot report.")
-    p.add_argument("--suite", choices=["kernels", "models", "all"], default="kernels")
+    p.add_argument("--suite", choices=["kernels", "models", "mixed", "all"], default="kernels",
+                   help="kernels (incl. the segmented GEMMs), models (whole-model forward, switch cost), mixed "
+                   "(mixed-task batches vs one task at a time), or all")
     p.add_argument("--out", default="bench-results", help="folder for JSON, tables and plots")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     p.set_defaults(func=_cmd_bench)

@@ -23,7 +23,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ from doe.unplug import (
 )
 from doe_kernels.env import synchronize
 
-__all__ = ["Request", "Result", "UnplugAndPlay"]
+__all__ = ["Request", "Result", "UnplugAndPlay", "check_experts"]
 
 DENSE = "dense"
 
@@ -136,6 +136,23 @@ class _Row(NamedTuple):
     def expert_task(self) -> Optional[str]:
         """The expert's task (its name in ``mixed_batch``), None for the dense model."""
         return self.entry.spec.name if self.use_expert else None
+
+
+def check_experts(experts: Sequence[TaskExpert], router: Optional[TaskRouter] = None) -> None:
+    """Raise ValueError unless there is one expert per task, each with a prompt, and the router
+    routes only to their tasks. Needs no model: run it before loading one."""
+    tasks = [e.task for e in experts]
+    if not experts or not all(tasks):
+        raise ValueError(f"expected at least one expert, each naming its task, got tasks {tasks or 'none'}")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        raise ValueError(f"expected one expert per task, got several for {twice}")
+    bare = [e.task for e in experts if e.prompt is None and e.dense_prompt is None]
+    if bare:
+        raise ValueError(f"the experts of {bare} carry no prompt: localize them with `doe localize`")
+    if router is not None and set(router.tasks) - set(tasks):
+        raise ValueError(f"the router routes to tasks {sorted(set(router.tasks) - set(tasks))} that no expert "
+                         f"serves (experts serve {sorted(tasks)})")
 
 
 class UnplugAndPlay:

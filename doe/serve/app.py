@@ -41,7 +41,7 @@ from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_kind
 from doe.router import TaskRouter
 from doe.runtime import Request as RuntimeRequest
-from doe.runtime import Result, UnplugAndPlay
+from doe.runtime import Result, UnplugAndPlay, check_experts
 from doe.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
 from doe.serve.config import ServeConfig
 from doe.serve.generate import GenerateParams, Generation, generate
@@ -284,23 +284,6 @@ def _failed(answers: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------- app
-
-
-def check_experts(experts: Sequence[TaskExpert], router: Optional[TaskRouter] = None) -> None:
-    """Raise ValueError unless there is one expert per task, each with a prompt, and the router
-    routes only to their tasks. Needs no model: run it before loading one."""
-    tasks = [e.task for e in experts]
-    if not experts or not all(tasks):
-        raise ValueError(f"expected at least one expert, each naming its task, got tasks {tasks or 'none'}")
-    twice = sorted({t for t in tasks if tasks.count(t) > 1})
-    if twice:
-        raise ValueError(f"expected one expert per task, got several for {twice}")
-    bare = [e.task for e in experts if e.prompt is None and e.dense_prompt is None]
-    if bare:
-        raise ValueError(f"the experts of {bare} carry no prompt: localize them with `doe localize`")
-    if router is not None and set(router.tasks) - set(tasks):
-        raise ValueError(f"the router routes to tasks {sorted(set(router.tasks) - set(tasks))} that no expert "
-                         f"serves (experts serve {sorted(tasks)})")
 
 
 def check_positions(model: nn.Module, experts: Sequence[TaskExpert], config: ServeConfig) -> None:
