@@ -87,6 +87,12 @@ def _check_writable_file(path: Path, what: str) -> None:
     _check_writable_dir(path.parent, what)
 
 
+def _check_compact_mixed(args) -> None:
+    if args.compact_weights and args.mixed:
+        raise UsageError("--compact-weights runs one expert at a time on its compacted copy; --mixed runs every "
+                         "expert at once on the original weights: give one of them")
+
+
 def _load_model(name: str, device: Optional[str]):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -285,6 +291,7 @@ def _cmd_run(args) -> int:
         raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    _check_compact_mixed(args)
     out = Path(args.out)
     _check_writable_file(out, "--out")
     _check_device(args.device)
@@ -338,6 +345,7 @@ def _cmd_serve(args) -> int:
         raise UsageError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+    _check_compact_mixed(args)
     _check_device(args.device)
     experts = _load_experts(args.experts)
     with _user_input("--experts"):

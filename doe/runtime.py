@@ -177,6 +177,9 @@ class UnplugAndPlay:
             raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
         if max_batch < 1:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+        if mixed and compact:
+            raise ValueError("compact=True runs one expert at a time; mixed=True runs every expert on the original "
+                             "weights at once: choose one")
         if max_tokens is not None and (not mixed or max_tokens < 1):
             raise ValueError(f"max_tokens: expected None or >= 1 with mixed=True, got {max_tokens} (mixed={mixed})")
         self.mixed, self.max_tokens = mixed, max_tokens

@@ -614,6 +614,13 @@ def _held_out(spec: TaskSpec, ds: Any) -> tuple[Any, Any]:
                          f"{n_eval} to evaluate and {len(labels) - n_eval} to train; expected at least one of each "
                          "(give a separate eval file, or more data)")
     held = set(_subsample(labels, n_eval, _HOLDOUT_SEED))
+    for y in set(labels):  # a label with too few rows keeps one to train on
+        rows = [i for i, v in enumerate(labels) if v == y]
+        if all(i in held for i in rows):
+            held.discard(rows[0])
+    if not held:
+        raise ValueError(f"task {spec.name!r}: every label of the {len(labels)} training rows has too few rows to "
+                         "hold any out; give a separate eval file, or more data")
     return ds.select([i for i in range(len(labels)) if i not in held]), ds.select(sorted(held))
 
 

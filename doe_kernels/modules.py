@@ -166,10 +166,19 @@ def _linear(x, weight, bias, idx, rows: bool, total: int, backend: str, name: st
     return linear_unchecked(x, weight, bias, idx, rows, backend)
 
 
+def _identity(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What changes when a tensor's values may have: version, storage, dtype, device."""
+    if t is None:
+        return None
+    return (None if t.is_inference() else t._version), t.data_ptr(), t.dtype, t.device
+
+
 class CompactWeights:
     """Compacted copies of gathered weights: ``W[idx]`` (and ``b[idx]``) for a rows gather,
     ``W[:, idx]`` for a cols gather, each made once and reused while the weight, its bias and
-    the index tensor live and are unchanged (an in-place change to any of them makes a new copy).
+    the index tensor live and are unchanged. An in-place change (seen by the version counter),
+    new storage, dtype or device (``.to()``, ``.half()``, ``load_state_dict``) makes a new copy;
+    writes through ``.data`` bypass the version counter and are not seen.
 
     One store can serve many wrappers and many index tensors; ``nbytes`` is what it holds.
     """
@@ -195,7 +204,7 @@ class CompactWeights:
         (Conv1D); idx (n,) kept ids -> w (n, in) and b[idx] for rows, w (out, n) and b for cols."""
         key = (id(weight), id(bias), id(idx), rows, transposed)
         live = (weight, bias, idx)
-        versions = tuple(None if t is None else t._version for t in live)
+        versions = tuple(_identity(t) for t in live)
         entry = self._entries.get(key)
         if entry is not None and all(r() is t for r, t in zip(entry[0], live)) and entry[1] == versions:
             return entry[2]

@@ -159,9 +159,12 @@ def test_router_fit_then_run_routes_mixed_requests(model_dir, tmp_path, capsys):
         (["router", "fit", "--out", "{tmp}/r", "--train", "nofile"], "expected TASK=FILE"),
         (["eval", "--experts", "x", "--eval-file", "/no/such.csv"], "--eval-file: expected a data file"),
         (["run", "--requests", "{file}", "--out", "{tmp}"], "expected a file path, got the folder"),
+        (["run", "--requests", "{file}", "--out", "{tmp}/o", "--mixed", "--compact-weights"], "give one of them"),
+        (["serve", "--experts", "x", "--mixed", "--compact-weights"], "give one of them"),
     ],
     ids=["keep-out-of-range", "keep-twice", "bad-device", "out-under-file", "demo-no-requests", "cache-under-file",
-         "router-bad-expert", "router-bad-train", "eval-missing-file", "run-out-is-folder"],
+         "router-bad-expert", "router-bad-train", "eval-missing-file", "run-out-is-folder", "run-compact-mixed",
+         "serve-compact-mixed"],
 )
 def test_arguments_are_checked_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     import doe.cli

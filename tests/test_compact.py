@@ -169,3 +169,34 @@ def test_experts_built_and_installed_under_inference_mode(compact):
     doe.unplug_(model, expert, compact=compact)  # and install outside inference mode too
     torch.testing.assert_close(model_logits(model, inputs), reference, atol=1e-5, rtol=1e-5)
     doe.restore_(model)
+
+
+def test_new_storage_or_dtype_makes_a_new_copy():
+    model = make_tiny("bert")
+    inputs = sample_inputs(model)
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35), task="t")
+    doe.unplug_(model, expert, compact=True)
+    model_logits(model, inputs)
+    doe.restore_(model)  # the copies outlive the install
+    model.double()  # new storage and dtype behind the same Parameter objects
+    reference = model_logits(sliced_copy(model, expert.indices), inputs)
+    doe.unplug_(model, expert, compact=True)
+    got = model_logits(model, inputs)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference)
+    doe.restore_(model)
+
+
+def test_compact_with_a_mapping_of_experts_is_refused_before_any_change():
+    from doe.runtime import UnplugAndPlay
+
+    model = make_tiny("llama")
+    snap = snapshot(model)
+    a = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=1), task="a")
+    b = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=2), task="b")
+    with pytest.raises(ValueError, match="compact=True applies to one expert at a time"):
+        doe.unplug_(model, {"a": a, "b": b}, compact=True)
+    assert not doe.is_unplugged(model)
+    assert_same_as(model, snap)
+    with pytest.raises(ValueError, match="choose one"):
+        UnplugAndPlay(model, None, mixed=True, compact=True)

@@ -422,3 +422,10 @@ def test_holdout_splits_one_file_the_same_way_every_time(tmp_path):
     with pytest.raises(ValueError, match="leaves 0 to evaluate"):
         load_task(local_task("tiny_file", _jsonl(tmp_path / "two.jsonl", rows[:2]), labels=("neg", "pos"),
                              holdout=0.2))
+
+
+def test_holdout_leaves_every_label_something_to_train_on(tmp_path):
+    rows = [{"text": f"row {i}", "label": "pos"} for i in range(9)] + [{"text": "the only neg", "label": "neg"}]
+    data = load_task(local_task("rare", _jsonl(tmp_path / "rare.jsonl", rows), labels=("neg", "pos"), holdout=0.2))
+    assert "the only neg" in [e.text for e in data.train]
+    assert data.eval and all(e.label == 1 for e in data.eval)
