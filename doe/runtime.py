@@ -48,7 +48,7 @@ from doe.unplug import (
 )
 from doe_kernels.env import synchronize
 
-__all__ = ["Request", "Result", "UnplugAndPlay", "check_experts"]
+__all__ = ["Request", "Result", "UnplugAndPlay", "check_experts", "text_tokens"]
 
 DENSE = "dense"
 
@@ -266,6 +266,13 @@ class UnplugAndPlay:
         experts = {name: e.expert for name, e in self._entries.items() if e.expert is not None}
         return experts or None
 
+    def switch(self, target: Union[Experts, Installed, None]) -> float:
+        """Install ``target`` (None: the dense model; a mapping: all its experts, resident) under
+        the model's lock, unless it is installed already; returns milliseconds spent, also logged
+        in ``switches``."""
+        with model_lock(self.model):
+            return self._switch(target)
+
     def _switch(self, target: Union[Experts, Installed, None]) -> float:
         """Install ``target`` (None: the dense model; a mapping: all its experts, resident; an
         ``Installed``: that with its backend); returns milliseconds spent."""
@@ -389,9 +396,7 @@ class UnplugAndPlay:
     def _tokens(self, row: _Row) -> int:
         """The row's length in the forward: its prompt and its text tokens."""
         r = row.request
-        pair = (r.text_pair,) if r.text_pair is not None else ()
-        text = self.tokenizer(r.text, *pair, truncation=True, max_length=self.max_length)["input_ids"]
-        return row.task_model.prompt.shape[0] + len(text)
+        return row.task_model.prompt.shape[0] + text_tokens(self.tokenizer, r.text, r.text_pair, self.max_length)
 
     __call__ = process
 
@@ -413,6 +418,14 @@ class UnplugAndPlay:
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
             "compact_weight_bytes": compact_memory(self.model),
         }
+
+
+def text_tokens(tokenizer, text: str, text_pair: Optional[str] = None, max_length: Optional[int] = None) -> int:
+    """The tokens ``tokenizer`` makes of ``text`` (and ``text_pair``), special tokens included,
+    at most ``max_length`` (None: all of them)."""
+    pair = (text_pair,) if text_pair is not None else ()
+    cut = {} if max_length is None else {"truncation": True, "max_length": max_length}
+    return len(tokenizer(text, *pair, **cut)["input_ids"])
 
 
 def _is_installed(now: Optional[Installed], want: Optional[Experts], compact: bool) -> bool:

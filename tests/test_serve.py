@@ -6,6 +6,8 @@ starts the real command in a subprocess through the load test (``benchmarks.serv
 """
 
 import asyncio
+import contextlib
+import copy
 import json
 import re
 import subprocess
@@ -155,6 +157,104 @@ def test_mixed_batches_hold_several_tasks_and_answer_as_one_task_at_a_time(tiny)
     assert all(same(a.json(), w) for a, w in zip(answers, want)), [a.json() for a in answers]
     assert max(a.json()["batch_size"] for a in answers) > 8  # more than one task's worth in a forward
     assert 'doe_forward_seconds_count{task="mixed"}' in metrics
+
+
+
+def test_a_mixed_server_restores_the_dense_model_between_batches_and_for_generation():
+    """--mixed keeps every expert resident only while a mixed batch runs: the dense model
+    serves /v1/generate without a task, and comes back when the worker idles."""
+    data = {t: load_task(t, max_train=40, max_eval=4) for t in TASKS}
+    words = [w for d in data.values() for w in d.spec.label_words]
+    tok = tiny_tokenizer([e.text for d in data.values() for e in d.train], words)
+    model = make_tiny("gpt2")
+    experts = [make_expert(model, t, seed) for seed, t in enumerate(TASKS)]
+    items = [{"text": data[t].eval[0].text, "task": t} for t in TASKS]
+    rt = UnplugAndPlay(model, tok, max_length=MAX_TOKENS)
+    for e in experts:
+        rt.add_expert(e)
+    want = [r.to_dict() for r in rt.process(items)]
+    dense_want = greedy_by_hand(model, tok, None, "the movie was", 3)
+    app = create_app(model, tok, experts, config=ServeConfig(max_tokens=MAX_TOKENS, max_new_tokens=4, max_wait_ms=0),
+                     runtime_options={"mixed": True})
+    gate = Gate(model)
+    answers = {}
+    try:
+        with TestClient(app) as client:
+            gate.entered.clear()
+            gate.hold.clear()
+
+            def post(name, path, body):
+                answers[name] = client.post(path, json=body)
+
+            classify = threading.Thread(target=post, args=("mixed", "/v1/classify", items))
+            classify.start()
+            assert gate.entered.wait(10)  # the worker is inside the mixed forward, every expert resident
+            listed = client.get("/v1/experts").json()
+            generate = threading.Thread(target=post, args=("dense", "/v1/generate",
+                                                           {"prompt": "the movie was", "max_new_tokens": 3}))
+            generate.start()
+            deadline = time.monotonic() + 10
+            while app.state.doe.batcher.depth < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            gate.hold.set()
+            classify.join()
+            generate.join()
+            again = client.post("/v1/classify", json=items)
+            deadline = time.monotonic() + 10
+            while doe.is_unplugged(model) and time.monotonic() < deadline:  # the worker idles
+                time.sleep(0.005)
+            idle = doe.is_unplugged(model)
+    finally:
+        gate.hold.set()
+        gate.handle.remove()
+    assert listed["installed"] == list(TASKS)
+    mixed, dense = answers["mixed"], answers["dense"]
+    assert mixed.status_code == 200 and all(same(g, w) and g["batch_size"] == 2 for g, w in zip(mixed.json(), want))
+    assert dense.status_code == 200, dense.text
+    assert dense.json()["token_ids"] == dense_want and dense.json()["expert"] == "dense"
+    assert again.status_code == 200 and all(same(g, w) for g, w in zip(again.json(), want))
+    assert not idle and not doe.is_unplugged(model)
+
+
+def test_forward_metrics_count_each_forward_once_around_a_failed_route(tiny, monkeypatch):
+    """A routed item whose route fails sits between two rows of one forward: that forward is
+    observed once."""
+    _, _, _, router, texts = tiny
+    texts = [texts["offline_topic"][i] for i in range(3)]
+    chosen = dict(zip(texts, ["offline_topic", "offline_weather", "offline_topic"]))
+    monkeypatch.setattr(router, "route", lambda model, tok, xs: ([chosen[x] for x in xs], [0.9] * len(xs)))
+    with TestClient(app_for(tiny)) as client:
+        r = client.post("/v1/classify", json=[{"text": x} for x in texts])
+        metrics = client.get("/metrics").text
+    assert r.status_code == 500 and "offline_weather" in r.json()["detail"]
+    assert re.findall(r"^doe_forward_seconds_count.*$", metrics, re.M) == [
+        'doe_forward_seconds_count{task="offline_topic"} 1.0']
+
+
+def test_items_without_a_pair_count_their_tokens_as_the_runtime_encodes_them(tiny):
+    """In a list where another item has a text_pair, an item without one counts no pair tokens:
+    one at exactly max_tokens is served, not refused."""
+    from tokenizers.processors import TemplateProcessing
+
+    model, tok, experts, _, texts = tiny
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)])
+    longest = " ".join(["good"] * (MAX_TOKENS - 2))
+    assert len(tok(longest)["input_ids"]) == MAX_TOKENS
+    items = [{"text": "a fine film", "text_pair": "yes", "task": "offline_topic"},
+             {"text": longest, "task": "offline_topic"}]
+    rt = UnplugAndPlay(model, tok, max_length=MAX_TOKENS)
+    for e in experts:
+        rt.add_expert(e)
+    want = [r.to_dict() for r in rt.process(items)]
+    with TestClient(app_for((model, tok, experts, None, texts), router=False)) as client:
+        r = client.post("/v1/classify", json=items)
+        over = client.post("/v1/classify", json=[items[0], dict(items[1], text=longest + " good")])
+    assert r.status_code == 200, r.text
+    assert all(same(g, w) for g, w in zip(r.json(), want))
+    assert over.status_code == 413 and f"item 1: {MAX_TOKENS + 1} tokens" in over.json()["detail"]
 
 
 BAD = [
@@ -348,11 +448,13 @@ def test_experts_health_metrics_and_openapi(tiny):
 
 
 def greedy_by_hand(model, tok, expert, prompt, n):
+    """``n`` greedy tokens after ``prompt`` on ``expert`` with its soft prompt (None: dense, no prompt)."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     out = []
-    with doe.unplugged(model, expert), torch.no_grad():
+    soft = [] if expert is None else [expert.prompt.unsqueeze(0)]
+    with doe.unplugged(model, expert) if expert is not None else contextlib.nullcontext(), torch.no_grad():
         for _ in range(n):
-            embeds = torch.cat([expert.prompt.unsqueeze(0), model.get_input_embeddings()(ids)], dim=1)
+            embeds = torch.cat([*soft, model.get_input_embeddings()(ids)], dim=1)
             nxt = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
             out.append(nxt)
             if nxt == model.generation_config.eos_token_id:

@@ -2,7 +2,7 @@
 
     POST /v1/classify   one item or a list -> label, probability, task, routed, expert, latency
     POST /v1/generate   decoder models: greedy or sampled continuation, streamed as SSE if asked
-    GET  /v1/experts    resident experts (task, keep ratio, fingerprint) and the model
+    GET  /v1/experts    resident experts (task, keep ratio, fingerprint), the installed one(s), the model
     GET  /health        200 while the worker runs and the server takes work, else 503
     GET  /metrics       Prometheus text format
 
@@ -41,12 +41,12 @@ from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_kind
 from doe.router import TaskRouter
 from doe.runtime import Request as RuntimeRequest
-from doe.runtime import Result, UnplugAndPlay, check_experts
+from doe.runtime import Result, UnplugAndPlay, check_experts, text_tokens
 from doe.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
 from doe.serve.config import ServeConfig
 from doe.serve.generate import GenerateParams, Generation, generate
 from doe.serve.metrics import Metrics
-from doe.unplug import compact_memory, current_expert
+from doe.unplug import compact_memory, installed
 
 __all__ = ["create_app", "check_experts", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest",
            "GenerateResult", "ErrorBody"]
@@ -175,12 +175,7 @@ class _Server:
             if chars > CHARS_PER_TOKEN * limit:
                 raise ApiError(413, "too_large", f"item {i}: {chars} characters; this server takes at most {limit} "
                                f"tokens per text (and never more than {CHARS_PER_TOKEN * limit} characters)")
-        tok = self.loop_tokenizer
-        if any(p is not None for p in pairs):
-            ids = tok(list(texts), [p or "" for p in pairs])["input_ids"]
-        else:
-            ids = tok(list(texts))["input_ids"]
-        counts = [len(x) for x in ids]
+        counts = [text_tokens(self.loop_tokenizer, t, p) for t, p in zip(texts, pairs)]
         for i, n in enumerate(counts):
             if n > limit:
                 raise ApiError(413, "too_large", f"item {i}: {n} tokens; this server takes at most {limit} tokens "
@@ -487,13 +482,12 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
 
     @app.get("/v1/experts", summary="Resident experts and the model")
     async def list_experts():
-        now = current_expert(model)
         return {
             "model": {"type": getattr(getattr(model, "config", None), "model_type", None), "kind": server.kind,
                       "fingerprint": server.fingerprint, "generate": server.kind == "decoder",
                       "compact_weight_bytes": compact_memory(model)},
             "router": None if runtime.router is None else {"tasks": runtime.router.tasks, "threshold": threshold},
-            "installed": None if now is None else now.task,
+            "installed": _installed_tasks(model),
             "experts": [{
                 "task": task, "keep_ratio": e.keep_ratio, "kept": sum(e.kept), "neurons": sum(e.num_neurons),
                 "model_type": e.model_type, "fingerprint": e.fingerprint, "method": e.metadata.get("method"),
@@ -516,6 +510,16 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _installed_tasks(model: nn.Module) -> Union[None, str, list[str]]:
+    """The task of the expert installed in ``model``, the tasks of an installed mapping, or None."""
+    now = installed(model)
+    if now is None:
+        return None
+    if now.experts is not None:
+        return sorted(now.experts)
+    return None if now.expert is None else now.expert.task
 
 
 def _readable(errors: list[dict], body: Any) -> list[dict]:

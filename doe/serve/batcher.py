@@ -11,6 +11,7 @@ When the queue runs dry the worker restores the original model (the paper's four
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -21,8 +22,6 @@ from doe.runtime import Request, Result, UnplugAndPlay
 from doe.serve.config import ServeConfig
 from doe.serve.metrics import Metrics
 from doe.expert import TaskExpert
-from doe.unplug import installed, model_lock, restore_, unplug_
-from doe_kernels.env import synchronize
 
 __all__ = ["Batcher", "Job", "QueueFull", "ShuttingDown", "InferenceFailed"]
 
@@ -114,9 +113,8 @@ class Batcher:
             raise RuntimeError("Batcher.warm_up: the worker runs; warm up before start()")
         rt = self.runtime
         rt.process([Request("warm up", task=t) for t in rt.tasks])
+        rt.switch(None)
         del rt.switches[:], rt.records[:]
-        with model_lock(rt.model):
-            restore_(rt.model)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -226,26 +224,23 @@ class Batcher:
         rt = self.runtime
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(len(batch) * max(j.tokens for j in batch))
-        seen = len(rt.switches)
-        try:
-            results: list[Any] = rt.process([j.request for j in batch])
-            failed = any(r.error is not None for r in results)
-        except Exception as exc:  # process raises only for what it cannot attribute to a group
-            results, failed = [InferenceFailed(f"{type(exc).__name__}: {exc}")] * len(batch), True
-        finally:
-            for ms in rt.switches[seen:]:
-                self.metrics.observe_switch(ms)
-            # The worker is the runtime's only caller: keep its logs from growing for ever.
-            del rt.switches[:], rt.records[:]
+        with self._runtime_logs():
+            try:
+                results: list[Any] = rt.process([j.request for j in batch])
+                failed = any(r.error is not None for r in results)
+            except Exception as exc:  # process raises only for what it cannot attribute to a group
+                results, failed = [InferenceFailed(f"{type(exc).__name__}: {exc}")] * len(batch), True
         if failed:
             self.restore()
+        # One observation per forward. The items that reached one (batch_size > 0; an item refused
+        # before, e.g. by the router, has 0) come in order, the rows of each forward together.
+        ran = [r for r in results if isinstance(r, Result) and r.batch_size > 0]
         i = 0
-        while i < len(results):  # one observation per group the runtime ran
-            r = results[i]
-            if isinstance(r, Result) and r.error is None:
-                task = r.task if self.group_by_task else "mixed"
-                self.metrics.forward.labels(task=task).observe(r.latency_ms / 1000)
-            i += max(getattr(r, "batch_size", 1), 1)
+        while i < len(ran):
+            if ran[i].error is None:
+                task = ran[i].task if self.group_by_task else "mixed"
+                self.metrics.forward.labels(task=task).observe(ran[i].latency_ms / 1000)
+            i += ran[i].batch_size
         for job, result in zip(batch, results):
             if isinstance(result, Result) and result.error is not None:
                 result = InferenceFailed(result.error)
@@ -260,18 +255,18 @@ class Batcher:
         self._switch(expert)
 
     def _switch(self, expert: Optional[TaskExpert]) -> None:
-        model = self.runtime.model
-        with model_lock(model):
-            now = installed(model)
-            if (now is None and expert is None) or (now is not None and now.expert is expert and now.complete
-                                                     and now.compact == self.runtime.compact):
-                return
-            device = next(model.parameters()).device
-            synchronize(device)
-            t0 = time.perf_counter()
-            if expert is None:
-                restore_(model)
-            else:
-                unplug_(model, expert, compact=self.runtime.compact)
-            synchronize(device)
-            self.metrics.observe_switch(1000 * (time.perf_counter() - t0))
+        with self._runtime_logs():
+            self.runtime.switch(expert)
+
+    @contextlib.contextmanager
+    def _runtime_logs(self):
+        """Observe the switches the runtime logs in the block, then empty its logs (the worker is
+        the runtime's only caller: they would grow for ever)."""
+        rt = self.runtime
+        seen = len(rt.switches)
+        try:
+            yield
+        finally:
+            for ms in rt.switches[seen:]:
+                self.metrics.observe_switch(ms)
+            del rt.switches[:], rt.records[:]
