@@ -22,6 +22,8 @@ ignore, per row, the neurons outside its own list (``GroupedIndices.union``); se
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -29,7 +31,12 @@ import torch
 from doe_kernels.ops._config import UNION_MAX_M
 from doe_kernels.validation import validate_indices
 
-__all__ = ["BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS"]
+__all__ = ["BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS", "UNION_CACHE"]
+
+#: Unions (device ids and membership) a ``GroupedIndices`` keeps, least recently used first
+#: out. A decode loop reuses one active set for every step, and a server sees far fewer distinct
+#: sets than this at a time; a miss costs one host-side union and one small copy.
+UNION_CACHE = 64
 
 #: Ways to run a mixed batch: "single" (one active group: the plain gathered op on its list),
 #: "segmented" (one launch, every tile reads its group's neurons), "union" (the union of the
@@ -47,6 +54,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _remember(cache: OrderedDict, key, value):
+    """Put ``value`` in the LRU ``cache`` (at most ``UNION_CACHE`` entries) and return it."""
+    cache[key] = value
+    if len(cache) > UNION_CACHE:
+        cache.popitem(last=False)
+    return value
 
 
 class GroupedIndices:
@@ -83,7 +98,9 @@ class GroupedIndices:
         self._starts = starts
         body = torch.cat(host) if sum(self.counts) else torch.empty(0, dtype=torch.int32)
         self.table = _to_device(_as_table(starts, body), torch.device(device))
-        self._unions: dict = {}
+        # active set -> (ids, member) on the device, and -> the union's size (host ints); both LRU
+        self._unions: OrderedDict = OrderedDict()
+        self._sizes: OrderedDict = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -101,19 +118,41 @@ class GroupedIndices:
         """The padded width of a rows gather over groups ``active``: their largest k_g."""
         return max((self.counts[g] for g in active), default=0)
 
+    def _union_host(self, key: tuple) -> torch.Tensor:
+        """The sorted union of the lists of groups ``key``: (U,) int32 on the host."""
+        if not key:
+            return torch.empty(0, dtype=torch.int32)
+        return torch.unique(torch.cat([self._host[g] for g in key])).to(torch.int32)
+
+    def union_size(self, active: Sequence[int]) -> int:
+        """U, the neurons kept by at least one of the groups ``active``; worked out on the host
+        (nothing is built on the device) and cached like ``union``."""
+        key = tuple(sorted(set(active)))
+        hit = self._unions.get(key)
+        if hit is not None:
+            return hit[0].numel()
+        size = self._sizes.get(key)
+        if size is None:
+            size = _remember(self._sizes, key, int(self._union_host(key).numel()))
+        else:
+            self._sizes.move_to_end(key)
+        return size
+
     def union(self, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, member) for the groups ``active``: ids (U,) int32 the sorted union of their
         lists, member (G, U) bool, member[g, j] = ids[j] is kept by group g. Built on the
-        host from host copies once per ``active`` set and cached."""
+        host from host copies, copied to the device, and kept for the ``UNION_CACHE`` most
+        recently used sets."""
         key = tuple(sorted(set(active)))
         hit = self._unions.get(key)
-        if hit is None:
-            ids = torch.unique(torch.cat([self._host[g] for g in key])) if key else torch.empty(0, dtype=torch.int32)
-            member = torch.zeros(self.num_groups, ids.numel(), dtype=torch.bool)
-            for g in key:
-                member[g] = torch.isin(ids, self._host[g])
-            hit = self._unions[key] = (_to_device(ids.to(torch.int32), self.device), _to_device(member, self.device))
-        return hit
+        if hit is not None:
+            self._unions.move_to_end(key)
+            return hit
+        ids = self._union_host(key)
+        member = torch.zeros(self.num_groups, ids.numel(), dtype=torch.bool)
+        for g in key:
+            member[g] = torch.isin(ids, self._host[g])
+        return _remember(self._unions, key, (_to_device(ids, self.device), _to_device(member, self.device)))
 
     def __repr__(self) -> str:
         return f"GroupedIndices(groups={self.num_groups}, counts={list(self.counts)}, total={self.total})"
@@ -178,14 +217,22 @@ class BatchGroups:
     wrappers of one model, so that every FFN block of a forward sees one assignment.
 
     ``set(items)`` assigns (a host list of group ids, one per batch item, i.e. per sequence)
-    or clears (None). ``rows_for(x)`` gives the ``RowGroups`` of an FFN input x: (B, ..., K)
-    with B = len(items); each item's rows (its tokens, padding included) follow it. They are
-    built once per row count and cached until the next ``set``: every layer, and every
-    decode step of one shape, reuses one small table.
+    or clears (None). ``rows_for(x)`` gives the ``RowGroups`` of an FFN input x (..., K) of
+    M = x.numel() // K rows, item-major: each item's rows (its tokens, padding included)
+    follow it, M // len(items) of them. x is (B, ..., K) with B = len(items), or its rows
+    flattened to (M, K) (OPT's FFN), M a multiple of len(items). The tables are built once
+    per input shape and cached until the next ``set``: every layer, and every decode step of
+    one shape, reuses one small table.
+
+    Args:
+        num_groups: G, the groups of the ``GroupedIndices`` the wrappers hold.
+        hint: appended to the error of a forward with no assignment: how the caller's users
+            assign one (e.g. the API that calls ``set``).
     """
 
-    def __init__(self, num_groups: int):
+    def __init__(self, num_groups: int, *, hint: Optional[str] = None):
         self.num_groups = num_groups
+        self.hint = hint
         self.items: Optional[tuple] = None
         self._rows: dict = {}
 
@@ -200,18 +247,30 @@ class BatchGroups:
     def rows_for(self, x: torch.Tensor) -> RowGroups:
         items = self.items
         if items is None:
-            raise RuntimeError(f"these gathered modules hold {self.num_groups} groups (several experts): assign one "
-                               "to each batch row first (doe.mixed_batch)")
+            hint = f"; {self.hint}" if self.hint else ""
+            raise RuntimeError(f"these gathered modules hold {self.num_groups} groups (several index lists): assign "
+                               f"a group to each row first (BatchGroups.set){hint}")
         key = (x.shape[:-1], x.device)
         rows = self._rows.get(key)
         if rows is None:
-            if x.dim() < 2 or x.shape[0] != len(items):
-                raise ValueError(f"the batch has {x.shape[0] if x.dim() >= 2 else 1} rows (input "
-                                 f"{tuple(x.shape)}), but {len(items)} were assigned a group")
-            rows = RowGroups.build(items, self.num_groups, rows_per_item=x[0].numel() // max(x.shape[-1], 1),
+            rows = RowGroups.build(items, self.num_groups, rows_per_item=self._rows_per_item(x, len(items)),
                                    device=x.device)
             self._rows[key] = rows
         return rows
+
+    @staticmethod
+    def _rows_per_item(x: torch.Tensor, n: int) -> int:
+        """Rows of x per batch item, or a ValueError if x's shape does not fit ``n`` items."""
+        if x.dim() >= 3:  # (B, ..., K): B is the batch; a mismatch must not pass as other row counts
+            if x.shape[0] != n:
+                raise ValueError(f"the batch has {x.shape[0]} rows (input {tuple(x.shape)}), but {n} were "
+                                 "assigned a group")
+            return math.prod(x.shape[1:-1])
+        m = math.prod(x.shape[:-1])  # (M, K) or (K,): rows flattened item-major
+        if m % n:
+            raise ValueError(f"the batch has {m} rows (input {tuple(x.shape)}), not a multiple of the {n} items "
+                             "that were assigned a group")
+        return m // n
 
 
 def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") -> str:
@@ -226,8 +285,7 @@ def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") 
     if len(groups.active) <= 1:
         return "single"
     if groups.num_rows <= UNION_MAX_M:
-        union = grouped.union(groups.active)[0].numel()
-        if union < sum(grouped.counts[g] for g in groups.active):
+        if grouped.union_size(groups.active) < sum(grouped.counts[g] for g in groups.active):
             return "union"
     return "segmented"
 
@@ -236,5 +294,5 @@ def mixed_width(grouped: GroupedIndices, groups: RowGroups, path: str) -> int:
     """The width of h (the rows gather's output, the cols gather's input) on a resolved ``path``:
     the union's size ("union"), else the largest kept count among the groups with rows."""
     if path == "union":
-        return grouped.union(groups.active)[0].numel()
+        return grouped.union_size(groups.active)
     return grouped.width(groups.active)

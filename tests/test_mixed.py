@@ -16,9 +16,10 @@ from doe.testing import assert_same_as, gathered_wrappers, random_expert_indices
 from doe_kernels import GatheredGatedMLP, GatheredLinear
 from doe_kernels.segments import BatchGroups, GroupedIndices
 from kernel_utils import triton_runs
+from tiny_models import FAMILIES as ALL_FAMILIES
 from tiny_models import make_tiny, model_logits, sample_inputs
 
-FAMILIES = ["bert", "gpt2", "llama", "t5-gated"]
+FAMILIES = ["bert", "gpt2", "llama", "t5-gated"]  # one of each FFN form (the slower tests)
 ROW_TASKS = ["a", None, "b", "c", "a", None]  # a: two rows, b and c: one each, two dense rows
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -45,7 +46,7 @@ def assert_rows(mixed, expected):
         torch.testing.assert_close(mixed[r:r + 1], e, **TOL, msg=lambda m: f"row {r}: {m}")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)  # OPT's FFN sees its rows flattened to (B*T, H)
 def test_mixed_batch_equals_each_row_alone(family):
     model = make_tiny(family)
     snap = snapshot(model)
@@ -133,7 +134,7 @@ def test_bad_arguments_are_rejected_before_anything_changes():
     expected = alone_on_sliced(model, experts, inputs, ["a", "b", None])
     doe.unplug_(model, experts)
     wrappers = gathered_wrappers(model)
-    with pytest.raises(RuntimeError, match="mixed_batch"):
+    with pytest.raises(RuntimeError, match=r"BatchGroups.set\); .* doe\.mixed_batch\(model, row_tasks\)$"):
         model(**inputs)  # several experts and no row assignment
     for bad, err, match in [
         (["a", "zzz", None], ValueError, r"row 1: unknown task 'zzz'; installed: \['a', 'b', 'c'\]"),
@@ -154,6 +155,17 @@ def test_bad_arguments_are_rejected_before_anything_changes():
     assert_same_as(model, snap)
 
 
+def test_a_flattened_batch_of_the_wrong_size_is_refused():
+    model = make_tiny("opt")
+    experts = make_experts(model)
+    inputs = sample_inputs(model, batch=3, seq=5)
+    doe.unplug_(model, experts)
+    with pytest.raises(ValueError, match=r"the batch has 15 rows \(input \(15, 32\)\), not a multiple of the 2"):
+        with doe.mixed_batch(model, ["a", "b"]):
+            model(**inputs)
+    doe.restore_(model)
+
+
 def test_switching_between_mappings_and_single_experts_restores_exactly():
     model = make_tiny("t5-gated")
     snap = snapshot(model)
@@ -171,7 +183,7 @@ def test_switching_between_mappings_and_single_experts_restores_exactly():
     assert_same_as(model, snap)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_generate_gives_each_row_the_tokens_of_its_own_expert(family):
     model = make_tiny(family)
     experts = make_experts(model)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from doe_kernels import dtype_name
 from doe_kernels.ops.api import segmented_glu, segmented_linear
 from doe_kernels.reference import ACTIVATIONS
-from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
+from doe_kernels.segments import UNION_CACHE, BatchGroups, GroupedIndices, RowGroups, choose_path, mixed_width
 from doe_kernels.testing import random_indices
 from kernel_utils import DEVICE, TOLERANCES, triton_runs
 
@@ -222,3 +222,74 @@ def test_union_holds_each_groups_membership():
         assert torch.equal(ids.cpu().long()[member[g].cpu()], LISTS[g].sort().values)
     assert not member[1].any()  # not asked for
     assert grouped.union((2, 0))[0] is ids  # cached per set
+
+
+def test_unions_are_built_for_the_union_path_only_and_stay_bounded():
+    # 17 groups over 200 neurons, overlapping: most 8-row batches read the union, each batch a new
+    # set of groups; far more sets than the cache holds, every result still each row's own
+    lists = [random_indices(200, 70, seed=10 + g) for g in range(17)]
+    grouped = GroupedIndices(lists, 200, DEVICE)
+    w, b = rand(200, K, seed=2), rand(200, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    sets, paths = set(), []
+    for i in range(4 * UNION_CACHE):
+        items = torch.randint(0, 17, (8,), generator=gen).tolist()
+        groups = RowGroups.build(items, 17, device=DEVICE)
+        sets.add(groups.active)
+        paths.append(choose_path(grouped, groups))
+        x = rand(8, K, seed=100 + i)
+        h = segmented_linear(x, w, b, rows=grouped, groups=groups, backend="torch")
+        for m, g in enumerate(items):
+            idx = torch.as_tensor(lists[g], dtype=torch.long)
+            want = F.linear(x[m], w[idx], b[idx])
+            got = h[m][grouped.union(groups.active)[1][g]] if paths[-1] == "union" else h[m, : idx.numel()]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(grouped._unions) <= UNION_CACHE  # device tensors
+    assert len(grouped._sizes) <= UNION_CACHE  # host ints
+    assert len(sets) > 2 * UNION_CACHE and "union" in paths
+    # an evicted set is built again, the same
+    first = sorted(sets)[0]
+    ids, member = grouped.union(first)
+    assert torch.equal(ids.cpu().long(), torch.unique(torch.cat([torch.as_tensor(lists[g]) for g in first])))
+
+
+def test_choosing_segmented_builds_no_union():
+    # disjoint lists: the union is as large as the lists together, so "auto" takes the segmented path
+    lists = [torch.arange(0, 20), torch.arange(20, 50), torch.arange(50, N)]
+    grouped = GroupedIndices(lists, N, DEVICE)
+    groups = RowGroups.build([0, 1, 2, 1], 3, device=DEVICE)
+    assert choose_path(grouped, groups) == "segmented"
+    assert mixed_width(grouped, groups, "segmented") == 30 and mixed_width(grouped, groups, "union") == N
+    assert not grouped._unions  # sizes come from the host; nothing was put on the device
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["batch-major", "flattened"])
+def test_batch_groups_split_rows_item_major(flat):
+    # (B, T, K) or its rows flattened to (B*T, K), as OPT's FFN sees them: item i owns rows i*T..(i+1)*T-1
+    batch = BatchGroups(len(LISTS))
+    batch.set(MIXED)
+    x = rand(len(MIXED), ROWS_PER_ITEM, K, seed=1)
+    groups = batch.rows_for(x.reshape(-1, K) if flat else x)
+    assert groups.num_rows == len(MIXED) * ROWS_PER_ITEM
+    assert groups.row_groups.cpu().tolist() == [g for g in MIXED for _ in range(ROWS_PER_ITEM)]
+    grouped = GroupedIndices(LISTS, N, DEVICE)
+    w = rand(N, K, seed=2)
+    h = segmented_linear(x.reshape(-1, K) if flat else x, w, rows=grouped, groups=groups, path="segmented",
+                         backend="torch")
+    assert_rows_form(h, alone_rows(x, w, None, MIXED), torch.float32)
+
+
+def test_batch_groups_refuse_inputs_that_do_not_fit_the_items():
+    batch = BatchGroups(len(LISTS))
+    with pytest.raises(RuntimeError, match=r"assign a group to each row first \(BatchGroups.set\)$") as err:
+        batch.rows_for(rand(2, K))
+    assert "doe" not in str(err.value)  # the kernel layer names no framework API
+    hinted = BatchGroups(len(LISTS), hint="call set_rows() first")
+    with pytest.raises(RuntimeError, match=r"\(BatchGroups.set\); call set_rows\(\) first$"):
+        hinted.rows_for(rand(2, K))
+    batch.set([0, 1])
+    with pytest.raises(ValueError, match=r"the batch has 7 rows \(input \(7, 40\)\), not a multiple of the 2 items"):
+        batch.rows_for(rand(7, K))
+    with pytest.raises(ValueError, match=r"the batch has 4 rows \(input \(4, 3, 40\)\), but 2 were assigned"):
+        batch.rows_for(rand(4, 3, K))  # 12 rows would split in two, but the batch dimension says 4 items
+    assert batch.rows_for(rand(2, K)).num_rows == 2 and batch.rows_for(rand(6, K)).counts[:2] == (3, 3)
