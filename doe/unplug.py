@@ -133,7 +133,8 @@ def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fing
         e.stage(device)
     grouped = [GroupedIndices([idx[i] for idx in lists] + [torch.arange(b.num_neurons, dtype=torch.int32)],
                               b.num_neurons, device, validated=True) for i, b in enumerate(blocks)]
-    return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1))
+    hint = "several experts are resident: run the model inside doe.mixed_batch(model, row_tasks)"
+    return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1, hint=hint))
 
 
 def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]]:
@@ -150,7 +151,10 @@ def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]
 
 class Installed(NamedTuple):
     """What ``unplug_`` installed: pass it back as
-    ``unplug_(model, i.expert, backend=i.backend, compact=i.compact)``.
+    ``unplug_(model, i.target, backend=i.backend, compact=i.compact)``.
+
+    compact: the compact choice; a mapping of experts runs on the original weights whatever it
+    is, and it applies again when a single expert is installed.
 
     complete is False after an interrupted unplug_ / restore_: the model may be half-swapped
     until the next ``unplug_`` (which completes it) or ``restore_``.
@@ -387,6 +391,10 @@ def unplug_(
     _check_choice("layout", layout, LAYOUTS)
     if compact is not None and not isinstance(compact, bool):
         raise TypeError(f"compact: expected True, False or None, got {compact!r}")
+    if compact and isinstance(expert, Mapping):
+        raise ValueError("compact=True applies to one expert at a time; a mapping of experts runs on the original "
+                         "weights (each row gathers its own expert's neurons). Pass a single TaskExpert, or "
+                         "compact=None/False")
     with model_lock(model):
         owner, state = _find_state(model)
         if owner is not None and owner is not model:
@@ -508,8 +516,9 @@ def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
     on the expert of task ``row_tasks[r]`` (None: the dense model), all rows in one pass.
 
     Needs ``unplug_(model, {task: expert, ...})`` first; touches no weight or module. The
-    batch (dim 0 of every FFN input) must have ``len(row_tasks)`` rows; each row's tokens,
-    padding included, follow it; ``generate`` works the same (greedy, one sequence per row).
+    batch must have ``len(row_tasks)`` rows (dim 0 of every FFN input, or, where a model
+    flattens tokens before its FFN as OPT does, rows in order); each row's tokens, padding
+    included, follow it; ``generate`` works the same (greedy, one sequence per row).
     Holds the model's lock for its body. Bad names are refused before anything is set; a
     batch of the wrong size is refused at the first FFN, before it computes.
     """
