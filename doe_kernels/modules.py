@@ -450,7 +450,8 @@ class GatheredGatedMLP(_Wrapper):
         backend = resolve_backend(self.backend, x)
         hooked = _has_hooks(gate) or _has_hooks(up) or _has_hooks(down)
         plan = None if self.mixed is None else _plan(self.mixed, x)
-        compact = None if plan is not None else _use_compact(self.compact, _weight_bias(up)[0])
+        compact = (None if plan is not None or self.compact is None
+                   else _use_compact(self.compact, _weight_bias(up)[0]))
 
         def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
