@@ -23,7 +23,10 @@ _WEIGHTS = "router.safetensors"
 
 
 @torch.no_grad()
-def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
+EMBED_BATCH = 64  # texts per forward when embedding
+
+
+def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = EMBED_BATCH,
                 max_length: int = 64, bar=None) -> torch.Tensor:
     """(N, hidden) fp32 mean-pooled last hidden states of the dense model (no prompt).
 
@@ -86,9 +89,9 @@ class TaskRouter:
         if empty or not texts_by_task:
             raise ValueError(f"router: every task needs example texts; none for {empty or 'any task'}")
         tasks = list(texts_by_task)
-        batches = sum(-(-len(texts_by_task[t]) // 64) for t in tasks)
+        batches = sum(-(-len(texts_by_task[t]) // EMBED_BATCH) for t in tasks)
         bar = progress.bar(f"fitting the router over {len(tasks)} tasks", total=batches + steps, enabled=show_progress)
-        x = F.normalize(torch.cat([embed_texts(model, tokenizer, list(texts_by_task[t]), batch_size=64, bar=bar)
+        x = F.normalize(torch.cat([embed_texts(model, tokenizer, list(texts_by_task[t]), bar=bar)
                                    for t in tasks]), dim=-1)
         y = torch.cat([torch.full((len(texts_by_task[t]),), i) for i, t in enumerate(tasks)])
         g = torch.Generator().manual_seed(seed)
