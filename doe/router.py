@@ -22,10 +22,10 @@ _CONFIG = "router_config.json"
 _WEIGHTS = "router.safetensors"
 
 
-@torch.no_grad()
 EMBED_BATCH = 64  # texts per forward when embedding
 
 
+@torch.no_grad()
 def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = EMBED_BATCH,
                 max_length: int = 64, bar=None) -> torch.Tensor:
     """(N, hidden) fp32 mean-pooled last hidden states of the dense model (no prompt).
