@@ -483,6 +483,29 @@ def test_sliced_copy_random_subset(tiny):
     torch.testing.assert_close(out, model_logits(_masked_copy(model, indices), inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_sliced_copy_padded_to_16_adds_zero_neurons_and_computes_the_same(tiny):
+    family, model = tiny
+    blocks = find_ffn_blocks(model)
+    indices = _random_indices(len(blocks), 31)
+    plain, padded = sliced_copy(model, indices), sliced_copy(model, indices, pad_to=16)
+    for b, s, p in zip(blocks, find_ffn_blocks(plain), find_ffn_blocks(padded)):
+        assert (p.num_neurons, p.kind) == (32, b.kind)
+        rows = (lambda w, a, z: w[:, a:z]) if b.kind == "conv1d" else (lambda w, a, z: w[a:z, :])
+        cols = (lambda w, a, z: w[a:z, :]) if b.kind == "conv1d" else (lambda w, a, z: w[:, a:z])
+        pairs = [(p.up, s.up, rows), (p.down, s.down, cols)] + ([(p.gate, s.gate, rows)] if b.gated else [])
+        for pad, ref, take in pairs:
+            assert torch.equal(take(pad.weight, 0, 31), ref.weight)
+            assert not take(pad.weight, 31, 32).any()
+            assert pad.weight.is_contiguous()
+        if b.up.bias is not None:
+            assert torch.equal(p.up.bias[:31], s.up.bias) and p.up.bias[31] == 0
+            assert torch.equal(p.down.bias, s.down.bias)
+    inputs = sample_inputs(model)
+    torch.testing.assert_close(model_logits(padded, inputs), model_logits(plain, inputs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pad_to: expected a positive int, got 0"):
+        sliced_copy(model, indices, pad_to=0)
+
+
 def test_sliced_copy_checks_block_count(bert):
     with pytest.raises(ValueError, match="expected 2 index lists"):
         sliced_copy(bert, [torch.arange(4)])
