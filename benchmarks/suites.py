@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Suite", "KERNELS", "MIXED", "MODEL", "MIXED_MODEL", "SWITCH", "GOAL_KEEP", "GOAL_FRACTION", "GOAL_SWITCH_S",
-           "GOAL_MIXED"]
+           "GOAL_MIXED", "GOAL_KERNEL_SLICED", "GOAL_DECODE_ROOFLINE", "GOAL_IDEAL_FRACTION", "PAD"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class Suite:
 KERNELS = Suite(
     "kernels",
     keys=("op", "shape", "M", "keep", "dtype"),
+    # sliced-pad16: the sliced copy with its width rounded up to a multiple of 16 (zero neurons);
     # gathered-triton-gemv / -dot: the decode launcher forced to one path (M <= 16 only)
-    variants=("dense", "sliced", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot", "gathered-torch"),
+    variants=("dense", "sliced", "sliced-pad16", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot", "gathered-torch"),
 )
 
 #: benchmarks/test_kernels.py: one gathered GEMM over a batch whose rows belong to ``groups`` groups.
@@ -58,7 +59,7 @@ MIXED_MODEL = Suite(
 MODEL = Suite(
     "model",
     keys=("model", "dtype", "keep", "batch", "seq", "tokens"),
-    variants=("dense", "masked", "sliced", "gathered", "compact"),
+    variants=("dense", "masked", "sliced", "sliced-pad16", "gathered", "compact"),
 )
 
 #: benchmarks/test_models.py, the cost of moving between experts; a variant is an op.
@@ -68,6 +69,15 @@ SWITCH = Suite(
     variants=("unplug-first", "switch", "restore", "unplug", "sliced-build", "sliced-copy"),
 )
 
+#: the width multiple of the padded sliced baselines (``sliced-pad16``)
+PAD = 16
+#: kernel goal: a gathered GEMM takes at most this many times cuBLAS on the best sliced copy
+GOAL_KERNEL_SLICED = 1.05
+#: decode goal (M <= 16): a gathered GEMM takes at most this many times kept-weight bytes / copy bandwidth
+GOAL_DECODE_ROOFLINE = 1.15
+#: whole-model goal at keep GOAL_KEEP: the gathered model's speed-up over dense is at least this
+#: share of the Amdahl ideal
+GOAL_IDEAL_FRACTION = 0.95
 #: the model goal: at keep 0.35 the gathered model's speed-up over dense is >= 0.9 x the sliced copy's
 GOAL_KEEP = 0.35
 GOAL_FRACTION = 0.9

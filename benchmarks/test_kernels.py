@@ -8,7 +8,10 @@ Ops (x: (M, H); I = FFN width; n = round(keep * I) kept neurons, sorted unique i
 - ``glu``:  fused ``act(x @ Wg[idx]^T) * (x @ Wu[idx]^T)`` (gated shapes only).
 
 Variants: ``dense`` (F.linear on the full weights: what the unpruned model runs),
-``sliced`` (F.linear on pre-made contiguous sliced copies: the speed bar),
+``sliced`` (F.linear on pre-made contiguous sliced copies: the speed bar), ``sliced-pad16`` (the
+same with the kept width rounded up to a multiple of 16 with zero neurons: cuBLAS picks faster
+kernels for aligned widths; skipped where the width is already a multiple; the report's bar is
+the faster of the two),
 ``gathered-triton`` (``doe_kernels`` with backend="triton"), ``gathered-torch``
 (``doe_kernels.reference``: index_select + F.linear). At M <= 16 also
 ``gathered-triton-gemv`` and ``gathered-triton-dot``: the launcher forced to the GEMV (decode)
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.suites import KERNELS, MIXED
+from benchmarks.suites import KERNELS, MIXED, PAD
 
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
 from doe_kernels.ops.gathered_glu import gathered_glu_mm
@@ -70,6 +73,7 @@ SWEEPS = {
 # Extra M points (decode sizes) per sweep, timed for every variant but gathered-torch.
 DECODE_MS = {"tiny": [1, 16], "quick": [1, 4, 16], "full": [1, 2, 4, 8, 16]}
 FORCED_PATHS = {"gathered-triton-gemv": "gemv", "gathered-triton-dot": "dot"}
+SLICED = {"sliced": 1, "sliced-pad16": PAD}  # the cuBLAS bars: width multiple
 TRITON_VARIANTS = ("gathered-triton", *FORCED_PATHS)
 
 # The Triton interpreter is slow: on CPU, gathered-triton runs only these (op, shape, M) cases.
@@ -161,6 +165,16 @@ def _copies(t: Optional[torch.Tensor], n: int) -> list:
     return out
 
 
+def _pad(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """``t`` contiguous, with zeros appended along ``dim`` up to a multiple of ``multiple``."""
+    extra = -t.shape[dim] % multiple
+    if extra:
+        shape = list(t.shape)
+        shape[dim] = extra
+        t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return t.contiguous()
+
+
 def _nbytes(*ts: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -188,9 +202,9 @@ def _build(case: Case, device: torch.device):
         kept_bytes = nw * n * H * es + sum(n * es for b in bs if b is not None)
         dense_bytes = _nbytes(*ws, *bs)
         meta.update(N=n, K=H, flops=2 * nw * M * n * H, bias=any(b is not None for b in bs))
-        if v == "sliced":
-            ws = [w.index_select(0, idx_long).contiguous() for w in ws]
-            bs = [b.index_select(0, idx_long) if b is not None else None for b in bs]
+        if v in SLICED:
+            ws = [_pad(w.index_select(0, idx_long), 0, SLICED[v]) for w in ws]
+            bs = [_pad(b.index_select(0, idx_long), 0, SLICED[v]) if b is not None else None for b in bs]
         read_bytes = dense_bytes if v == "dense" else kept_bytes
         ncopy = harness.rotation_copies(device, read_bytes, _nbytes(*ws, *bs))
         wsets = list(zip(*[_copies(w, ncopy) for w in ws], *[_copies(b, ncopy) for b in bs]))
@@ -200,7 +214,7 @@ def _build(case: Case, device: torch.device):
             w_list, b_list = list(wset[:nw]), list(wset[nw:])
             if case.op == "up":
                 (w,), (b,) = w_list, b_list
-                if v in ("dense", "sliced"):
+                if v == "dense" or v in SLICED:
                     return lambda: F.linear(x, w, b)
                 if v == "gathered-torch":
                     return lambda: gathered_linear_ref(x, w, b, rows=idx)
@@ -208,7 +222,7 @@ def _build(case: Case, device: torch.device):
                     return lambda: gathered_mm(x, w, rows=idx, bias=b, path=FORCED_PATHS[v])
                 return lambda: gathered_linear(x, w, b, rows=idx, backend="triton")
             wg, wu = w_list
-            if v in ("dense", "sliced"):
+            if v == "dense" or v in SLICED:
                 return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
             if v == "gathered-torch":
                 return lambda: gathered_glu_ref(x, wg, wu, rows=idx, activation=shape.activation)
@@ -233,9 +247,9 @@ def _build(case: Case, device: torch.device):
         meta.update(N=H, K=n, flops=2 * M * H * n, layout="neuron-major")
         if v == "dense":
             x_in = mk.randn(M, I)
-        elif v == "sliced":
-            w = w.index_select(1, idx_long).contiguous()  # what slicing an nn.Linear gives: row-major (H, n)
-            x_in = h
+        elif v in SLICED:  # what slicing an nn.Linear gives: row-major (H, n), zero columns to the padded width
+            w = _pad(w.index_select(1, idx_long), 1, SLICED[v])
+            x_in = _pad(h, 1, SLICED[v])
         else:
             x_in = h
         read_bytes = dense_bytes if v == "dense" else kept_bytes
@@ -244,7 +258,7 @@ def _build(case: Case, device: torch.device):
 
         def make_call(wset) -> Callable[[], torch.Tensor]:
             wc, bc = wset
-            if v in ("dense", "sliced"):
+            if v == "dense" or v in SLICED:
                 return lambda: F.linear(x_in, wc, bc)
             if v == "gathered-torch":
                 return lambda: gathered_linear_ref(x_in, wc, bc, cols=idx)
@@ -270,6 +284,8 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
         reason = _triton_skip_reason(case, bench_device)
         if reason:
             pytest.skip(reason)
+    if case.variant == "sliced-pad16" and kept_count(case.shape.inter, case.keep) % PAD == 0:
+        pytest.skip(f"the kept width is already a multiple of {PAD}: sliced-pad16 is sliced")
     torch.manual_seed(0)
     calls, check, meta = _build(case, bench_device)
 

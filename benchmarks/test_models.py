@@ -9,6 +9,9 @@ Two suites (``extra_info["suite"]``), both read by ``benchmarks.report``:
                 zeroed: the same math as the expert, the same FLOPs as dense.
 - ``sliced``:   a copy whose FFN layers are new, smaller nn.Linear holding copies of the kept
                 rows / columns (the speed bar: cuBLAS on contiguous weights).
+- ``sliced-pad16``: the same with each FFN width rounded up to a multiple of 16 with zero
+                neurons (cuBLAS often picks faster kernels for aligned widths); the report's
+                bar is the faster of the two. Skipped where every width is a multiple already.
 - ``gathered``: the original model under ``doe.unplug_`` (no weight copied; Triton gathered
                 kernels on CUDA, the index_select reference on CPU).
 - ``compact``:  the original model under ``doe.unplug_(..., compact=True)``: compacted copies
@@ -72,7 +75,7 @@ import torch.nn as nn
 
 import doe
 from benchmarks import harness
-from benchmarks.suites import GOAL_KEEP, MODEL, SWITCH
+from benchmarks.suites import GOAL_KEEP, MODEL, PAD, SWITCH
 from doe.testing import random_expert_indices, sliced_copy, sliced_ffn_modules
 from doe_kernels import is_neuron_major, to_row_major_
 from doe_kernels.env import parse_dtype, synchronize
@@ -209,7 +212,7 @@ def _fwd_cases() -> list:
         for cfg in models:
             for b, s in _shapes(cfg, batches, seqs, decode_batches):
                 cases = [FwdCase(cfg, b, s, None, "dense")] if pass_no == 0 else []
-                variants = ["gathered"] if keep >= 1.0 else ["masked", "sliced", "gathered", "compact"]
+                variants = ["gathered"] if keep >= 1.0 else ["masked", "sliced", "sliced-pad16", "gathered", "compact"]
                 cases += [FwdCase(cfg, b, s, keep, v) for v in variants]
                 out += [pytest.param(c, id=c.id) for c in cases]
     return out
@@ -348,6 +351,7 @@ class _Bundle:
         self.experts: dict = {}
         self.masked: dict = {}
         self.sliced: dict = {}
+        self.padded: dict = {}
         self.checked: set = set()
         self.n_params = sum(p.numel() for p in self.dense.parameters())
 
@@ -362,7 +366,8 @@ class _Bundle:
         if variant in ("gathered", "compact"):  # install, or switch experts
             doe.unplug_(self.gathered, self.expert(keep), compact=variant == "compact")
             return self.gathered
-        store, make = {"masked": (self.masked, masked_copy), "sliced": (self.sliced, sliced_copy)}[variant]
+        store, make = {"masked": (self.masked, masked_copy), "sliced": (self.sliced, sliced_copy),
+                       "sliced-pad16": (self.padded, lambda m, idx: sliced_copy(m, idx, pad_to=PAD))}[variant]
         if keep not in store:
             store.clear()  # one keep ratio at a time: a 7B-shaped copy is big
             gc.collect()
@@ -620,6 +625,8 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
     dev = bench_device
     cfg = case.cfg
     bundle: _Bundle = _bundle(f"model:{cfg.name}", lambda: _Bundle(cfg, dev), dev)
+    if case.variant == "sliced-pad16" and all(len(i) % PAD == 0 for i in bundle.expert(case.keep).indices):
+        pytest.skip(f"every kept width is a multiple of {PAD}: sliced-pad16 is sliced")
     model = bundle.model(case.variant, case.keep)
     inputs = _inputs(cfg, case.batch, case.seq, dev)
 
@@ -642,7 +649,8 @@ def test_model_forward(benchmark, case: FwdCase, bench_device, device_info):
 
     # Once per (model, keep), outside the timed region: gathered and masked compute what the
     # sliced copy computes.
-    if case.variant in ("gathered", "compact", "masked") and case.keep is not None and (case.variant, case.keep) not in bundle.checked:
+    checked = case.variant in ("gathered", "compact", "masked", "sliced-pad16") and case.keep is not None
+    if checked and (case.variant, case.keep) not in bundle.checked:
         bundle.checked.add((case.variant, case.keep))
         ref_model = bundle.dense if case.keep >= 1.0 else bundle.model("sliced", case.keep)
         with torch.inference_mode():

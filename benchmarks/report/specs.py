@@ -7,12 +7,13 @@ from typing import Optional
 
 from benchmarks.report.switch import render_switch
 from benchmarks.report.tables import Check, InfoColumn, Ratio, SuiteSpec, Table, fmt_ratio, generic_spec
-from benchmarks.suites import GOAL_FRACTION, GOAL_KEEP, GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, SWITCH
+from benchmarks.suites import (GOAL_DECODE_ROOFLINE, GOAL_FRACTION, GOAL_IDEAL_FRACTION, GOAL_KEEP, GOAL_KERNEL_SLICED,
+                               GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, PAD, SWITCH)
 
 __all__ = ["SUITES", "spec_for"]
 
 
-def _roofline_s(info: dict) -> Optional[float]:
+def _roofline_s(info: dict, times: dict) -> Optional[float]:
     """Decode (M <= 16) lower bound: kept-weight bytes / device copy bandwidth."""
     if not _decode(info):
         return None
@@ -26,6 +27,41 @@ def _decode(keys: dict) -> bool:
     return keys.get("M") is not None and keys["M"] <= 16
 
 
+def _best_sliced_s(info: dict, times: dict) -> Optional[float]:
+    """The strongest cuBLAS bar of a row: the faster of the sliced copy and its padded twin."""
+    ts = [times.get(v) for v in ("sliced", "sliced-pad16") if times.get(v) is not None]
+    return min(ts) if ts else None
+
+
+def _kernel_summary(table: Table) -> list:
+    """The two kernel goals (rows met, worst row) and how often padding made the bar faster."""
+    lines = []
+    for check, label in ((KERNELS_CHECKS[0], "gathered-triton within {t:g}x of cuBLAS on the best sliced copy"),
+                         (KERNELS_CHECKS[1], "decode (M <= 16) within {t:g}x of the bandwidth roofline")):
+        rows = [r for r in table.records if check.name in r["checks"]]
+        if not rows:
+            continue
+        ok = sum(r["checks"][check.name] for r in rows)
+        worst = max(rows, key=lambda r: r["ratios"][check.ratio])
+        where = ", ".join(f"{k} {worst[k]}" for k in ("op", "shape", "M", "keep", "dtype"))
+        lines.append(f"- goal: {label.format(t=check.threshold)}: met for {ok}/{len(rows)} rows; worst "
+                     f"{check.ratio} {fmt_ratio(worst['ratios'][check.ratio])} ({where})")
+    padded = [r for r in table.records if "pad16/sliced" in r["ratios"]]
+    if padded:
+        faster = sum(r["ratios"]["pad16/sliced"] < 0.97 for r in padded)
+        lines.append(f"- the sliced copy padded to a multiple of {PAD} was at least 3% faster than the plain one in "
+                     f"{faster}/{len(padded)} rows; `best sliced` is the faster of the two in every row")
+    return lines
+
+
+KERNELS_CHECKS = [
+    Check(f"<= {GOAL_KERNEL_SLICED:g}x sliced", "triton/sliced", "<=", GOAL_KERNEL_SLICED,
+          note=f"goal: gathered-triton at most {GOAL_KERNEL_SLICED:g}x cuBLAS on the best sliced copy"),
+    Check(f"<= {GOAL_DECODE_ROOFLINE:g}x roofline", "triton/roofline", "<=", GOAL_DECODE_ROOFLINE, when=_decode,
+          note=f"goal for M <= 16: at most {GOAL_DECODE_ROOFLINE:g}x kept-weight bytes / copy bandwidth"),
+]
+
+
 GATHERED = ("gathered-triton", "gathered-torch")
 
 KERNELS_SPEC = SuiteSpec(
@@ -35,9 +71,11 @@ KERNELS_SPEC = SuiteSpec(
     variants=list(KERNELS.variants),
     split_by=["dtype", "keep"],
     sort_by_appearance=["keep"],
-    derived={"roofline": _roofline_s},
+    derived={"best sliced": _best_sliced_s, "roofline": _roofline_s},
     ratios=[
-        Ratio("triton/sliced", ("gathered-triton",), ("sliced",), note="< 1: faster than cuBLAS on a sliced copy"),
+        Ratio("triton/sliced", ("gathered-triton",), ("best sliced",),
+              note=f"< 1: faster than cuBLAS on the best sliced copy (plain or padded to a multiple of {PAD})"),
+        Ratio("pad16/sliced", ("sliced-pad16",), ("sliced",), note="< 1: padding the sliced width makes cuBLAS faster"),
         Ratio("triton/dense", ("gathered-triton",), ("dense",), note="< 1: faster than the unpruned op"),
         Ratio("torch/sliced", ("gathered-torch",), ("sliced",), note="the index_select reference vs the bar"),
         Ratio(
@@ -48,20 +86,30 @@ KERNELS_SPEC = SuiteSpec(
             note="M <= 16 only; roofline = kept-weight bytes / device copy bandwidth (1.0 is the limit)",
         ),
     ],
+    checks=KERNELS_CHECKS,
+    summary=_kernel_summary,
     plot_x="M",
     plot_series=["shape", "keep", "dtype"],
     plot_facet="op",
     plot_panels=[
-        Ratio("gathered / sliced  (< 1 beats the sliced copy)", GATHERED, ("sliced",)),
+        Ratio("gathered / best sliced  (< 1 beats the sliced copy)", GATHERED, ("best sliced",)),
         Ratio("dense / gathered  (speed-up over dense)", ("dense",), GATHERED),
     ],
     notes=[
         "Times are medians per call in us (median round time / calls per round).",
         "up: rows gather on (I, H); down: cols gather on the neuron-major (H, I) weight; "
         "glu: fused act(gate) * up. dense: F.linear on the full weights; sliced: F.linear on "
-        "pre-made contiguous sliced copies (the cuBLAS bar); gathered-torch: index_select + F.linear.",
+        "pre-made contiguous sliced copies (the cuBLAS bar); sliced-pad16: the same with the width rounded "
+        f"up to a multiple of {PAD} with zero neurons; best sliced: the faster of the two; "
+        "gathered-torch: index_select + F.linear.",
     ],
 )
+
+
+def _ideal_s(info: dict, times: dict) -> Optional[float]:
+    """The time an ideal expert would take: dense time / the Amdahl speed-up (``ideal_speedup``)."""
+    dense, ideal = times.get("dense"), info.get("ideal_speedup")
+    return dense / ideal if dense and ideal else None
 
 
 def _pruned(keyd: dict) -> bool:
@@ -101,8 +149,18 @@ def _model_summary(table: Table) -> list:
             f"{fmt_ratio(gx)}x, sliced {fmt_ratio(sx)}x; worst gathered/sliced "
             f"{fmt_ratio(worst['ratios']['gathered/sliced'])} ({_shape_txt(worst)})"
         )
+        ideal = [r for r in goal if "of ideal" in r["ratios"]]
+        if ideal:
+            met = [r for r in ideal if r["ratios"]["of ideal"] >= GOAL_IDEAL_FRACTION]
+            low = min(ideal, key=lambda r: r["ratios"]["of ideal"])
+            lines.append(
+                f"  - goal at keep {GOAL_KEEP:g} (gathered speed-up >= {GOAL_IDEAL_FRACTION:.0%} of the Amdahl ideal): "
+                f"met for {len(met)}/{len(ideal)} shapes; median share {fmt_ratio(_median([r['ratios']['of ideal'] for r in ideal]))}, "
+                f"lowest {fmt_ratio(low['ratios']['of ideal'])} ({_shape_txt(low)})"
+            )
     lines.append("- dense is timed once per shape; the same time appears in every keep table. "
-                 "At keep 1 masked and sliced are the dense model, so only gathered runs (its gather overhead).")
+                 "At keep 1 masked and sliced are the dense model, so only gathered runs (its gather overhead). "
+                 f"sliced-pad16 runs where a kept width is not a multiple of {PAD}.")
     return lines
 
 
@@ -116,13 +174,19 @@ MODEL_SPEC = SuiteSpec(
     sort_by_appearance=["model", "dtype"],
     sort_descending=["keep"],
     broadcast=["keep"],
+    derived={"best sliced": _best_sliced_s, "ideal": _ideal_s},
     ratios=[
         Ratio("masked x", ("dense",), ("masked",),
               note="speed-up over dense of the copy with dropped neurons zeroed (same FLOPs as dense: ~1 expected)"),
         Ratio("sliced x", ("dense",), ("sliced",), note="speed-up over dense of the sliced copy (the bar)"),
+        Ratio("sliced-pad16 x", ("dense",), ("sliced-pad16",),
+              note=f"speed-up over dense of the sliced copy with widths padded to a multiple of {PAD} (zero neurons)"),
         Ratio("gathered x", ("dense",), ("gathered",), note="speed-up over dense of the original model under doe.unplug_"),
-        Ratio("gathered/sliced", ("gathered",), ("sliced", "dense"),
-              note="time ratio, < 1: gathered beats the sliced copy; at keep 1 it is gathered/dense (the gather overhead)"),
+        Ratio("gathered/sliced", ("gathered",), ("best sliced", "dense"),
+              note="time ratio against the faster sliced copy (plain or padded), < 1: gathered beats it; "
+                   "at keep 1 it is gathered/dense (the gather overhead)"),
+        Ratio("of ideal", ("ideal",), ("gathered",),
+              note="the gathered speed-up over dense as a share of the Amdahl ideal (ideal x)"),
         Ratio("compact x", ("dense",), ("compact",),
               note="speed-up over dense under doe.unplug_(..., compact=True) (compacted copies of the kept weights)"),
     ],
@@ -136,6 +200,9 @@ MODEL_SPEC = SuiteSpec(
         Check("within 10% of sliced", "gathered/sliced", "<=", 1.0 / GOAL_FRACTION, when=_pruned,
               note=f"yes when gathered x >= {GOAL_FRACTION:g} * sliced x (gathered/sliced <= {1 / GOAL_FRACTION:.3f}); "
                    f"the project's goal is set at keep {GOAL_KEEP:g}"),
+        Check(f">= {GOAL_IDEAL_FRACTION:.0%} of ideal", "of ideal", ">=", GOAL_IDEAL_FRACTION, when=_pruned,
+              note=f"yes when the gathered speed-up is >= {GOAL_IDEAL_FRACTION:g} x the Amdahl ideal; "
+                   f"the goal is set at keep {GOAL_KEEP:g}"),
     ],
     summary=_model_summary,
     plot_x="tokens",

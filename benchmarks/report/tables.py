@@ -68,7 +68,7 @@ class SuiteSpec:
     keys: list
     variants: list
     ratios: list = field(default_factory=list)
-    #: pseudo-variants computed from a row's extra_info (seconds per call or None)
+    #: pseudo-variants: fn(row's extra_info, row's times so far) -> seconds per call or None
     derived: dict = field(default_factory=dict)
     plot_x: Optional[str] = None
     plot_series: list = field(default_factory=list)
@@ -293,7 +293,7 @@ def build_table(spec: SuiteSpec, entries: list) -> Table:
                 if info.get(f) is None:
                     info[f] = v
         for dname, fn in spec.derived.items():
-            times[dname] = fn(info)
+            times[dname] = fn(info, times)
         rec: dict = dict(keyd)
         rec["times"] = times
         rec["info"] = info
