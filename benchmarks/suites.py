@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Suite", "KERNELS", "MIXED", "MODEL", "MIXED_MODEL", "SWITCH", "GOAL_KEEP", "GOAL_FRACTION", "GOAL_SWITCH_S",
-           "GOAL_MIXED", "GOAL_KERNEL_SLICED", "GOAL_DECODE_ROOFLINE", "GOAL_IDEAL_FRACTION", "PAD"]
+           "GOAL_MIXED", "GENERATE", "GOAL_KERNEL_SLICED", "GOAL_DECODE_ROOFLINE", "GOAL_IDEAL_FRACTION", "PAD"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,13 @@ SWITCH = Suite(
     "switch",
     keys=("model", "keep"),
     variants=("unplug-first", "switch", "restore", "unplug", "sliced-build", "sliced-copy"),
+)
+
+#: benchmarks/test_generate.py: greedy generation end to end; dense is timed with keep None.
+GENERATE = Suite(
+    "generate",
+    keys=("model", "dtype", "keep", "batch", "prompt", "new_tokens", "mode"),
+    variants=("dense", "sliced", "gathered"),
 )
 
 #: the width multiple of the padded sliced baselines (``sliced-pad16``)

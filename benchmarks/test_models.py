@@ -249,8 +249,9 @@ def _default_device_dtype(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0) -> nn.Module:
-    """A random BertModel / LlamaModel of ``cfg``, built on ``device`` in its dtype, frozen, eval."""
+def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0, lm_head: bool = False) -> nn.Module:
+    """A random BertModel / LlamaModel (``lm_head``: LlamaForCausalLM) of ``cfg``, built on
+    ``device`` in its dtype, frozen, eval."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -263,9 +264,11 @@ def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0) -> nn.Module
     elif cfg.family == "llama":
         config = tf.LlamaConfig(**common, num_key_value_heads=cfg.kv_heads, tie_word_embeddings=False,
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        cls = tf.LlamaModel
+        cls = tf.LlamaForCausalLM if lm_head else tf.LlamaModel
     else:
         raise ValueError(cfg.family)
+    if lm_head and cls is not tf.LlamaForCausalLM:
+        raise ValueError(f"lm_head: only the llama family has a causal-LM head here, got {cfg.family!r}")
     with _default_device_dtype(device, parse_dtype(cfg.dtype)):
         model = cls(config)
     model.requires_grad_(False)

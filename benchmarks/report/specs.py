@@ -8,7 +8,7 @@ from typing import Optional
 from benchmarks.report.switch import render_switch
 from benchmarks.report.tables import Check, InfoColumn, Ratio, SuiteSpec, Table, fmt_ratio, generic_spec
 from benchmarks.suites import (GOAL_DECODE_ROOFLINE, GOAL_FRACTION, GOAL_IDEAL_FRACTION, GOAL_KEEP, GOAL_KERNEL_SLICED,
-                               GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, PAD, SWITCH)
+                               GENERATE, GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, PAD, SWITCH)
 
 __all__ = ["SUITES", "spec_for"]
 
@@ -307,7 +307,61 @@ MIXED_SPEC = SuiteSpec(
     ],
 )
 
-SUITES: dict = {s.name: s for s in (KERNELS_SPEC, MODEL_SPEC, SWITCH_SPEC, MIXED_KERNELS_SPEC, MIXED_SPEC)}
+def _generate_summary(table: Table) -> list:
+    """Tokens/s per mode and batch (batch / time per token step), with the speed-ups."""
+    lines = []
+    for rec in table.records:
+        if not _pruned(rec):
+            continue
+        t = rec["times"]
+        tps = ", ".join(f"{v} {rec['batch'] / t[v]:,.1f}" for v in ("dense", "sliced", "gathered") if t.get(v))
+        gx, share = rec["ratios"].get("gathered x"), rec["ratios"].get("of ideal")
+        lines.append(f"- {rec['model']} {rec['mode']}, batch {rec['batch']}, keep {rec['keep']:g}: tokens/s {tps}; "
+                     f"gathered {fmt_ratio(gx)}x dense ({fmt_ratio(share)} of the ideal "
+                     f"{fmt_ratio(rec['info'].get('ideal_speedup'))}x)")
+    return lines
+
+
+GENERATE_SPEC = SuiteSpec(
+    name=GENERATE.name,
+    title="Greedy generation end to end (decode tokens/s)",
+    keys=list(GENERATE.keys),
+    variants=list(GENERATE.variants),
+    split_by=["model", "dtype", "mode"],
+    sort_by_appearance=["model", "dtype", "mode"],
+    broadcast=["keep"],
+    derived={"ideal": _ideal_s},
+    ratios=[
+        Ratio("sliced x", ("dense",), ("sliced",), note="speed-up over dense of the sliced copy (the bar)"),
+        Ratio("gathered x", ("dense",), ("gathered",), note="speed-up over dense of the model under doe.unplug_"),
+        Ratio("gathered/sliced", ("gathered",), ("sliced",), note="time ratio, < 1: gathered beats the sliced copy"),
+        Ratio("of ideal", ("ideal",), ("gathered",), note="the gathered speed-up as a share of the ideal (ideal x)"),
+    ],
+    info_columns=[
+        InfoColumn("ideal x", "ideal_speedup",
+                   note="Amdahl bound of a decode step from bytes read: (weights + KV cache) / (the same with "
+                        "the FFN weights times keep)"),
+        InfoColumn("timing", "timing", note="how the rounds ran (a failed CUDA-graph capture says why)"),
+    ],
+    summary=_generate_summary,
+    plot_x="batch",
+    plot_series=["mode"],
+    plot_facet="model",
+    plot_panels=[Ratio("speed-up over dense", ("dense",), ("gathered", "sliced"))],
+    notes=[
+        "Times are per generated token step in us: one round generates new_tokens tokens for `batch` prompts "
+        "(prefill included) and is divided by new_tokens; tokens/s = batch / time.",
+        "generate: Hugging Face generate() (DynamicCache); graph: a StaticCache loop with each token one CUDA-graph "
+        "replay; static: the same loop run eagerly; compile: generate(cache_implementation=\"static\"), compiled "
+        "by Hugging Face with torch.compile(mode=\"reduce-overhead\").",
+        "dense: the model; sliced: a copy with smaller FFN layers; gathered: a copy of the model under doe.unplug_. "
+        "Random weights and random kept neurons.",
+    ],
+)
+
+
+SUITES: dict = {s.name: s for s in (KERNELS_SPEC, MODEL_SPEC, SWITCH_SPEC, MIXED_KERNELS_SPEC, MIXED_SPEC,
+                                    GENERATE_SPEC)}
 
 
 def spec_for(suite: str, entries: list) -> SuiteSpec:
