@@ -433,7 +433,8 @@ def _cmd_bench(args) -> int:
     _check_writable_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     files = {"kernels": ["test_kernels.py"], "models": ["test_models.py"], "mixed": ["test_mixed.py"],
-             "all": ["test_kernels.py", "test_models.py", "test_mixed.py"]}[args.suite]
+             "generate": ["test_generate.py"],
+             "all": ["test_kernels.py", "test_models.py", "test_generate.py", "test_mixed.py"]}[args.suite]
     jsons = []
     for f in files:
         js = out / f"{Path(f).stem.removeprefix('test_')}.json"
@@ -599,9 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark suites and write the report",
                        description="pytest-benchmark suites (from a source checkout) and their markdown/plot report.")
-    p.add_argument("--suite", choices=["kernels", "models", "mixed", "all"], default="kernels",
-                   help="kernels (incl. the segmented GEMMs), models (whole-model forward, switch cost), mixed "
-                   "(mixed-task batches vs one task at a time), or all")
+    p.add_argument("--suite", choices=["kernels", "models", "generate", "mixed", "all"], default="kernels",
+                   help="kernels (incl. the segmented GEMMs), models (whole-model forward, switch cost), generate "
+                   "(decode tokens/s of a causal LM), mixed (mixed-task batches vs one task at a time), or all")
     p.add_argument("--out", default="bench-results", help="folder for JSON, tables and plots")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     p.set_defaults(func=_cmd_bench)
