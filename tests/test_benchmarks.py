@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,30 @@ def test_suites_and_report_smoke_run(tmp_path):
     assert "best sliced us" in kern and "triton/sliced" in kern
     assert "- goal: gathered-triton within 1.05x of cuBLAS on the best sliced copy: met for " in kern
     assert "- goal: decode (M <= 16) within 1.15x" not in kern  # no copy bandwidth on CPU: no roofline verdicts
+
+
+def test_campaign_runs_stages_within_its_budget_and_packs_two_files(tmp_path):
+    import tarfile
+
+    env = dict(os.environ, DOE_BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)  # the kernel stage then skips the Triton cases: seconds, not minutes
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.campaign", "generate", "kernels", "--out", str(out), "--budget", "160"]
+    run = subprocess.run(cmd, cwd=ROOT, env={**env, "DOE_BENCH_GEN_NEW": "2", "DOE_BENCH_GEN_BATCHES": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["campaign.tgz", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "- kernels: exit 0 in " in summary and " passed" in summary
+    # 160 s leave 60 s after the grace and report reserves: generate's share (200 s) is cut to that
+    m = re.search(r"- generate: exit 0 in \d+ s \(budget (\d+) s\)", summary)
+    assert m and 55 <= int(m.group(1)) <= 60, summary
+    assert "**generate.md**" in summary and "tokens/s dense" in summary
+    with tarfile.open(out / "campaign.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"summary.md", "raw/kernels.json", "raw/generate.json", "raw/env.txt", "report/generate.md",
+            "report/kernels.md"} <= names
+
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.campaign", "tests", "bogus", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected one or more of tests, generate" in bad.stderr and "got tests bogus" in bad.stderr
