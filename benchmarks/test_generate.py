@@ -214,17 +214,23 @@ def test_generate(benchmark, case: GenCase, bench_device, device_info):
         try:
             decoder.prepare(ids)
         except Exception as exc:  # noqa: BLE001 - a failed capture is a result too: say so and time eagerly
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             decoder = StaticDecoder(model, case.batch, s["prompt"], new, graph=False)
             decoder.prepare(ids)
             timing = f"static, eager (graph capture failed: {type(exc).__name__}: {exc})"[:200]
+            info["capture_failed"] = f"{case.variant}, batch {case.batch}: {type(exc).__name__}: {exc}"[:200]
         run = lambda: decoder.run(ids)  # noqa: E731
-        with torch.inference_mode():
-            got = run().clone()
-            want = hf_generate(model, ids, new)
-        agree = (got == want).float().mean().item()
-        info["tokens_agree_with_generate"] = round(agree, 4)
-        if cfg.dtype == "fp32":  # 16-bit: a near-tie may flip one argmax and the rest follows
-            assert agree == 1.0, f"{case.mode} decoding differs from generate() on {1 - agree:.1%} of tokens"
+        # fp32: every token must match generate(); 16-bit: a near-tie may flip one argmax and the rest
+        # follows, so the agreement is only recorded, and only at batch 1 (an eager 7B generate() is seconds)
+        if cfg.dtype == "fp32" or case.batch == 1:
+            with torch.inference_mode():
+                got = run().clone()
+                want = hf_generate(model, ids, new)
+            agree = (got == want).float().mean().item()
+            info["tokens_agree_with_generate"] = round(agree, 4)
+            if cfg.dtype == "fp32":
+                assert agree == 1.0, f"{case.mode} decoding differs from generate() on {1 - agree:.1%} of tokens"
     elif case.mode == "compile":
         run = _static_generate(model, ids, new)
     else:
@@ -240,9 +246,9 @@ def test_generate(benchmark, case: GenCase, bench_device, device_info):
     assert tuple(out.shape) == (case.batch, new), f"generated {tuple(out.shape)}, expected {(case.batch, new)}"
     # an eager 7B-shaped round is seconds long: fewer of them
     rounds = int(s["rounds"] or (5 if dev.type == "cuda" and case.mode == "graph" else 3))
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)  # warmed up just above
     median = benchmark.stats.stats.median
-    info.update(inner=new, rounds=rounds, warmup_rounds=1, timing=timing,
+    info.update(inner=new, rounds=rounds, warmup_rounds=0, timing=timing,
                 tokens_per_s=round(case.batch * new / median, 2), ms_per_token_step=round(median / new * 1e3, 3))
 
 

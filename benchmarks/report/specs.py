@@ -316,9 +316,11 @@ def _generate_summary(table: Table) -> list:
         t = rec["times"]
         tps = ", ".join(f"{v} {rec['batch'] / t[v]:,.1f}" for v in ("dense", "sliced", "gathered") if t.get(v))
         gx, share = rec["ratios"].get("gathered x"), rec["ratios"].get("of ideal")
+        failed = rec["info"].get("capture_failed")
         lines.append(f"- {rec['model']} {rec['mode']}, batch {rec['batch']}, keep {rec['keep']:g}: tokens/s {tps}; "
                      f"gathered {fmt_ratio(gx)}x dense ({fmt_ratio(share)} of the ideal "
-                     f"{fmt_ratio(rec['info'].get('ideal_speedup'))}x)")
+                     f"{fmt_ratio(rec['info'].get('ideal_speedup'))}x)"
+                     + (f"; CUDA-graph capture failed ({failed}), timed eagerly" if failed else ""))
     return lines
 
 
@@ -340,7 +342,8 @@ GENERATE_SPEC = SuiteSpec(
     info_columns=[
         InfoColumn("ideal x", "ideal_speedup",
                    note="Amdahl bound of a decode step from bytes read: (weights + KV cache) / (the same with "
-                        "the FFN weights times keep)"),
+                        "the FFN weights times keep); the timed round also holds the prefill, so `of ideal` "
+                        "reads a little low where the prefill is a visible share of it"),
         InfoColumn("timing", "timing", note="how the rounds ran (a failed CUDA-graph capture says why)"),
     ],
     summary=_generate_summary,
