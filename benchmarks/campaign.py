@@ -29,6 +29,7 @@ carries ``.whl`` gets them installed into a temporary folder before the stages r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -199,10 +200,13 @@ def main(argv: Optional[list] = None) -> int:
     if jsons:
         left = max(10.0, args.budget - (time.monotonic() - start) - 5)
         try:
-            rep = subprocess.run([sys.executable, "-m", "benchmarks.report", *jsons, "--out", str(report)], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=left)
+            plots = importlib.util.find_spec("matplotlib") is not None
+            rep = subprocess.run([sys.executable, "-m", "benchmarks.report", *jsons, "--out", str(report),
+                                  *([] if plots else ["--no-plot"])], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=left)
             (raw / "report.log").write_text(rep.stdout + rep.stderr)
-            summary += ["", f"Report: exit {rep.returncode}", ""] + _goal_lines(report)
+            summary += ["", f"Report: exit {rep.returncode}" + ("" if plots else " (no matplotlib: tables only)"), ""]
+            summary += _goal_lines(report)
         except subprocess.TimeoutExpired:
             summary += ["", f"Report: stopped after {left:.0f} s (the JSON is in the archive)"]
     summary.append(f"\nWall time {time.monotonic() - start:.0f} s.")
