@@ -98,28 +98,33 @@ class Case:
         return f"{self.op}-{self.shape.name}-M{self.M}-keep{self.keep:g}-{self.dtype}"
 
 
-def _cases() -> list:
-    """dtype and keep outermost, so a run cut short by DOE_BENCH_BUDGET_S still holds whole
-    (op, shape, M) sweeps for the first dtype / keep ratio."""
-    name = harness.sweep_name()
-    shapes, Ms, keeps, dtypes = SWEEPS[name]
-    decode_only = [m for m in DECODE_MS[name] if m not in Ms]
-    out = []
+def _sweep(shapes: list, keeps: list, dtypes: list):
+    """(dtype, keep, op, shape) in sweep order: dtype and keep outermost, so a run cut short by
+    DOE_BENCH_BUDGET_S still holds whole (op, shape, M) sweeps for the first dtype / keep ratio;
+    ``glu`` only on gated shapes."""
     for dtype in dtypes:
         for keep in keeps:
             for op in OPS:
                 for shape_name in shapes:
                     shape = SHAPES[shape_name]
-                    if op == "glu" and not shape.gated:
-                        continue
-                    for M in sorted(set(Ms) | set(decode_only)):
-                        for variant in KERNELS.variants:
-                            if variant in FORCED_PATHS and M > 16:
-                                continue
-                            if variant == "gathered-torch" and M in decode_only:
-                                continue
-                            case = Case(op, shape, M, keep, dtype, variant)
-                            out.append(pytest.param(case, id=case.id))
+                    if op != "glu" or shape.gated:
+                        yield dtype, keep, op, shape
+
+
+def _cases() -> list:
+    name = harness.sweep_name()
+    shapes, Ms, keeps, dtypes = SWEEPS[name]
+    decode_only = [m for m in DECODE_MS[name] if m not in Ms]
+    out = []
+    for dtype, keep, op, shape in _sweep(shapes, keeps, dtypes):
+        for M in sorted(set(Ms) | set(decode_only)):
+            for variant in KERNELS.variants:
+                if variant in FORCED_PATHS and M > 16:
+                    continue
+                if variant == "gathered-torch" and M in decode_only:
+                    continue
+                case = Case(op, shape, M, keep, dtype, variant)
+                out.append(pytest.param(case, id=case.id))
     return out
 
 
@@ -350,20 +355,14 @@ class MixedCase(Case):
 def _mixed_cases() -> list:
     shapes, Ms, ks, keeps, dtypes = MIXED_SWEEPS[harness.sweep_name()]
     out = []
-    for dtype in dtypes:
-        for keep in keeps:
-            for op in OPS:
-                for shape_name in shapes:
-                    shape = SHAPES[shape_name]
-                    if op == "glu" and not shape.gated:
-                        continue
-                    for M in Ms:
-                        for k in ks:
-                            if k > M:
-                                continue
-                            for variant in MIXED.variants:
-                                case = MixedCase(op, shape, M, keep, dtype, variant, groups=k)
-                                out.append(pytest.param(case, id=case.id))
+    for dtype, keep, op, shape in _sweep(shapes, keeps, dtypes):
+        for M in Ms:
+            for k in ks:
+                if k > M:
+                    continue
+                for variant in MIXED.variants:
+                    case = MixedCase(op, shape, M, keep, dtype, variant, groups=k)
+                    out.append(pytest.param(case, id=case.id))
     return out
 
 
