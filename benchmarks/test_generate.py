@@ -41,7 +41,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
@@ -67,11 +67,8 @@ def _env_list(name: str, default: str) -> list:
 
 def _model_cfg(device: torch.device) -> ModelCfg:
     if device.type != "cuda":
-        base = _cpu_models()["llama-small"]
-        return ModelCfg(base.name, base.family, base.hidden, base.inter, base.layers, base.heads, base.kv_heads,
-                        base.vocab, base.max_pos, base.dtype,
-                        note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 "
-                             "(CPU smoke run)")
+        return replace(_cpu_models()["llama-small"],
+                       note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 (CPU smoke run)")
     n = int(os.environ.get("DOE_BENCH_GEN_LAYERS", 32))
     return ModelCfg(f"llama7b-{n}L", "llama", 4096, 11008, n, 32, 32, 32000, 4096, "bf16",
                     note=f"LlamaForCausalLM, LLaMA-7B shape (hidden 4096, FFN 11008, 32 heads, {n} of 32 layers, "
