@@ -21,7 +21,9 @@ Why it looks like this:
 Environment variables (all optional):
 
 ==================  ==========================================================================
-DOE_BENCH_SWEEP     ``tiny`` | ``quick`` | ``full``; default ``full`` on CUDA, ``tiny`` on CPU.
+DOE_BENCH_SWEEP     ``tiny`` | ``quick`` | ``campaign`` | ``full``; default ``full`` on CUDA,
+                    ``tiny`` on CPU. ``campaign``: the shapes that matter, sized so that
+                    ``python3 -m benchmarks.campaign`` runs every suite in one GPU call.
 DOE_BENCH_QUICK=1   same as DOE_BENCH_SWEEP=quick;  DOE_BENCH_FULL=1: same as ...=full.
 DOE_BENCH_TIMING    ``eager`` (default) | ``graph`` (CUDA graphs; CUDA only).
 DOE_BENCH_ROTATE_MB read footprint the weight copies must cover; default 4 x L2 (min 128 MB)
@@ -58,6 +60,8 @@ __all__ = [
     "run_timed",
 ]
 
+#: the sweep names every suite knows (each suite's own SWEEPS maps them to its cases)
+SWEEPS = ("tiny", "quick", "campaign", "full")
 _MAX_INNER = 4096
 _ROTATE_MAX_COPIES = 256
 _ROTATE_MAX_ALLOC = 4 << 30  # never allocate more than 4 GiB of weight copies for one case
@@ -82,8 +86,8 @@ def sweep_name(device: Optional[torch.device] = None) -> str:
             name = "quick"
         else:
             name = "full" if device.type == "cuda" else "tiny"
-    if name not in {"tiny", "quick", "full"}:
-        raise ValueError(f"DOE_BENCH_SWEEP: expected tiny, quick or full, got {name!r}")
+    if name not in SWEEPS:
+        raise ValueError(f"DOE_BENCH_SWEEP: expected one of {', '.join(SWEEPS)}, got {name!r}")
     return name
 
 

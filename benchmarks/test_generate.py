@@ -20,20 +20,25 @@ Modes (``mode``), each a way users run a decoder:
   compiles the one-token step with ``torch.compile(mode="reduce-overhead")``; each variant
   compiles (minutes on a 7B-shaped model).
 
-Models: CUDA ``llama7b-32L``: LlamaForCausalLM with LLaMA-7B's shape (hidden 4096, FFN 11008,
-32 heads, 32 layers, vocabulary 32000, untied LM head), random weights, bf16;
-DOE_BENCH_GEN_LAYERS changes the layer count. CPU: ``llama-small`` with an LM head, fp32 (a
-smoke run). Before timing, each variant's prefill logits are checked against the sliced copy's
-(gathered) or ``generate()``'s tokens against the decoder's (graph / static).
+Models (DOE_BENCH_GEN_MODELS): ``llama7b``: LlamaForCausalLM with LLaMA-7B's shape (hidden
+4096, FFN 11008, 32 heads, 32 layers, vocabulary 32000, untied LM head; DOE_BENCH_GEN_LAYERS
+changes the layer count); ``smollm2``: SmolLM2-135M-Instruct's shape (hidden 576, FFN 1536, 9
+heads, 3 KV heads, 30 layers, vocabulary 49152, LM head tied to the embedding). Random weights,
+bf16 on CUDA. CPU: ``llama-small`` with an LM head, fp32 (a smoke run). Before timing, each
+variant's prefill logits are checked against the sliced copy's (gathered) or ``generate()``'s
+tokens against the decoder's (graph / static).
 
 ``ideal_speedup`` is the decode step's Amdahl bound: a step is weight-bandwidth-bound, so it is
-the bytes a dense step reads (every weight but the input embedding, plus the KV cache at the
-mean context P + N / 2) over the bytes the expert's step reads (the FFN weights times keep).
+the bytes a dense step reads (every weight but the input embedding, unless the LM head is tied
+to it, plus the KV cache at the mean context P + N / 2) over the bytes the expert's step reads
+(the FFN weights times keep).
 
-Environment (besides harness.py's): DOE_BENCH_GEN_MODES (comma list; default ``graph,generate``
-on CUDA, ``static,generate`` on CPU), DOE_BENCH_GEN_BATCHES (default ``1,16``; CPU ``1,4``),
-DOE_BENCH_GEN_PROMPT / DOE_BENCH_GEN_NEW (default 128 / 128; CPU 16 / 16),
-DOE_BENCH_GEN_LAYERS (default 32), DOE_BENCH_GEN_ROUNDS (default 5 for ``graph``, else 3).
+Environment (besides harness.py's): DOE_BENCH_GEN_MODELS (comma list; default ``llama7b`` on
+CUDA), DOE_BENCH_GEN_MODES (comma list; default ``graph,generate`` on CUDA, ``static,generate`` on
+CPU), DOE_BENCH_GEN_BATCHES (default ``1,16``; CPU ``1,4``), DOE_BENCH_GEN_KEEPS (default
+``0.35``), DOE_BENCH_GEN_PROMPT (default 128; CPU 16), DOE_BENCH_GEN_NEW (new tokens, default 128;
+CPU 16; per mode as ``graph:128,generate:32``), DOE_BENCH_GEN_LAYERS (default 32),
+DOE_BENCH_GEN_ROUNDS (default 5 for ``graph``, else 3).
 """
 
 from __future__ import annotations
@@ -65,14 +70,41 @@ def _env_list(name: str, default: str) -> list:
     return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
-def _model_cfg(device: torch.device) -> ModelCfg:
-    if device.type != "cuda":
-        return replace(_cpu_models()["llama-small"],
-                       note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 (CPU smoke run)")
+def _gpu_gen_models() -> dict:
     n = int(os.environ.get("DOE_BENCH_GEN_LAYERS", 32))
-    return ModelCfg(f"llama7b-{n}L", "llama", 4096, 11008, n, 32, 32, 32000, 4096, "bf16",
-                    note=f"LlamaForCausalLM, LLaMA-7B shape (hidden 4096, FFN 11008, 32 heads, {n} of 32 layers, "
-                         "vocabulary 32000, untied LM head), random weights, bf16")
+    return {
+        "llama7b": ModelCfg(f"llama7b-{n}L", "llama", 4096, 11008, n, 32, 32, 32000, 4096, "bf16",
+                            note=f"LlamaForCausalLM, LLaMA-7B shape (hidden 4096, FFN 11008, 32 heads, {n} of 32 "
+                                 "layers, vocabulary 32000, untied LM head), random weights, bf16"),
+        "smollm2": ModelCfg("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, 8192, "bf16", tied=True,
+                            note="LlamaForCausalLM, SmolLM2-135M shape (hidden 576, FFN 1536, 9 heads, 3 KV heads, "
+                                 "30 layers, vocabulary 49152, tied LM head), random weights, bf16"),
+    }
+
+
+def _model_cfgs(device: torch.device) -> list:
+    """The models DOE_BENCH_GEN_MODELS names, in that order (one on CPU: a smoke run)."""
+    if device.type != "cuda":
+        return [replace(_cpu_models()["llama-small"],
+                        note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 "
+                             "(CPU smoke run)")]
+    known = _gpu_gen_models()
+    names = _env_list("DOE_BENCH_GEN_MODELS", "llama7b")
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ValueError(f"DOE_BENCH_GEN_MODELS: expected some of {', '.join(known)}, got {names}")
+    return [known[n] for n in names]
+
+
+def _new_tokens(spec: str, modes: list) -> dict:
+    """``"128"`` (every mode) or ``"graph:128,generate:32"`` -> {mode: new tokens}."""
+    if ":" not in spec:
+        return {m: int(spec) for m in modes}
+    per = {k.strip(): int(v) for k, v in (item.split(":", 1) for item in spec.split(",") if item.strip())}
+    missing = [m for m in modes if m not in per]
+    if missing:
+        raise ValueError(f"DOE_BENCH_GEN_NEW: no token count for mode(s) {missing} in {spec!r}")
+    return per
 
 
 def _settings(device: torch.device) -> dict:
@@ -81,17 +113,22 @@ def _settings(device: torch.device) -> dict:
     bad = [m for m in modes if m not in MODES or (m in ("graph", "compile") and not cuda)]
     if bad:
         raise ValueError(f"DOE_BENCH_GEN_MODES: expected some of {MODES} (graph and compile need CUDA), got {bad}")
+    keeps = [float(k) for k in _env_list("DOE_BENCH_GEN_KEEPS", str(GOAL_KEEP))]
+    if not keeps or any(not 0.0 < k < 1.0 for k in keeps):
+        raise ValueError(f"DOE_BENCH_GEN_KEEPS: expected keep ratios in (0, 1), got {keeps}")
     return {
         "modes": modes,
         "batches": [int(b) for b in _env_list("DOE_BENCH_GEN_BATCHES", "1,16" if cuda else "1,4")],
+        "keeps": keeps,
         "prompt": int(os.environ.get("DOE_BENCH_GEN_PROMPT", 128 if cuda else 16)),
-        "new": int(os.environ.get("DOE_BENCH_GEN_NEW", 128 if cuda else 16)),
+        "new": _new_tokens(os.environ.get("DOE_BENCH_GEN_NEW", "128" if cuda else "16"), modes),
         "rounds": os.environ.get("DOE_BENCH_GEN_ROUNDS"),
     }
 
 
 @dataclass(frozen=True)
 class GenCase:
+    cfg: ModelCfg
     mode: str
     batch: int
     keep: Optional[float]  # None for dense
@@ -100,58 +137,72 @@ class GenCase:
     @property
     def id(self) -> str:
         k = "" if self.keep is None else f"-keep{self.keep:g}"
-        return f"{self.mode}-b{self.batch}{k}-{self.variant}"
+        return f"{self.cfg.name}-{self.mode}-b{self.batch}{k}-{self.variant}"
 
 
 def _cases() -> list:
-    """Mode outermost (the first is the headline: a run cut by DOE_BENCH_BUDGET_S keeps it)."""
-    s = _settings(harness.bench_device())
+    """Model outermost (one model on the device at a time), then mode (the first is the headline:
+    a run cut by DOE_BENCH_BUDGET_S keeps it), batch, keep."""
+    dev = harness.bench_device()
+    s = _settings(dev)
     out = []
-    for mode in s["modes"]:
-        for b in s["batches"]:
-            for case in (GenCase(mode, b, None, "dense"), GenCase(mode, b, GOAL_KEEP, "sliced"),
-                         GenCase(mode, b, GOAL_KEEP, "gathered")):
-                out.append(pytest.param(case, id=case.id))
+    for cfg in _model_cfgs(dev):
+        for mode in s["modes"]:
+            for b in s["batches"]:
+                cases = [GenCase(cfg, mode, b, None, "dense")]
+                cases += [GenCase(cfg, mode, b, k, v) for k in s["keeps"] for v in ("sliced", "gathered")]
+                out += [pytest.param(c, id=c.id) for c in cases]
     return out
+
+
+def step_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: all of them but an untied input embedding (one row
+    per token); a tied one is read whole as the LM head."""
+    emb = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight counts once
+    if model.get_output_embeddings().weight is not emb:
+        weights -= emb.numel() * emb.element_size()
+    return weights
 
 
 def decode_ideal(model: nn.Module, cfg: ModelCfg, keep: float, batch: int, context: float) -> dict:
     """The decode step's Amdahl bound from bytes read per step (see the module docstring)."""
     es = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-    emb = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
     kv = 2 * cfg.layers * batch * cfg.kv_heads * (cfg.hidden // cfg.heads) * context * es
     ffn = ffn_weight_bytes(model)
-    dense = weights + kv
+    dense = step_weight_bytes(model) + kv
     return {"ffn_share": round(ffn / dense, 4), "ideal_speedup": round(dense / (dense - ffn * (1.0 - keep)), 4),
             "ideal_basis": "bytes per decode step (weights + KV cache)"}
 
 
 class _State:
-    """The dense model, a gathered copy under the expert, and the sliced copy, built once."""
+    """The dense model, a gathered copy (switched between experts) and a sliced copy per keep
+    ratio, built once per model."""
 
-    def __init__(self, cfg: ModelCfg, device: torch.device):
+    def __init__(self, cfg: ModelCfg, device: torch.device, keeps: list):
         self.cfg, self.device = cfg, device
         self.dense = build_model(cfg, device, lm_head=True)
-        self.expert = make_expert(self.dense, GOAL_KEEP)
+        self.experts = {k: make_expert(self.dense, k) for k in keeps}
         self.gathered = build_model(cfg, device, lm_head=True)  # same seed: the same weights
-        doe.unplug_(self.gathered, self.expert)
-        self.sliced = sliced_copy(self.dense, self.expert.indices).eval()
+        self.sliced = {k: sliced_copy(self.dense, e.indices).eval() for k, e in self.experts.items()}
         self.checked: set = set()
 
-    def model(self, variant: str) -> nn.Module:
-        return {"dense": self.dense, "sliced": self.sliced, "gathered": self.gathered}[variant]
+    def model(self, variant: str, keep: Optional[float]) -> nn.Module:
+        if variant == "gathered":
+            return doe.unplug_(self.gathered, self.experts[keep])  # install, or switch experts
+        return self.dense if variant == "dense" else self.sliced[keep]
 
 
 _STATE: dict = {}
 
 
-def _state(device: torch.device) -> _State:
-    cfg = _model_cfg(device)
+def _state(cfg: ModelCfg, device: torch.device, keeps: list) -> _State:
     if cfg.name not in _STATE:
         _STATE.clear()
         gc.collect()
-        _STATE[cfg.name] = _State(cfg, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _STATE[cfg.name] = _State(cfg, device, keeps)
     return _STATE[cfg.name]
 
 
@@ -161,13 +212,13 @@ def _prompt(cfg: ModelCfg, batch: int, prompt: int, device: torch.device) -> tor
 
 
 def _check(st: _State, case: GenCase, ids: torch.Tensor, info: dict) -> None:
-    """Once per variant: the gathered model's logits match the sliced copy's."""
-    if case.variant != "gathered" or "logits" in st.checked:
+    """Once per keep ratio: the gathered model's logits match the sliced copy's."""
+    if case.variant != "gathered" or case.keep in st.checked:
         return
-    st.checked.add("logits")
+    st.checked.add(case.keep)
     with torch.inference_mode():
-        out = st.gathered(input_ids=ids).logits
-        ref = st.sliced(input_ids=ids).logits
+        out = st.model("gathered", case.keep)(input_ids=ids).logits
+        ref = st.sliced[case.keep](input_ids=ids).logits
     err = rel_err(out, ref)
     info["max_rel_err_vs_sliced"] = err
     assert math.isfinite(err) and err <= _TOL[st.cfg.dtype], f"gathered vs sliced logits: rel err {err:.3g}"
@@ -188,11 +239,11 @@ def _static_generate(model: nn.Module, ids: torch.Tensor, new: int):
 def test_generate(benchmark, case: GenCase, bench_device, device_info):
     dev = bench_device
     s = _settings(dev)
-    st = _state(dev)
-    cfg = st.cfg
-    model = st.model(case.variant)
+    cfg = case.cfg
+    st = _state(cfg, dev, s["keeps"])
+    model = st.model(case.variant, case.keep)
     ids = _prompt(cfg, case.batch, s["prompt"], dev)
-    new = s["new"]
+    new = s["new"][case.mode]
 
     info = benchmark.extra_info
     info.update(device_info)
@@ -200,9 +251,9 @@ def test_generate(benchmark, case: GenCase, bench_device, device_info):
         GENERATE.extra_info(case.variant, model=cfg.name, dtype=cfg.dtype, keep=case.keep, batch=case.batch,
                             prompt=s["prompt"], new_tokens=new, mode=case.mode),
         layers=cfg.layers, hidden=cfg.hidden, inter=cfg.inter, note=cfg.note,
-        **decode_ideal(st.dense, cfg, GOAL_KEEP, case.batch, s["prompt"] + new / 2),
+        **decode_ideal(st.dense, cfg, case.keep or GOAL_KEEP, case.batch, s["prompt"] + new / 2),
     )
-    benchmark.group = f"generate-{case.mode}-b{case.batch}"
+    benchmark.group = f"generate-{cfg.name}-{case.mode}-b{case.batch}"
     _check(st, case, ids, info)
 
     timing = case.mode
@@ -219,8 +270,9 @@ def test_generate(benchmark, case: GenCase, bench_device, device_info):
             info["capture_failed"] = f"{case.variant}, batch {case.batch}: {type(exc).__name__}: {exc}"[:200]
         run = lambda: decoder.run(ids)  # noqa: E731
         # fp32: every token must match generate(); 16-bit: a near-tie may flip one argmax and the rest
-        # follows, so the agreement is only recorded, and only at batch 1 (an eager 7B generate() is seconds)
-        if cfg.dtype == "fp32" or case.batch == 1:
+        # follows, so the agreement is only recorded, and only at batch 1 for dense and the first keep
+        # ratio's gathered model (an eager 7B-shaped generate() takes seconds)
+        if cfg.dtype == "fp32" or (case.batch == 1 and case.keep in (None, s["keeps"][0]) and case.variant != "sliced"):
             with torch.inference_mode():
                 got = run().clone()
                 want = hf_generate(model, ids, new)

@@ -67,11 +67,12 @@ SHAPES = {
 SWEEPS = {
     "tiny": (["tiny"], [1, 16], [0.35], ["fp32"]),
     "quick": (["bert-base", "llama7b"], [1, 16, 2048], [0.35], ["bf16"]),
+    "campaign": (["llama7b", "bert-base"], [1, 16, 128, 2048, 8192], [0.35, 0.2], ["bf16"]),
     "full": (["bert-base", "llama7b"], [1, 16, 128, 2048, 8192], [0.35, 0.2], ["bf16", "fp16"]),
 }
 
 # Extra M points (decode sizes) per sweep, timed for every variant but gathered-torch.
-DECODE_MS = {"tiny": [1, 16], "quick": [1, 4, 16], "full": [1, 2, 4, 8, 16]}
+DECODE_MS = {"tiny": [1, 16], "quick": [1, 4, 16], "campaign": [1, 16], "full": [1, 2, 4, 8, 16]}
 FORCED_PATHS = {"gathered-triton-gemv": "gemv", "gathered-triton-dot": "dot"}
 SLICED = {"sliced": 1, "sliced-pad16": PAD}  # the cuBLAS bars: width multiple
 TRITON_VARIANTS = ("gathered-triton", *FORCED_PATHS)
@@ -334,6 +335,7 @@ def test_gathered_gemm(benchmark, case: Case, bench_device, device_info):
 MIXED_SWEEPS = {
     "tiny": (["tiny"], [8, 64], [1, 2, 4, 8], [0.35], ["fp32"]),
     "quick": (["llama7b"], [8, 512, 4096], [1, 2, 4, 8], [0.35], ["bf16"]),
+    "campaign": (["llama7b"], [16, 4096], [1, 2, 4, 8], [0.35], ["bf16"]),
     "full": (["bert-base", "llama7b"], [1, 4, 8, 16, 64, 512, 4096], [1, 2, 4, 8], [0.35], ["bf16"]),
 }
 MIXED_PATHS = {"auto": "auto", "segmented": "segmented", "union": "union"}

@@ -32,7 +32,8 @@ overhead). Models have random weights (timing does not depend on them):
 
 Sweeps (DOE_BENCH_SWEEP, see harness.py): ``full`` (CUDA default) batch {1, 8, 64} x seq
 {128, 512, 2048}, LLaMA capped at 32768 tokens (no b64 x s2048), plus seq 1 x batch {1, 8, 64};
-``quick`` batch {1, 8} x seq {128, 512} (+ seq 1), keep {1.0, 0.35}; ``tiny`` (CPU default)
+``quick`` batch {1, 8} x seq {128, 512} (+ seq 1), keep {1.0, 0.35}; ``campaign`` batch {1, 8}
+x seq {128, 2048} plus seq 1 x batch {1, 16}, keep {0.35, 0.2, 1.0}; ``tiny`` (CPU default)
 batch {1, 4} x seq {16, 128} (+ seq 1). Cases run in one pass per keep ratio, 0.35 first (then
 1.0, 0.2, 0.5), so a run cut by DOE_BENCH_BUDGET_S keeps the goal's ratio for every shape.
 
@@ -98,6 +99,7 @@ class ModelCfg:
     dtype: str
     max_tokens: Optional[int] = None  # skip batch x seq above this (time / memory)
     note: str = ""
+    tied: bool = False  # the LM head shares the input embedding's weight (lm_head=True only)
 
     @property
     def gated(self) -> bool:
@@ -154,6 +156,7 @@ def _switch_model(device: torch.device) -> ModelCfg:
 SWEEPS = {
     "tiny": ([1, 4], [16, 128], [1, 4], KEEP_ORDER),
     "quick": ([1, 8], [128, 512], [1, 8], [1.0, 0.35]),
+    "campaign": ([1, 8], [128, 2048], [1, 16], [0.35, 0.2, 1.0]),
     "full": ([1, 8, 64], [128, 512, 2048], [1, 8, 64], KEEP_ORDER),
 }
 SWITCH_KEEPS = [0.35]
@@ -262,7 +265,7 @@ def build_model(cfg: ModelCfg, device: torch.device, seed: int = 0, lm_head: boo
         config = tf.BertConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cls = tf.BertModel
     elif cfg.family == "llama":
-        config = tf.LlamaConfig(**common, num_key_value_heads=cfg.kv_heads, tie_word_embeddings=False,
+        config = tf.LlamaConfig(**common, num_key_value_heads=cfg.kv_heads, tie_word_embeddings=cfg.tied,
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
         cls = tf.LlamaForCausalLM if lm_head else tf.LlamaModel
     else:
