@@ -6,18 +6,21 @@ With no stage named, every stage runs, in this order (each one's planned share o
 480 s budget in brackets):
 
 ==========  ==========================================================================  =====
-tests       the kernel, module and unplug tests with the Triton kernels compiled           45 s
+tests       the kernel, module and unplug tests with the Triton kernels compiled (one      45 s
+            config per kernel: ``DOE_KERNELS_AUTOTUNE=0``)
 decode      greedy decode end to end: LLaMA-7B-shaped (32 layers) and SmolLM2-135M-shaped  140 s
             causal LMs, bf16, batch 1 and 16, dense / sliced / gathered at keep 0.35 and
             0.2, CUDA graphs and eager ``generate()``
-kernels     gathered GEMMs vs cuBLAS on sliced copies: BERT-base and LLaMA-7B FFN shapes,   80 s
+kernels     gathered GEMMs vs cuBLAS on sliced copies: BERT-base and LLaMA-7B FFN shapes,   70 s
             bf16, M in 1, 16, 128, 2048, 8192, keep 0.35 and 0.2
-models      whole-model forward: BERT-base and 4 LLaMA-7B-shaped layers, dense / sliced /   65 s
+models      whole-model forward: BERT-base and 4 LLaMA-7B-shaped layers, dense / sliced /   60 s
             gathered / compact
 mixed       mixed-expert batches: model forwards and the segmented GEMMs                    45 s
-switch      the cost of a task switch on a LLaMA-7B-shaped model (32 layers)                35 s
+switch      the cost of a task switch on a LLaMA-7B-shaped model (32 layers)                30 s
 profile     ``benchmarks.profile_decode``: a 7B-shaped decode step's device time by kernel  35 s
             kind and its host overhead, dense / sliced / gathered
+host        ``benchmarks.host_overhead``: the host cost of each layer of a gathered op's   25 s
+            call stack, and cProfile of eager forwards
 ==========  ==========================================================================  =====
 
 Each stage is one pytest process with its suite's ``campaign`` sweep (``profile``: one Python process). A stage's window is its
@@ -84,19 +87,21 @@ class Stage:
 CAMPAIGN_SWEEP = {"DOE_BENCH_SWEEP": "campaign"}
 STAGES = (
     Stage("tests", ("tests/test_gathered_ops.py", "tests/test_segmented_ops.py", "tests/test_modules.py",
-                    "tests/test_unplug.py", "-x"), 45),
+                    "tests/test_unplug.py", "-x"), 45, {"DOE_KERNELS_AUTOTUNE": "0"}),
     Stage("decode", ("benchmarks/test_generate.py",), 140,
           {"DOE_BENCH_GEN_MODELS": "llama7b,smollm2", "DOE_BENCH_GEN_KEEPS": "0.35,0.2",
            "DOE_BENCH_GEN_BATCHES": "1,16", "DOE_BENCH_GEN_MODES": "graph,generate",
            "DOE_BENCH_GEN_NEW": "graph:128,generate:32", "DOE_BENCH_GEN_ROUNDS": "3"}, tail_s=20),
-    Stage("kernels", ("benchmarks/test_kernels.py", "-k", "test_gathered_gemm and not gathered-torch"), 80,
+    Stage("kernels", ("benchmarks/test_kernels.py", "-k", "test_gathered_gemm and not gathered-torch"), 70,
           {**CAMPAIGN_SWEEP, "DOE_BENCH_ROUNDS": "15"}, tail_s=8),
-    Stage("models", ("benchmarks/test_models.py", "-k", "test_model_forward and not masked"), 65,
+    Stage("models", ("benchmarks/test_models.py", "-k", "test_model_forward and not masked"), 60,
           {**CAMPAIGN_SWEEP, "DOE_BENCH_MODEL_ROUNDS": "10"}, tail_s=10),
     Stage("mixed", ("benchmarks/test_mixed.py", "benchmarks/test_kernels.py", "-k", "test_mixed"), 45,
           {**CAMPAIGN_SWEEP, "DOE_BENCH_MODEL_ROUNDS": "10", "DOE_BENCH_ROUNDS": "15"}, tail_s=8),
-    Stage("switch", ("benchmarks/test_models.py", "-k", "test_switch_cost"), 35, dict(CAMPAIGN_SWEEP), tail_s=15),
+    Stage("switch", ("benchmarks/test_models.py", "-k", "test_switch_cost"), 30, dict(CAMPAIGN_SWEEP), tail_s=15),
     Stage("profile", ("--model", "llama7b", "--batches", "1,16"), 35, module="benchmarks.profile_decode"),
+    Stage("host", ("--calls", "500", "--repeats", "7", "--stack", "--profile-model"), 25,
+          module="benchmarks.host_overhead"),
 )
 BY_NAME = {st.name: st for st in STAGES}
 MODULE_STAGES = {st.name for st in STAGES if st.module is not None}

@@ -90,8 +90,9 @@ def profile_model(model: nn.Module, batch: int, context: int, steps: int, vocab:
                     eager._step()
                 synchronize(device)
             row["device_us"] = {k: v / steps for k, v in _device_times(prof).items()}
-            graph = StaticDecoder(model, batch, context, steps + 2, graph=True)
+            graph = StaticDecoder(model, batch, context, steps + 1, graph=True)
             graph.prepare(ids)
+            graph._prefill(ids)  # back to one token written: ``steps`` replays fill the rest of ``out``
             row["graph_ms"] = _wall_per_step(graph.graph.replay, steps, device) * 1e3
     return row
 

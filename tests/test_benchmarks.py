@@ -162,7 +162,7 @@ def test_campaign_schedule_fits_its_budget_on_a_fake_clock(tmp_path, monkeypatch
     text = campaign.run_campaign(campaign.STAGES, tmp_path / "out", clock=clock, runner=runner)
     names = [n for n, _, _ in seen]
     assert names == [st.name for st in campaign.STAGES] == ["tests", "decode", "kernels", "models", "mixed", "switch",
-                                                            "profile"]
+                                                            "profile", "host"]
     if use != "overrun":
         assert clock.now - start <= campaign.BUDGET_S - campaign.CLOSE_S
     else:  # each kill may run STOP_S late; that lateness is taken from the next stage, never added up
@@ -176,7 +176,7 @@ def test_campaign_schedule_fits_its_budget_on_a_fake_clock(tmp_path, monkeypatch
             assert window > shares[name]  # the previous stage's surplus
         # the summary on disk already holds every earlier stage when the next one starts
         assert all(f"- {prev}: ran" in before for prev, _, _ in seen[:i])
-    assert text.count(": ran ") == 7 and "Wall time" in text
+    assert text.count(": ran ") == 8 and "Wall time" in text
     assert (tmp_path / "out" / "summary.md").read_text() == text
 
 

@@ -17,10 +17,14 @@ from typing import Optional
 import torch
 import triton
 
-from doe_kernels.env import interpreting
+from doe_kernels.env import env_flag, interpreting
 
 #: True when kernels run on CPU tensors through Triton's interpreter (CI).
 INTERPRET = interpreting()
+#: One small config per kernel instead of autotuning: always under the interpreter, and on a
+#: GPU when DOE_KERNELS_AUTOTUNE=0 (read at import), which compiles each kernel once instead of
+#: once per candidate config: correct results fast (tests), not the fastest kernels.
+ONE_CONFIG = INTERPRET or not env_flag("DOE_KERNELS_AUTOTUNE", default=True)
 
 #: M is bucketed to the next power of two (capped) so that autotuning runs once per bucket,
 #: not once per sequence length.
@@ -65,7 +69,8 @@ _GLU_MID_M = [
     (32, 128, 64, 8, 4, 4),
 ]
 _GLU_SMALL_M = _SMALL_M
-#: The interpreter cannot autotune (no driver) and is slow: one small config, every dim >= 16.
+#: The interpreter cannot autotune (no driver) and is slow: one small config, every dim >= 16
+#: (also the ONE_CONFIG config on a GPU).
 _INTERPRETER = [(16, 32, 32, 4, 4, 1)]
 
 #: Mixed batches of at most this many rows may read the union of their groups' kept neurons
@@ -120,7 +125,7 @@ def prune_segmented(configs, named_args, **kwargs):
 
 
 def autotune_configs(kernel: str = "linear") -> list[triton.Config]:
-    if INTERPRET:
+    if ONE_CONFIG:
         return _configs(_INTERPRETER)
     return gpu_configs(kernel)
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._config import INTERPRET, resolve_split_k
+from doe_kernels.ops._config import ONE_CONFIG, resolve_split_k
 
 __all__ = ["GEMV_MAX_M", "gathered_gemv", "gemv_configs"]
 
@@ -52,7 +52,7 @@ _INTERPRETER = [(32, 32, 4, 1)]
 
 
 def gemv_configs(rows=None) -> list:
-    rows = rows if rows is not None else (_INTERPRETER if INTERPRET else _GEMV)
+    rows = rows if rows is not None else (_INTERPRETER if ONE_CONFIG else _GEMV)
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in rows]
 
 

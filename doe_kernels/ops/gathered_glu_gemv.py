@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import apply_activation
-from doe_kernels.ops._config import INTERPRET, resolve_split_k
+from doe_kernels.ops._config import ONE_CONFIG, resolve_split_k
 from doe_kernels.ops.gathered_gemv import gemv_block_m, k_range
 
 __all__ = ["gathered_glu_gemv", "glu_gemv_configs"]
@@ -33,7 +33,7 @@ _INTERPRETER = [(32, 32, 4, 1)]
 
 
 def glu_gemv_configs(rows=None) -> list:
-    rows = rows if rows is not None else (_INTERPRETER if INTERPRET else _GLU_GEMV)
+    rows = rows if rows is not None else (_INTERPRETER if ONE_CONFIG else _GLU_GEMV)
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in rows]
 
 
