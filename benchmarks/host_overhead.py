@@ -18,8 +18,8 @@ copy (the bar), the Triton kernel launched through its JIT function with a fixed
 same through the autotuner, the launcher (output, split-K partials and their sum), the
 registered custom op, the public ``gathered_linear`` (checks) and the wrapper module; the
 difference between neighbours is what each layer adds. ``--profile-model`` runs cProfile over
-eager forwards of a 2-layer LLaMA-7B-shaped model (batch 1, one token) dense and gathered and
-prints the functions that take the most host time.
+eager forwards of a 2-layer LLaMA-7B-shaped model (batch 1, one token) dense, gathered and
+compact and prints the functions that take the most host time.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def _cases(device: torch.device):
     glu = GatheredGatedMLP(block, g, u, d, idx, activation="silu", backend=backend)
 
     if cuda:
+        # the custom ops are registered when their modules are first imported
+        import doe_kernels.ops.gathered_glu  # noqa: F401
+        import doe_kernels.ops.gathered_linear  # noqa: F401
+
         ops = torch.ops.doe_kernels
 
         def bare_rows():
@@ -144,6 +148,8 @@ def _stack_cases(device: torch.device) -> tuple:
 
     def grid(m):
         return (triton.cdiv(kept, m["BLOCK_N"]), 1)
+
+    import doe_kernels.ops.gathered_linear  # noqa: F401 - registers torch.ops.doe_kernels.gathered_linear
 
     ops = torch.ops.doe_kernels
     # the compiled kernel launched by Triton's lowest-level entry: no binder, no specialization,
@@ -209,7 +215,7 @@ def stack_table(device: torch.device, calls: int, repeats: int) -> list:
 
 
 def profile_model(device: torch.device, forwards: int = 30, top: int = 18) -> list:
-    """cProfile of eager forwards (batch 1, one token) of a 2-layer 7B-shaped model, dense and gathered."""
+    """cProfile of eager forwards (batch 1, one token) of a 2-layer 7B-shaped model: dense, gathered, compact."""
     import doe
     from benchmarks.test_models import ModelCfg, build_model, make_expert
 
@@ -220,7 +226,8 @@ def profile_model(device: torch.device, forwards: int = 30, top: int = 18) -> li
     gathered = doe.unplug_(build_model(cfg, device), make_expert(dense, 0.35))
     ids = torch.randint(3, cfg.vocab, (1, 1), device=device)
     lines = []
-    for name, model in (("dense", dense), ("gathered", gathered)):
+    compact = doe.unplug_(build_model(cfg, device), make_expert(dense, 0.35), compact=True)
+    for name, model in (("dense", dense), ("gathered", gathered), ("compact", compact)):
         with torch.inference_mode():
             for _ in range(3):
                 model(input_ids=ids, use_cache=False)

@@ -84,3 +84,31 @@ def test_decode_kernels_read_contiguous_weights_in_16_byte_vectors(rows):
     assert gemv
     for r in gemv:
         assert r.v16 and r.tc == "none", r.case
+
+
+def test_every_activation_of_the_fused_kernels_builds_for_the_gpu(rows):
+    # The interpreter accepts a kernel reading a plain Python global; the GPU compiler does not.
+    from doe_kernels.ops._activations import ACTIVATION_IDS
+
+    built = {(r.case.kernel, r.case.act) for r in rows if not r.error}
+    for kernel in ("glu", "glu-gemv", "seg-glu"):
+        for act in ACTIVATION_IDS.values():
+            assert (kernel, act) in built, (kernel, act)
+
+
+def test_one_config_per_kernel_when_autotuning_is_off():
+    code = ("from doe_kernels.ops.gathered_gemv import gemv_configs; "
+            "from doe_kernels.ops.gathered_glu_gemv import glu_gemv_configs; "
+            "from doe_kernels.ops._config import autotune_configs; "
+            "print(len(gemv_configs()), len(glu_gemv_configs()), "
+            "*(len(autotune_configs(k)) for k in ('linear', 'glu', 'seg', 'seg-glu')))")
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DOE_KERNELS_AUTOTUNE")}
+    counts = {}
+    for flag in (None, "0"):
+        env = dict(base, PYTHONPATH=str(ROOT), **({"DOE_KERNELS_AUTOTUNE": flag} if flag else {}))
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts[flag] = [int(n) for n in out.stdout.split()]
+    assert counts["0"] == [1] * 6
+    assert all(n > 1 for n in counts[None])

@@ -8,8 +8,10 @@ __all__ = ["ACTIVATION_IDS", "apply_activation"]
 #: Activation ids understood by the kernel (a constexpr selects the branch).
 ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
+# Globals a kernel reads must be constexpr: the GPU compiler refuses plain Python floats (the
+# interpreter does not check).
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit

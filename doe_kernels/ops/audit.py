@@ -80,11 +80,13 @@ class Case:
     block: tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     num_warps: int
     num_stages: int
+    act: int = 0  # the fused GLU's activation id (ACTIVATION_IDS); 0 elsewhere
 
     @property
     def config(self) -> str:
         bm, bn, bk, gm = self.block
-        return f"{bm}x{bn}x{bk} g{gm} w{self.num_warps} s{self.num_stages}"
+        act = f" act{self.act}" if self.act else ""
+        return f"{bm}x{bn}x{bk} g{gm} w{self.num_warps} s{self.num_stages}{act}"
 
 
 @dataclasses.dataclass
@@ -148,6 +150,8 @@ def _kernels() -> dict:
 GEMV_KERNELS = ("gemv", "glu-gemv")
 #: Mixed-batch kernels (one launch for rows of several groups), audited with SEG_GROUPS groups.
 SEGMENTED_KERNELS = ("seg", "seg-glu")
+#: Kernels with a fused activation (the ACT constexpr).
+GLU_KERNELS = ("glu", "glu-gemv", "seg-glu")
 SEG_GROUPS = 9
 #: fp16 builds what bf16 builds for them (same tiles, same registers in the gathered kernels'
 #: rows): one 16-bit dtype keeps the audit's cold run short.
@@ -199,11 +203,11 @@ def _args(case: Case) -> dict:
                         stride_ym=N, stride_yn=1, ROWS=case.form.startswith("rows"), HAS_BIAS=True, **gemv)
         return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
                     p_ptr=_Ptr(torch.float32), stride_un=swn, stride_uk=swk, stride_ym=N, stride_yn=1,
-                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **gemv)
+                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **gemv)
     if case.kernel == "glu":
         return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
                     stride_wn=swn, stride_wk=swk, stride_un=swn, stride_uk=swk,
-                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **common)
+                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **common)
     if case.kernel in SEGMENTED_KERNELS:  # 9 resident groups, 8 of them with rows
         seg = dict(idx_ptr=_Ptr(torch.int32), rows_ptr=_Ptr(torch.int32), G=SEG_GROUPS, ACTIVE=SEG_GROUPS - 1,
                    N_KEY=N, **common)
@@ -211,7 +215,7 @@ def _args(case: Case) -> dict:
             return dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk, K_KEY=K,
                         ROWS=case.form.startswith("rows"), HAS_BIAS=True, **seg)
         return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk,
-                    stride_un=swn, stride_uk=swk, HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=0, **seg)
+                    stride_un=swn, stride_uk=swk, HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **seg)
     raise ValueError(case.kernel)
 
 
@@ -393,7 +397,20 @@ def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
                         continue
                     for arch in archs:
                         out.append(Case(name, form, dtype, arch, block, c.num_warps, c.num_stages))
-    return out
+    return out + _activation_cases(out)
+
+
+def _activation_cases(base: list) -> list:
+    """Every other activation of each fused-GLU kernel, compiled once (its first case): the
+    GPU compiler refuses what the interpreter lets pass (a non-constexpr global, say)."""
+    from doe_kernels.ops._activations import ACTIVATION_IDS
+
+    firsts = {}
+    for case in base:
+        if case.kernel in GLU_KERNELS:
+            firsts.setdefault(case.kernel, case)
+    return [dataclasses.replace(case, act=act) for case in firsts.values()
+            for act in sorted(set(ACTIVATION_IDS.values()) - {0})]
 
 
 def _cache_dir() -> Path:
