@@ -520,7 +520,8 @@ def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
     flattens tokens before its FFN as OPT does, rows in order); each row's tokens, padding
     included, follow it; ``generate`` works the same (greedy, one sequence per row).
     Holds the model's lock for its body. Bad names are refused before anything is set; a
-    batch of the wrong size is refused at the first FFN, before it computes.
+    batch of the wrong size is refused when the model is called (or, for a submodule called on
+    its own, at the first FFN), before it computes.
     """
     with model_lock(model):
         state = _find_state(model)[1]
@@ -530,7 +531,26 @@ def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
         batch = state.batch
         previous = batch.items
         batch.set(groups)
+        # A model that flattens tokens before its FFN (OPT) hides the batch size from the FFN:
+        # note it where the batch enters.
+        handle = model.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True)
         try:
             yield model
         finally:
+            handle.remove()
             batch.set(previous)
+
+
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "attention_mask")
+
+
+def _note_batch_size(batch):
+    """A forward pre-hook that tells ``batch`` how many rows the model's input has."""
+
+    def note(module, args, kwargs):
+        tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        tensors += [kwargs[name] for name in _BATCH_INPUTS if isinstance(kwargs.get(name), torch.Tensor)]
+        batch.input_items = next((t.shape[0] for t in tensors if t.dim() >= 2), None)
+        return None
+
+    return note

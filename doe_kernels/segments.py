@@ -224,6 +224,10 @@ class BatchGroups:
     per input shape and cached until the next ``set``: every layer, and every decode step of
     one shape, reuses one small table.
 
+    ``input_items``: the batch size where the batch entered the model, if the caller knows it
+    (None otherwise; ``set`` clears it). A flattened x hides its item count, so without it a
+    batch of another size whose rows divide evenly would pass.
+
     Args:
         num_groups: G, the groups of the ``GroupedIndices`` the wrappers hold.
         hint: appended to the error of a forward with no assignment: how the caller's users
@@ -234,6 +238,7 @@ class BatchGroups:
         self.num_groups = num_groups
         self.hint = hint
         self.items: Optional[tuple] = None
+        self.input_items: Optional[int] = None
         self._rows: dict = {}
 
     def set(self, items: Optional[Sequence[int]]) -> None:
@@ -242,7 +247,7 @@ class BatchGroups:
             bad = [g for g in items if not 0 <= g < self.num_groups]
             if bad:
                 raise ValueError(f"items: group {bad[0]} out of range, expected ids in [0, {self.num_groups})")
-        self.items, self._rows = items, {}
+        self.items, self._rows, self.input_items = items, {}, None
 
     def rows_for(self, x: torch.Tensor) -> RowGroups:
         items = self.items
@@ -250,11 +255,14 @@ class BatchGroups:
             hint = f"; {self.hint}" if self.hint else ""
             raise RuntimeError(f"these gathered modules hold {self.num_groups} groups (several index lists): assign "
                                f"a group to each row first (BatchGroups.set){hint}")
+        per_item = self._rows_per_item(x, len(items))
+        if self.input_items is not None and self.input_items != len(items):
+            raise ValueError(f"the batch has {self.input_items} items where it entered the model, but {len(items)} "
+                             "were assigned a group (one per item)")
         key = (x.shape[:-1], x.device)
         rows = self._rows.get(key)
         if rows is None:
-            rows = RowGroups.build(items, self.num_groups, rows_per_item=self._rows_per_item(x, len(items)),
-                                   device=x.device)
+            rows = RowGroups.build(items, self.num_groups, rows_per_item=per_item, device=x.device)
             self._rows[key] = rows
         return rows
 

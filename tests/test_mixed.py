@@ -260,3 +260,24 @@ def test_rows_carry_their_own_prompt_and_head(family):
                 alone = tm(**tm.encode([ex]))[0]
             assert got[r].shape == (len(tm.spec.labels),)
             torch.testing.assert_close(got[r], alone, **TOL, msg=lambda m: f"row {r} ({task}): {m}")
+
+
+@pytest.mark.parametrize("names", [["a"], ["a", "b", None, "c"]])
+def test_a_flattened_batch_whose_rows_divide_evenly_is_still_refused(names):
+    # OPT's FFN sees (B*T, H): 1 or 4 names for 2 items of 4 tokens divide its 8 rows evenly
+    model = make_tiny("opt")
+    experts = make_experts(model)
+    inputs = sample_inputs(model, batch=2, seq=4)
+    expected = alone_on_sliced(model, experts, inputs, ["a", "b"])
+    snap = snapshot(model)
+    doe.unplug_(model, experts)
+    with pytest.raises(ValueError, match=rf"the batch has 2 items where it entered the model, but {len(names)} were"):
+        with doe.mixed_batch(model, names):
+            model(**inputs)
+    # the right assignment still runs, row by row as each row alone
+    with doe.mixed_batch(model, ["a", "b"]):
+        mixed = model_logits(model, inputs)
+    assert_rows(mixed, expected)
+    assert doe.is_unplugged(model) and not model._forward_pre_hooks
+    doe.restore_(model)
+    assert_same_as(model, snap)
