@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -167,12 +168,17 @@ class UnplugAndPlay:
     compact: run experts on compacted copies of their kept weights, made once per expert and
     kept while it is resident (memory for speed, reported by ``summary()``; see
     ``doe.unplug_``). Off by default: experts then cost only their index lists.
+    history: how many recent results and switch times ``records`` and ``switches`` keep (a
+    long-lived process must not grow); ``summary()`` counts every request and switch since
+    ``reset_log``, its medians cover the recent ones.
+    on_switch: called with the milliseconds of every switch (a metrics exporter).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, router: Optional[TaskRouter] = None,
                  threshold: float = 0.5, max_batch: int = 32, max_length: int = 64,
                  restore_when_idle: bool = True, compact: bool = False, mixed: bool = False,
-                 max_tokens: Optional[int] = None):
+                 max_tokens: Optional[int] = None, history: int = 10_000,
+                 on_switch: Optional[Callable[[float], None]] = None):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
         if max_batch < 1:
@@ -180,6 +186,8 @@ class UnplugAndPlay:
         if mixed and compact:
             raise ValueError("compact=True runs one expert at a time; mixed=True runs every expert on the original "
                              "weights at once: choose one")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history: expected an int >= 1, got {history!r}")
         if max_tokens is not None and (not mixed or max_tokens < 1):
             raise ValueError(f"max_tokens: expected None or >= 1 with mixed=True, got {max_tokens} (mixed={mixed})")
         self.mixed, self.max_tokens = mixed, max_tokens
@@ -188,8 +196,10 @@ class UnplugAndPlay:
         self.restore_when_idle = restore_when_idle
         self.compact = compact
         self._entries: dict[str, _Entry] = {}
-        self.records: list[Result] = []
-        self.switches: list[float] = []
+        self.on_switch = on_switch
+        self.records: deque[Result] = deque(maxlen=history)
+        self.switches: deque[float] = deque(maxlen=history)
+        self._counts = _Counts()
 
     # ------------------------------------------------------------------ registry
 
@@ -291,6 +301,9 @@ class UnplugAndPlay:
         synchronize(device)
         ms = 1000 * (time.perf_counter() - t0)
         self.switches.append(ms)
+        self._counts.switches += 1
+        if self.on_switch is not None:
+            self.on_switch(ms)
         return ms
 
     def _probabilities(self, group: list[_Row]) -> torch.Tensor:
@@ -355,7 +368,8 @@ class UnplugAndPlay:
             finally:
                 if self.restore_when_idle:
                     self._switch(found)
-        self.records += out
+        self.records.extend(out)
+        self._counts.add(out)
         return out
 
     def _serve(self, reqs: list[Request]) -> list[Result]:
@@ -402,22 +416,42 @@ class UnplugAndPlay:
 
     # ------------------------------------------------------------------ reporting
 
+    def reset_log(self) -> None:
+        """Forget the results and switches served so far (``summary`` starts from zero)."""
+        self.records.clear()
+        self.switches.clear()
+        self._counts = _Counts()
+
     def summary(self) -> dict:
-        """Counts, latencies and switch times of every request served so far."""
+        """Counts of every request and switch since ``reset_log``; latencies and switch times
+        (medians, max) of the last ``history`` of them."""
         done = [r for r in self.records if r.error is None]
         by_expert: dict[str, list[float]] = {}
         for r in done:
             by_expert.setdefault(r.expert, []).append(r.latency_ms / max(r.batch_size, 1))
+        c = self._counts
         return {
-            "requests": len(self.records),
-            "errors": sum(r.error is not None for r in self.records),
-            "routed": sum(r.routed for r in self.records),
-            "switches": len(self.switches),
+            "requests": c.requests,
+            "errors": c.errors,
+            "routed": c.routed,
+            "switches": c.switches,
             "switch_ms_median": statistics.median(self.switches) if self.switches else 0.0,
             "switch_ms_max": max(self.switches) if self.switches else 0.0,
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
             "compact_weight_bytes": compact_memory(self.model),
         }
+
+
+class _Counts:
+    """Running totals of a runtime's log (the log itself keeps only the recent entries)."""
+
+    def __init__(self):
+        self.requests = self.errors = self.routed = self.switches = 0
+
+    def add(self, results: Sequence[Result]) -> None:
+        self.requests += len(results)
+        self.errors += sum(r.error is not None for r in results)
+        self.routed += sum(bool(r.routed) for r in results)
 
 
 def text_tokens(tokenizer, text: str, text_pair: Optional[str] = None, max_length: Optional[int] = None) -> int:

@@ -248,3 +248,27 @@ def test_mixed_mode_token_budget_and_checks(setup):
         assert i + n == len(results) or (n + 1) * max(sizes[i:i + n + 1]) > budget
         i += n
     assert len({r.batch_size for r in results}) > 1 or results[0].batch_size < len(stream)
+
+
+def test_a_long_lived_runtime_keeps_a_bounded_log_and_counts_everything(setup):
+    model, tok, data, folders, _ = setup
+    seen = []
+    rt = UnplugAndPlay(model, tok, max_batch=4, history=3, on_switch=seen.append)
+    plain = UnplugAndPlay(model, tok, max_batch=4)  # unbounded reference on the same stream
+    for r in (rt, plain):
+        for t in TASKS:
+            r.add_expert(folders[t])
+    stream = [{"text": e.text, "task": t} for _ in range(3) for t in TASKS for e in data[t].eval[:2]]
+    got = [x for i in range(0, len(stream), 4) for x in rt.process(stream[i:i + 4])]
+    want = plain.process(stream)
+    assert [(x.task, x.label_id) for x in got] == [(x.task, x.label_id) for x in want]
+    assert len(rt.records) == 3 and len(rt.switches) == 3
+    assert list(rt.records) == got[-3:]
+    summary = rt.summary()
+    assert summary["requests"] == len(stream) == 12 and summary["errors"] == 0
+    assert summary["switches"] == len(seen) > 3  # every switch counted and reported, only 3 kept
+    assert list(rt.switches) == seen[-3:]
+    rt.reset_log()
+    assert rt.summary()["requests"] == 0 and not rt.records and not rt.switches
+    with pytest.raises(ValueError, match="history: expected an int >= 1, got 0"):
+        UnplugAndPlay(model, tok, history=0)

@@ -309,10 +309,11 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     config = config or ServeConfig()
     check_experts(experts, router)
     check_positions(model, experts, config)
-    runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
-                            max_length=config.max_tokens, restore_when_idle=False, **(runtime_options or {}))
-    served = {e.task: runtime.add_expert(e) for e in experts}
     metrics = Metrics()
+    runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
+                            max_length=config.max_tokens, restore_when_idle=False, on_switch=metrics.observe_switch,
+                            **(runtime_options or {}))
+    served = {e.task: runtime.add_expert(e) for e in experts}
     batcher = Batcher(runtime, config, metrics, group_by_task=not (runtime_options or {}).get("mixed"))
     server = _Server(runtime, batcher, metrics, config, served, model_kind(model), model_fingerprint(model),
                      copy.deepcopy(tokenizer))

@@ -11,7 +11,6 @@ When the queue runs dry the worker restores the original model (the paper's four
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -114,7 +113,7 @@ class Batcher:
         rt = self.runtime
         rt.process([Request("warm up", task=t) for t in rt.tasks])
         rt.switch(None)
-        del rt.switches[:], rt.records[:]
+        rt.reset_log()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -224,12 +223,11 @@ class Batcher:
         rt = self.runtime
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(len(batch) * max(j.tokens for j in batch))
-        with self._runtime_logs():
-            try:
-                results: list[Any] = rt.process([j.request for j in batch])
-                failed = any(r.error is not None for r in results)
-            except Exception as exc:  # process raises only for what it cannot attribute to a group
-                results, failed = [InferenceFailed(f"{type(exc).__name__}: {exc}")] * len(batch), True
+        try:
+            results: list[Any] = rt.process([j.request for j in batch])
+            failed = any(r.error is not None for r in results)
+        except Exception as exc:  # process raises only for what it cannot attribute to a group
+            results, failed = [InferenceFailed(f"{type(exc).__name__}: {exc}")] * len(batch), True
         if failed:
             self.restore()
         # One observation per forward. The items that reached one (batch_size > 0; an item refused
@@ -255,18 +253,4 @@ class Batcher:
         self._switch(expert)
 
     def _switch(self, expert: Optional[TaskExpert]) -> None:
-        with self._runtime_logs():
-            self.runtime.switch(expert)
-
-    @contextlib.contextmanager
-    def _runtime_logs(self):
-        """Observe the switches the runtime logs in the block, then empty its logs (the worker is
-        the runtime's only caller: they would grow for ever)."""
-        rt = self.runtime
-        seen = len(rt.switches)
-        try:
-            yield
-        finally:
-            for ms in rt.switches[seen:]:
-                self.metrics.observe_switch(ms)
-            del rt.switches[:], rt.records[:]
+        self.runtime.switch(expert)
