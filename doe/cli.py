@@ -251,7 +251,7 @@ def _cmd_eval(args) -> int:
     else:
         with _user_input("--task" if args.task else
                          f"the task of expert {args.experts[0]} (give --task, or --train and --labels)"):
-            spec = get_task(args.task or experts[0].task or "")
+            spec = get_task(args.task) if args.task else experts[0].spec()
         if args.eval_file:  # score this file with the task's labels, fields and metric
             with _user_input("--eval-file"):
                 spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},
@@ -377,7 +377,7 @@ def _cmd_serve(args) -> int:
 
 def _cmd_router_fit(args) -> int:
     from doe.router import TaskRouter
-    from doe.tasks import get_task, local_task
+    from doe.tasks import local_task
 
     if args.max_per_task < 1:
         raise UsageError(f"--max-per-task: expected >= 1, got {args.max_per_task}")
@@ -396,7 +396,7 @@ def _cmd_router_fit(args) -> int:
     specs = {}
     for path, expert in zip(args.experts, experts):
         with _user_input(f"the task of expert {path}"):
-            spec = get_task(expert.task or "")
+            spec = expert.spec()
         if spec.name in files:
             with _user_input(f"--train {spec.name}={files[spec.name]}"):
                 spec = local_task(spec.name, {"train": files[spec.name], "validation": files[spec.name]},

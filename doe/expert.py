@@ -275,6 +275,13 @@ class TaskExpert:
         """Kept neurons over all FFN neurons."""
         return sum(self.kept) / sum(self._num_neurons)
 
+    def spec(self):
+        """The ``TaskSpec`` this expert serves: the registered task of its name, else the spec
+        it carries (``metadata["task_spec"]``); a ValueError if neither exists."""
+        from doe.tasks import task_for
+
+        return task_for(self.task, self.metadata.get("task_spec"))
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TaskExpert):
             return NotImplemented
@@ -312,7 +319,7 @@ class TaskExpert:
         """
         from safetensors.torch import save_file
 
-        from doe import __version__
+        from doe_kernels._version import __version__
 
         directory = Path(directory)
         # clone(): prompts and heads may share storage (a dense head reused for the expert).
@@ -356,8 +363,8 @@ class TaskExpert:
     def from_pretrained(cls, directory: str | Path) -> "TaskExpert":
         """Load and validate an expert folder written by ``save_pretrained``.
 
-        A task name unknown to ``doe.tasks.TASKS`` is registered from ``metadata["task_spec"]``
-        when the folder carries one (as ``find_expert`` writes it)."""
+        The task spec the folder carries (``metadata["task_spec"]``, as ``find_expert`` writes
+        it) is checked here and used by :meth:`spec`; nothing is registered globally."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -414,11 +421,14 @@ class TaskExpert:
         if expert.kept != config.get("kept"):
             raise ValueError(f"{directory}: kept counts {expert.kept} disagree with the config's {config.get('kept')}")
         stored = expert.metadata.get("task_spec")
-        if expert.task and stored is not None:
-            from doe.tasks import task_for
+        if stored is not None:
+            from doe.tasks import spec_from_dict
 
-            try:  # a task unknown here (a local one) is rebuilt from the spec the folder carries
-                task_for(expert.task, stored)
-            except (TypeError, ValueError) as exc:
+            try:  # checked now, used by spec(); loading registers nothing
+                carried = spec_from_dict(stored)
+            except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"{config_path}: metadata.task_spec is not a valid task spec ({exc})") from exc
+            if expert.task is not None and carried.name != expert.task:
+                raise ValueError(f"{config_path}: metadata.task_spec is named {carried.name!r}, the expert's task "
+                                 f"is {expert.task!r}")
         return expert

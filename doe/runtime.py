@@ -213,7 +213,7 @@ class UnplugAndPlay:
         are serving."""
         if not isinstance(expert, TaskExpert):
             expert = TaskExpert.from_pretrained(expert)
-        spec = spec or get_task(expert.task or "")
+        spec = spec or expert.spec()
         if expert.prompt is None and expert.dense_prompt is None:
             raise ValueError(f"expert for {spec.name!r} carries no prompt: localize it with doe.find_expert "
                              "(or `doe localize`) so it can classify")

@@ -267,13 +267,12 @@ def spec_from_dict(d: Mapping[str, Any]) -> TaskSpec:
 
 def task_for(name: Optional[str], stored: Optional[Mapping[str, Any]] = None) -> TaskSpec:
     """The registered task ``name``; when unknown, the spec rebuilt from ``stored`` (a
-    ``spec_to_dict`` dict, e.g. an expert's ``metadata["task_spec"]``), registered under its name."""
+    ``spec_to_dict`` dict, e.g. an expert's ``metadata["task_spec"]``). Registers nothing."""
     if name in TASKS or stored is None:
         return get_task(name or "")
     spec = spec_from_dict(stored)
     if name is not None and spec.name != name:
         raise ValueError(f"task spec: expected a spec named {name!r}, got {spec.name!r}")
-    register_task(spec, overwrite=True)
     return spec
 
 

@@ -75,7 +75,8 @@ def test_expert_folder_carries_its_task(local_expert, monkeypatch):
     assert spec["labels"] == list(local_expert["labels"]) and spec["text_fields"] == ["text"]
     assert spec["metric"] == "accuracy"
     expert = doe.TaskExpert.from_pretrained(local_expert["out"])
-    assert expert.task == "questions" and TASKS["questions"].labels == tuple(local_expert["labels"])
+    assert expert.task == "questions" and expert.spec().labels == tuple(local_expert["labels"])
+    assert "questions" not in TASKS  # loading registers nothing globally
 
 
 def test_run_serves_a_local_expert_from_its_folder_alone(local_expert, model_dir, tmp_path, monkeypatch, capsys):

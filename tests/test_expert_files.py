@@ -132,3 +132,28 @@ def test_localize_global_and_rounding():
 def test_localization_config_validates(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LocalizationConfig(**kwargs)
+
+
+def test_an_expert_carries_its_task_and_loading_registers_nothing(tmp_path):
+    from doe.tasks import TASKS, TaskSpec, spec_to_dict
+
+    model = make_tiny("bert")
+    folders = {}
+    for labels in (("no", "yes"), ("low", "mid", "high")):  # two local tasks with one name
+        spec = TaskSpec(name="local_grade", labels=labels, dataset="json", data_files={"train": "unused.jsonl"})
+        expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=len(labels)),
+                                             task="local_grade", metadata={"task_spec": spec_to_dict(spec)})
+        folders[labels] = expert.save_pretrained(tmp_path / f"e{len(labels)}")
+    before = dict(TASKS)
+    loaded = {labels: doe.TaskExpert.from_pretrained(f) for labels, f in folders.items()}
+    assert dict(TASKS) == before and "local_grade" not in TASKS
+    for labels, expert in loaded.items():  # each keeps its own labels: the second did not overwrite the first
+        assert expert.spec().labels == labels and expert.spec().name == "local_grade"
+
+    config_path = folders[("no", "yes")] / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config["metadata"]["task_spec"]["name"] = "another_task"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="task_spec is named 'another_task', the expert's task is 'local_grade'"):
+        doe.TaskExpert.from_pretrained(folders[("no", "yes")])
+    assert dict(TASKS) == before
