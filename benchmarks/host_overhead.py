@@ -90,8 +90,8 @@ def _cases(device: torch.device):
 
     if cuda:
         # the custom ops are registered when their modules are first imported
-        import doe_kernels.ops.gathered_glu  # noqa: F401
-        import doe_kernels.ops.gathered_linear  # noqa: F401
+        import doe_kernels.ops.gathered_glu_kernel  # noqa: F401
+        import doe_kernels.ops.gathered_linear_kernel  # noqa: F401
 
         ops = torch.ops.doe_kernels
 
@@ -128,7 +128,7 @@ def _stack_cases(device: torch.device) -> tuple:
     import triton
 
     from doe_kernels.ops.api import gathered_linear
-    from doe_kernels.ops.gathered_gemv import _gathered_gemv_kernel, gathered_gemv, gemv_block_m
+    from doe_kernels.ops.gathered_gemv_kernel import _gathered_gemv_kernel, gathered_gemv, gemv_block_m
 
     dtype = torch.bfloat16
     hidden, inter = 4096, 11008
@@ -149,7 +149,7 @@ def _stack_cases(device: torch.device) -> tuple:
     def grid(m):
         return (triton.cdiv(kept, m["BLOCK_N"]), 1)
 
-    import doe_kernels.ops.gathered_linear  # noqa: F401 - registers torch.ops.doe_kernels.gathered_linear
+    import doe_kernels.ops.gathered_linear_kernel  # noqa: F401 - registers torch.ops.doe_kernels.gathered_linear
 
     ops = torch.ops.doe_kernels
     # the compiled kernel launched by Triton's lowest-level entry: no binder, no specialization,

@@ -38,8 +38,8 @@ from benchmarks import harness
 from benchmarks.suites import KERNELS, MIXED, PAD
 
 from doe_kernels import gathered_glu, gathered_linear, to_neuron_major_
-from doe_kernels.ops.gathered_glu import gathered_glu_mm
-from doe_kernels.ops.gathered_linear import gathered_mm
+from doe_kernels.ops.gathered_glu_kernel import gathered_glu_mm
+from doe_kernels.ops.gathered_linear_kernel import gathered_mm
 from doe_kernels.env import interpreting, parse_dtype
 from doe_kernels.reference import activation_fn, gathered_glu_ref, gathered_linear_ref
 from doe_kernels.testing import kept_count, random_indices, rel_err

@@ -2,6 +2,9 @@
 
 ``backend="auto"`` resolves through, in order: a ``use_backend(...)`` context, the
 ``DOE_BACKEND`` environment variable ("triton" / "torch"), then the device of the input.
+
+Triton is optional (it has wheels for Linux only): without it "auto" runs the reference
+everywhere, and only an explicit "triton" fails.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import Optional
 
 import torch
 
@@ -20,16 +24,18 @@ BACKENDS = ("auto", "triton", "torch")
 _local = threading.local()
 
 
-def _import_triton() -> bool:
+def _import_triton() -> Optional[str]:
+    """None when triton imports, else why not (not installed, or broken on this host)."""
     try:
         import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a dependency, but may be broken on exotic hosts
-        return False
-    return True
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # Decided once at import: a plain constant keeps torch.compile from tracing through a cache.
-_TRITON = _import_triton()
+_TRITON_ERROR = _import_triton()
+_TRITON = _TRITON_ERROR is None
 
 
 def triton_available() -> bool:
@@ -64,7 +70,11 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         return "triton" if x.is_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' was requested but triton cannot be imported")
+            raise RuntimeError(
+                f"backend='triton' needs the triton package, but it cannot be imported here ({_TRITON_ERROR}). "
+                "Triton publishes wheels for Linux only: install it there (pip install triton), or use "
+                "backend='torch' or 'auto' (the PyTorch reference)"
+            )
         if x.device.type == "cpu" and not interpreting():
             raise RuntimeError(
                 "backend='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

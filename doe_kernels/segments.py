@@ -28,10 +28,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from doe_kernels.ops._config import UNION_MAX_M
 from doe_kernels.validation import validate_indices
 
-__all__ = ["BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS", "UNION_CACHE"]
+__all__ = [
+    "BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS", "UNION_CACHE", "UNION_MAX_M",
+]
 
 #: Unions (device ids and membership) a ``GroupedIndices`` keeps, least recently used first
 #: out. A decode loop reuses one active set for every step, and a server sees far fewer distinct
@@ -42,6 +43,11 @@ UNION_CACHE = 64
 #: "segmented" (one launch, every tile reads its group's neurons), "union" (the union of the
 #: active groups' neurons read once; each row ignores the others).
 PATHS = ("auto", "single", "segmented", "union")
+
+#: Mixed batches of at most this many rows may read the union of their groups' kept neurons
+#: once instead of each group's own (``choose_path``): at decode sizes the weight bytes decide,
+#: and overlapping groups share them. By byte count, not yet timed.
+UNION_MAX_M = 16
 
 
 def _as_table(starts: Sequence[int], body: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import torch
 
+from doe_kernels.dispatch import triton_available
 from doe_kernels.env import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,5 +16,5 @@ TOLERANCES = {
 }
 
 def triton_runs() -> bool:
-    """Triton kernels can run: on a GPU, or on CPU tensors under the interpreter."""
-    return DEVICE == "cuda" or interpreting()
+    """Triton kernels can run: triton is installed, and a GPU or the interpreter is there."""
+    return triton_available() and (DEVICE == "cuda" or interpreting())

@@ -97,8 +97,8 @@ def test_every_activation_of_the_fused_kernels_builds_for_the_gpu(rows):
 
 
 def test_one_config_per_kernel_when_autotuning_is_off():
-    code = ("from doe_kernels.ops.gathered_gemv import gemv_configs; "
-            "from doe_kernels.ops.gathered_glu_gemv import glu_gemv_configs; "
+    code = ("from doe_kernels.ops.gathered_gemv_kernel import gemv_configs; "
+            "from doe_kernels.ops.gathered_glu_gemv_kernel import glu_gemv_configs; "
             "from doe_kernels.ops._config import autotune_configs; "
             "print(len(gemv_configs()), len(glu_gemv_configs()), "
             "*(len(autotune_configs(k)) for k in ('linear', 'glu', 'seg', 'seg-glu')))")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from doe_kernels import dtype_name, gathered_glu, gathered_linear, use_backend
-from doe_kernels.ops.gathered_linear import gathered_mm
+from doe_kernels.ops.gathered_linear_kernel import gathered_mm
 from doe_kernels.reference import ACTIVATIONS
 from doe_kernels.testing import random_indices
 from kernel_utils import DEVICE, TOLERANCES, triton_runs
@@ -235,9 +235,41 @@ def test_auto_backend_follows_device_and_context():
         torch.testing.assert_close(gathered_linear(x, w, rows=idx), ref, atol=2e-4, rtol=2e-4)
 
 
+def test_public_names_stay_the_functions_once_the_kernels_are_imported():
+    # Importing a submodule binds it as an attribute of its package: a kernel module named like
+    # an exported function would replace that function after the first Triton call.
+    import importlib.util
+    import sys
+
+    import doe_kernels
+    import doe_kernels.ops
+    from doe_kernels.ops import api
+    from doe_kernels.segments import GroupedIndices, RowGroups
+
+    names = ("gathered_linear", "gathered_glu", "segmented_linear", "segmented_glu")
+    x, w = rand(4, 16, dtype=torch.float32, seed=1), rand(24, 16, dtype=torch.float32, seed=2)
+    idx = make_index(24, 6)
+    grouped = GroupedIndices([make_index(24, 5, seed=1), make_index(24, 9, seed=2)], 24, DEVICE)
+    groups = RowGroups.build([0, 1], 2, rows_per_item=2, device=DEVICE)
+    outs = [
+        doe_kernels.ops.gathered_linear(x, w, rows=idx, backend="triton"),
+        doe_kernels.ops.gathered_glu(x, w, w, rows=idx, backend="triton"),
+        doe_kernels.ops.segmented_linear(x, w, rows=grouped, groups=groups, path="segmented", backend="triton"),
+        doe_kernels.ops.segmented_glu(x, w, w, rows=grouped, groups=groups, path="segmented", backend="triton"),
+    ]
+    assert [tuple(o.shape) for o in outs] == [(4, 6), (4, 6), (4, 9), (4, 9)]
+    assert {f"doe_kernels.ops.{n}_kernel" for n in names} <= set(sys.modules)  # the Triton paths ran
+    for name in names:
+        assert getattr(doe_kernels.ops, name) is getattr(api, name), f"doe_kernels.ops.{name}"
+        assert getattr(doe_kernels, name) is getattr(api, name), f"doe_kernels.{name}"
+    for package in (doe_kernels, doe_kernels.ops):  # nor may a later module take an exported name
+        taken = [n for n in package.__all__ if importlib.util.find_spec(f"{package.__name__}.{n}") is not None]
+        assert not taken, f"{package.__name__}: modules named like exported names: {taken}"
+
+
 # --- decode path: the GEMV form and the tl.dot form, forced, at M = 1..16 -------------------
 
-from doe_kernels.ops.gathered_glu import gathered_glu_mm  # noqa: E402
+from doe_kernels.ops.gathered_glu_kernel import gathered_glu_mm  # noqa: E402
 
 DECODE_M = [1, 2, 7, 16]
 

@@ -180,8 +180,8 @@ def test_backward_matches_reference(form):
 
 @needs_triton
 def test_custom_ops_pass_opcheck():
-    from doe_kernels.ops.segmented_glu import segmented_glu_op
-    from doe_kernels.ops.segmented_linear import segmented_linear_op
+    from doe_kernels.ops.segmented_glu_kernel import segmented_glu_op
+    from doe_kernels.ops.segmented_linear_kernel import segmented_linear_op
 
     grouped, groups = setup([0, 4])
     width, active = grouped.width(groups.active), len(groups.active)

@@ -75,11 +75,6 @@ _GLU_SMALL_M = _SMALL_M
 #: (also the ONE_CONFIG config on a GPU).
 _INTERPRETER = [(16, 32, 32, 4, 4, 1)]
 
-#: Mixed batches of at most this many rows may read the union of their groups' kept neurons
-#: once instead of each group's own (``doe_kernels.segments.choose_path``): at decode sizes the
-#: weight bytes decide, and overlapping groups share them. By byte count, not yet timed.
-UNION_MAX_M = 16
-
 #: Shared memory one block may use (bytes, opt-in maximum) by compute capability major version,
 #: for targets without a device to ask (the compile audit).
 SMEM_LIMIT = {9: 232448, 8: 166912}

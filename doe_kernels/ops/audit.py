@@ -127,22 +127,22 @@ class Row:
 
 def _kernels() -> dict:
     """name -> (autotuned kernel, weight tiles per stage, forms)."""
-    import importlib
+    from doe_kernels.ops import (
+        gathered_gemv_kernel,
+        gathered_glu_gemv_kernel,
+        gathered_glu_kernel,
+        gathered_linear_kernel,
+        segmented_glu_kernel,
+        segmented_linear_kernel,
+    )
 
-    # the package re-exports functions with the modules' names: import the modules by path
-    gathered_linear = importlib.import_module("doe_kernels.ops.gathered_linear")
-    gathered_glu = importlib.import_module("doe_kernels.ops.gathered_glu")
-    gemv = importlib.import_module("doe_kernels.ops.gathered_gemv")
-    glu_gemv = importlib.import_module("doe_kernels.ops.gathered_glu_gemv")
-    seg_linear = importlib.import_module("doe_kernels.ops.segmented_linear")
-    seg_glu = importlib.import_module("doe_kernels.ops.segmented_glu")
     return {
-        "linear": (gathered_linear._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "glu": (gathered_glu._gathered_glu_kernel, 2, ("rows/linear",)),
-        "gemv": (gemv._gathered_gemv_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "glu-gemv": (glu_gemv._gathered_glu_gemv_kernel, 2, ("rows/linear",)),
-        "seg": (seg_linear._segmented_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "seg-glu": (seg_glu._segmented_glu_kernel, 2, ("rows/linear",)),
+        "linear": (gathered_linear_kernel._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "glu": (gathered_glu_kernel._gathered_glu_kernel, 2, ("rows/linear",)),
+        "gemv": (gathered_gemv_kernel._gathered_gemv_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "glu-gemv": (gathered_glu_gemv_kernel._gathered_glu_gemv_kernel, 2, ("rows/linear",)),
+        "seg": (segmented_linear_kernel._segmented_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
+        "seg-glu": (segmented_glu_kernel._segmented_glu_kernel, 2, ("rows/linear",)),
     }
 
 
@@ -386,7 +386,7 @@ def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
         for c in kernel.configs:
             kw = c.kwargs
             if name in GEMV_KERNELS:
-                from doe_kernels.ops.gathered_gemv import GEMV_MAX_M
+                from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M
 
                 block = (GEMV_MAX_M, kw["BLOCK_N"], kw["BLOCK_K"], 0)
             else:

@@ -35,7 +35,7 @@ from doe_kernels.ops._config import (
     m_bucket,
     prune_configs,
 )
-from doe_kernels.ops.gathered_gemv import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
+from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
 
 __all__ = ["gathered_mm", "grouped_tile", "gathered_dot", "gathered_linear_op"]
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from doe_kernels.ops._activations import apply_activation
 from doe_kernels.ops._config import ONE_CONFIG, resolve_split_k
-from doe_kernels.ops.gathered_gemv import gemv_block_m, k_range
+from doe_kernels.ops.gathered_gemv_kernel import gemv_block_m, k_range
 
 __all__ = ["gathered_glu_gemv", "glu_gemv_configs"]
 

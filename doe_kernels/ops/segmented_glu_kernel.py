@@ -19,8 +19,8 @@ import triton.language as tl
 
 from doe_kernels.ops._activations import ACTIVATION_IDS
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
-from doe_kernels.ops.gathered_glu import glu_tile
-from doe_kernels.ops.segmented_linear import row_tiles, segment_tile, segmented_linear_op, width_bucket
+from doe_kernels.ops.gathered_glu_kernel import glu_tile
+from doe_kernels.ops.segmented_linear_kernel import row_tiles, segment_tile, segmented_linear_op, width_bucket
 from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
 
 __all__ = ["segmented_glu_mm", "segmented_glu_op"]

@@ -19,9 +19,9 @@ import triton.language as tl
 
 from doe_kernels.ops._activations import ACTIVATION_IDS, apply_activation
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
-from doe_kernels.ops.gathered_gemv import GEMV_MAX_M
-from doe_kernels.ops.gathered_glu_gemv import gathered_glu_gemv
-from doe_kernels.ops.gathered_linear import gathered_linear_op, grouped_tile
+from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M
+from doe_kernels.ops.gathered_glu_gemv_kernel import gathered_glu_gemv
+from doe_kernels.ops.gathered_linear_kernel import gathered_linear_op, grouped_tile
 from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
 
 __all__ = ["gathered_glu_mm", "gathered_glu_op", "glu_tile", "ACTIVATION_IDS"]

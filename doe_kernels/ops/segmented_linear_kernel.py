@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, prune_segmented
-from doe_kernels.ops.gathered_linear import gathered_dot, grouped_tile
+from doe_kernels.ops.gathered_linear_kernel import gathered_dot, grouped_tile
 
 __all__ = ["segment_tile", "segmented_mm", "segmented_linear_op", "width_bucket"]
 
