@@ -18,13 +18,14 @@ _EXPORTS = {
     "doe.attribution": ("AttributionConfig", "NeuronScores", "score_neurons"),
     "doe.evaluate": ("EvalReport", "evaluate"),
     "doe.expert": ("TaskExpert", "model_fingerprint"),
+    "doe.locking": ("model_lock",),
     "doe.localize": ("ExpertSearchConfig", "ExpertSearchResult", "LocalizationConfig", "find_expert", "localize"),
     "doe.prompt": ("PromptTuningConfig", "TaskModel", "prompt_tune"),
     "doe.router": ("TaskRouter",),
     "doe.runtime": ("Request", "Result", "UnplugAndPlay"),
     "doe.tasks": ("TaskSpec", "get_task", "load_task", "local_task", "register_task"),
     "doe.unplug": ("Installed", "check_expert", "compact_memory", "current_expert", "installed", "is_unplugged",
-                   "mixed_batch", "model_lock", "release_compact", "restore_", "unplug_", "unplugged"),
+                   "mixed_batch", "release_compact", "restore_", "unplug_", "unplugged"),
     "doe_kernels._version": ("__version__",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from doe.attribution import AttributionConfig, NeuronScores, score_neurons
     from doe.evaluate import EvalReport, evaluate
     from doe.expert import TaskExpert, model_fingerprint
+    from doe.locking import model_lock
     from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize
     from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
     from doe.router import TaskRouter
@@ -73,7 +75,6 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
         installed,
         is_unplugged,
         mixed_batch,
-        model_lock,
         release_compact,
         restore_,
         unplug_,

@@ -330,7 +330,8 @@ def _cmd_serve(args) -> int:
     if missing:
         raise UsageError(f"`doe serve` needs {', '.join(missing)}: pip install -e \".[serve]\"")
     from doe.router import TaskRouter
-    from doe.serve import ServeConfig, check_experts, check_positions, create_app, run_server
+    from doe.runtime import check_experts
+    from doe.serve import ServeConfig, check_positions, create_app, run_server
     from doe.serve.server import bind
 
     with _user_input("option"):  # ServeConfig validates every value

@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
+from doe.folders import atomic_folder
 from doe.locking import model_lock
 from doe_kernels import validate_indices
 
@@ -57,38 +55,6 @@ def model_fingerprint(model: nn.Module, blocks: Optional[Sequence[FFNBlock]] = N
     structure["ffn"] = [[b.name, b.kind, b.num_neurons, b.hidden_size, b.gated] for b in blocks]
     text = json.dumps(structure, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename folder ``new`` to ``target``; an existing ``target`` is swapped out first and
-    removed only after the rename succeeded."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _neuron_count(value: Any, i: int) -> int:
@@ -275,6 +241,27 @@ class TaskExpert:
         """Kept neurons over all FFN neurons."""
         return sum(self.kept) / sum(self._num_neurons)
 
+    def summary(self) -> dict:
+        """What an expert is, in JSON types: task, model and method, totals of kept and FFN
+        neurons, keep ratio, digest and soft-prompt length (the per-block lists are in the
+        folder's config)."""
+        return {"task": self.task, "model_type": self.model_type, "fingerprint": self.fingerprint,
+                "method": self.metadata.get("method"), "digest": self.digest, "keep_ratio": self.keep_ratio,
+                "kept": sum(self.kept), "num_neurons": sum(self.num_neurons), "blocks": self.num_blocks,
+                "prompt_tokens": None if self.prompt is None else int(self.prompt.shape[0])}
+
+    def prompt_and_head(self, on_expert: bool = True) -> tuple:
+        """``(prompt, head)`` to run the task with: on the expert, its own, each falling back to the
+        dense one; on the dense model (``on_expert=False``), the dense ones, falling back to its
+        own. prompt: (P, H) or None; head: a state dict or None."""
+        first, second = ("", "dense_") if on_expert else ("dense_", "")
+
+        def pick(kind: str):
+            own = getattr(self, first + kind)
+            return own if own is not None else getattr(self, second + kind)
+
+        return pick("prompt"), pick("head")
+
     def spec(self):
         """The ``TaskSpec`` this expert serves: the registered task of its name, else the spec
         it carries (``metadata["task_spec"]``); a ValueError if neither exists."""
@@ -348,15 +335,9 @@ class TaskExpert:
             "metadata": self.metadata,
         }
         text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a saved folder follows the umask
-        try:
+        with atomic_folder(directory) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "doe-expert"})
             (tmp / CONFIG_NAME).write_text(text)
-            _replace_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

@@ -116,7 +116,7 @@ class TaskModel(nn.Module):
             self.label_token_ids = self._verbalizer_ids().to(embed.weight.device)
 
     def _verbalizer_ids(self) -> torch.Tensor:
-        words = self.spec.verbalizer or self.spec.labels
+        words = self.spec.label_words
         ids = []
         for word in words:
             pieces = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]

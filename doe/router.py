@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from doe import progress
+from doe.folders import atomic_folder
 from doe.models import eval_mode, model_kind
 
 __all__ = ["TaskRouter", "embed_texts"]
@@ -118,12 +119,14 @@ class TaskRouter:
         return self.route_embeddings(embed_texts(model, tokenizer, texts))
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the router's config and weights to a folder, whole or not at all (an existing
+        folder is replaced only once the new one is complete)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(directory / _WEIGHTS))
-        (directory / _CONFIG).write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
+        with atomic_folder(directory) as tmp:
+            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp / _WEIGHTS))
+            (tmp / _CONFIG).write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
         return directory
 
     @classmethod

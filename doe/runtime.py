@@ -219,11 +219,8 @@ class UnplugAndPlay:
                              "(or `doe localize`) so it can classify")
         with model_lock(self.model):
             check_expert(self.model, expert)
-            dense_prompt = expert.dense_prompt if expert.dense_prompt is not None else expert.prompt
-            dense_head = expert.dense_head if expert.dense_head is not None else expert.head
-            on_dense = self._task_model(spec, dense_prompt, dense_head)
-            on_expert = self._task_model(spec, expert.prompt if expert.prompt is not None else dense_prompt,
-                                         expert.head if expert.head is not None else dense_head)
+            on_dense = self._task_model(spec, *expert.prompt_and_head(on_expert=False))
+            on_expert = self._task_model(spec, *expert.prompt_and_head(on_expert=True))
             expert.stage(self._device())
             self._entries[spec.name] = _Entry(spec, expert, on_expert, on_dense)
         return expert

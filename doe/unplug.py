@@ -56,7 +56,7 @@ from doe_kernels.modules import hooked_modules, is_neuron_major, unwrap
 from doe_kernels.segments import BatchGroups, GroupedIndices
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
-           "model_lock", "check_expert", "compact_memory", "release_compact", "mixed_batch"]
+           "check_expert", "compact_memory", "release_compact", "mixed_batch"]
 
 #: What ``unplug_`` installs: one expert, or task name -> expert (several resident).
 Experts = Union[TaskExpert, Mapping[str, TaskExpert]]

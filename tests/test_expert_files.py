@@ -157,3 +157,31 @@ def test_an_expert_carries_its_task_and_loading_registers_nothing(tmp_path):
     with pytest.raises(ValueError, match="task_spec is named 'another_task', the expert's task is 'local_grade'"):
         doe.TaskExpert.from_pretrained(folders[("no", "yes")])
     assert dict(TASKS) == before
+
+
+def test_prompt_and_head_fall_back_between_expert_and_dense():
+    model = make_tiny("bert")
+    idx = random_expert_indices(model, 0.35, seed=0)
+    p, dp = torch.randn(4, 32), torch.randn(4, 32)
+    h, dh = {"w": torch.randn(2, 32)}, {"w": torch.randn(2, 32)}
+    both = doe.TaskExpert.from_indices(model, idx, task="t")
+    both.prompt, both.head, both.dense_prompt, both.dense_head = p, h, dp, dh
+    assert both.prompt_and_head() == (p, h) and both.prompt_and_head(on_expert=False) == (dp, dh)
+    only_dense = doe.TaskExpert.from_indices(model, idx, task="t")
+    only_dense.dense_prompt, only_dense.dense_head = dp, dh
+    assert only_dense.prompt_and_head() == (dp, dh) == only_dense.prompt_and_head(on_expert=False)
+    only_own = doe.TaskExpert.from_indices(model, idx, task="t")
+    only_own.prompt = p
+    assert only_own.prompt_and_head(on_expert=False) == (p, None)
+
+
+def test_summary_totals_what_the_folder_config_lists(tmp_path):
+    model = make_tiny("llama")
+    expert = doe.TaskExpert.from_indices(model, random_expert_indices(model, 0.35, seed=3), task="t",
+                                         metadata={"method": "random"})
+    config = json.loads((expert.save_pretrained(tmp_path / "e") / CONFIG_NAME).read_text())
+    s = expert.summary()
+    assert s["kept"] == sum(config["kept"]) and s["num_neurons"] == sum(config["num_neurons"])
+    assert s["keep_ratio"] == pytest.approx(s["kept"] / s["num_neurons"]) and s["blocks"] == len(config["kept"])
+    assert (s["task"], s["method"], s["fingerprint"], s["prompt_tokens"]) == ("t", "random", config["fingerprint"], None)
+    assert json.loads(json.dumps(s)) == s

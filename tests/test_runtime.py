@@ -272,3 +272,24 @@ def test_a_long_lived_runtime_keeps_a_bounded_log_and_counts_everything(setup):
     assert rt.summary()["requests"] == 0 and not rt.records and not rt.switches
     with pytest.raises(ValueError, match="history: expected an int >= 1, got 0"):
         UnplugAndPlay(model, tok, history=0)
+
+
+def test_router_save_is_whole_or_nothing(setup, tmp_path, monkeypatch):
+    _, _, _, _, router = setup
+    folder = router.save_pretrained(tmp_path / "router")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = TaskRouter(list(reversed(router.tasks)), router.weight.flip(0) + 1, router.bias.flip(0))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    import doe.router as router_module
+
+    monkeypatch.setattr(router_module.json, "dumps", broken)  # fails after the weights were written
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["router"]  # no temporary folder left behind
+    loaded = TaskRouter.from_pretrained(folder)
+    assert loaded.tasks == router.tasks and torch.equal(loaded.weight, router.weight)

@@ -48,7 +48,7 @@ from doe.serve.generate import GenerateParams, Generation, generate
 from doe.serve.metrics import Metrics
 from doe.unplug import compact_memory, installed
 
-__all__ = ["create_app", "check_experts", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest",
+__all__ = ["create_app", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest",
            "GenerateResult", "ErrorBody"]
 
 ENDPOINTS = ("/v1/classify", "/v1/generate", "/v1/experts", "/health", "/metrics")
@@ -416,7 +416,7 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                            f"(--max-new-tokens), got {body.max_new_tokens}")
         prompt_tokens = server.count_tokens([body.prompt], [None])[0]
         expert = served.get(body.task) if body.task else None
-        soft = None if expert is None else (expert.prompt if expert.prompt is not None else expert.dense_prompt)
+        soft = None if expert is None else expert.prompt_and_head()[0]
         params = GenerateParams(body.prompt, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
@@ -489,11 +489,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                       "compact_weight_bytes": compact_memory(model)},
             "router": None if runtime.router is None else {"tasks": runtime.router.tasks, "threshold": threshold},
             "installed": _installed_tasks(model),
-            "experts": [{
-                "task": task, "keep_ratio": e.keep_ratio, "kept": sum(e.kept), "neurons": sum(e.num_neurons),
-                "model_type": e.model_type, "fingerprint": e.fingerprint, "method": e.metadata.get("method"),
-                "digest": e.digest, "prompt_tokens": None if e.prompt is None else int(e.prompt.shape[0]),
-            } for task, e in served.items()],
+            # "neurons": the earlier name of "num_neurons", kept for one release
+            "experts": [{**e.summary(), "task": task, "neurons": sum(e.num_neurons)} for task, e in served.items()],
         }
 
     @app.get("/health", summary="200 while serving, 503 when shutting down or the worker stopped")

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from doe.unplug import model_lock
+from doe.locking import model_lock
 
 __all__ = ["GenerateParams", "Generation", "generate"]
 
