@@ -47,7 +47,7 @@ class Planned:
     single: bool = True  # body is one object (else a list)
 
 
-def _bad_requests(tasks: list[str], max_tokens: int, max_items: int, encoder: bool) -> list[Planned]:
+def _bad_requests(tasks: list[str], max_length: int, max_items: int, encoder: bool) -> list[Planned]:
     """One request of each bad kind, with the status the API documents."""
     t = tasks[0]
 
@@ -61,7 +61,7 @@ def _bad_requests(tasks: list[str], max_tokens: int, max_items: int, encoder: bo
         Planned("wrong_type", js({"text": 42, "task": t}), 422),
         Planned("empty_text", js({"text": "", "task": t}), 422),
         Planned("blank_text", js({"text": "   ", "task": t}), 422),
-        Planned("too_long", js({"text": "word " * (max_tokens + 8), "task": t}), 413),
+        Planned("too_long", js({"text": "word " * (max_length + 8), "task": t}), 413),
         Planned("unknown_task", js({"text": "fine", "task": "no_such_task"}), 404),
         Planned("empty_list", b"[]", 422),
         Planned("too_many_items", js([{"text": "fine", "task": t}] * (max_items + 1)), 413),
@@ -74,12 +74,12 @@ def _bad_requests(tasks: list[str], max_tokens: int, max_items: int, encoder: bo
 
 
 def build_plan(texts: dict[str, list[str]], n: int, *, routed: float, bad_every: int, disconnect_every: int,
-               list_every: int, max_tokens: int, max_items: int, encoder: bool, seed: int) -> list[Planned]:
+               list_every: int, max_length: int, max_items: int, encoder: bool, seed: int) -> list[Planned]:
     """``n`` requests: good ones (one item, or a list of 2-4 every ``list_every``), a bad one every
     ``bad_every``, a disconnecting one every ``disconnect_every``."""
     rng = random.Random(seed)
     tasks = sorted(texts)
-    bad = _bad_requests(tasks, max_tokens, max_items, encoder)
+    bad = _bad_requests(tasks, max_length, max_items, encoder)
     plan: list[Planned] = []
 
     def item():
@@ -116,7 +116,7 @@ def offline_runtime(args):
         torch.set_num_threads(args.threads)
     tok, model = _load_model(args.model, args.device)
     rt = UnplugAndPlay(model, tok, router=TaskRouter.from_pretrained(args.router) if args.router else None,
-                       threshold=args.threshold, max_batch=args.max_batch, max_length=args.max_tokens,
+                       threshold=args.threshold, max_batch=args.max_batch, max_length=args.max_length,
                        compact=args.compact_weights)
     for folder in args.experts:
         rt.add_expert(TaskExpert.from_pretrained(folder))
@@ -167,7 +167,7 @@ def check_answer(p: Planned, status: int, payload: Any, expected: dict, tasks: l
 def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "doe.cli", "serve", "--model", args.model, "--experts", *args.experts,
            "--port", "0", "--threshold", str(args.threshold), "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-tokens", str(args.max_tokens),
+           "--max-wait-ms", str(args.max_wait_ms), "--max-length", str(args.max_length),
            "--max-items", str(args.max_items)]
     cmd += ["--router", args.router] if args.router else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -395,7 +395,7 @@ def to_markdown(report: dict) -> str:
         "",
         f"Model `{cfg['model']}`, experts {', '.join(report['tasks'])}{', router' if cfg['router'] else ''}; "
         f"{cfg['clients']} concurrent clients; server --max-batch {cfg['max_batch']} --max-wait-ms "
-        f"{cfg['max_wait_ms']} --max-tokens {cfg['max_tokens']} --threads {cfg['threads'] or 'default'}"
+        f"{cfg['max_wait_ms']} --max-length {cfg['max_length']} --threads {cfg['threads'] or 'default'}"
         f"{' --compact-weights' if cfg['compact_weights'] else ''}{' --mixed' if cfg['mixed'] else ''}.",
         "",
         "| requests | good (items) | bad | disconnects | throughput | items/s | p50 | p95 | p99 | lost | wrong | "
@@ -438,7 +438,7 @@ def parse_args(argv=None):
     p.add_argument("--shutdown-requests", type=int, default=200, help="burst for the SIGTERM phase (0: skip it)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-items", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server and the offline run")
     p.add_argument("--compact-weights", action="store_true", help="serve (and run offline) with compacted experts")
@@ -465,14 +465,14 @@ def run(args) -> dict:
     texts = {}
     for t in tasks:  # the held-out texts the server accepts (a longer one is a bad request)
         pool = [e.text for e in load_task(get_task(t)).eval]
-        texts[t] = [x for x, ids in zip(pool, rt.tokenizer(pool)["input_ids"]) if len(ids) <= args.max_tokens]
+        texts[t] = [x for x, ids in zip(pool, rt.tokenizer(pool)["input_ids"]) if len(ids) <= args.max_length]
     encoder = args.model == "minilm" or json.loads((Path(args.model) / "config.json").read_text()).get(
         "model_type") in ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
     plan = build_plan(texts, args.requests, routed=args.routed if args.router else 0.0, bad_every=args.bad_every,
                       disconnect_every=args.disconnect_every, list_every=args.list_every,
-                      max_tokens=args.max_tokens, max_items=args.max_items, encoder=encoder, seed=args.seed)
+                      max_length=args.max_length, max_items=args.max_items, encoder=encoder, seed=args.seed)
     burst = [p for p in build_plan(texts, args.shutdown_requests, routed=args.routed if args.router else 0.0,
-                                   bad_every=0, disconnect_every=0, list_every=0, max_tokens=args.max_tokens,
+                                   bad_every=0, disconnect_every=0, list_every=0, max_length=args.max_length,
                                    max_items=args.max_items, encoder=encoder, seed=args.seed + 1)]
     t0 = time.perf_counter()
     expected = offline_answers(rt, plan + burst)

@@ -270,6 +270,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _max_length(args) -> int:
+    """``--max-length``, or the deprecated ``--max-tokens`` (with a warning on stderr)."""
+    if args.max_tokens is not None:
+        if args.max_length is not None:
+            raise UsageError(f"--max-tokens is the earlier name of --max-length: give one, got --max-length "
+                             f"{args.max_length} and --max-tokens {args.max_tokens}")
+        print("doe serve: --max-tokens is now --max-length; the old name goes in the next release", file=sys.stderr)
+        return args.max_tokens
+    return 128 if args.max_length is None else args.max_length
+
+
 def _cmd_run(args) -> int:
     from doe.router import TaskRouter
     from doe.runtime import Request, UnplugAndPlay, check_experts
@@ -336,7 +347,7 @@ def _cmd_serve(args) -> int:
 
     with _user_input("option"):  # ServeConfig validates every value
         config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token_budget=args.token_budget,
-                             max_tokens=args.max_tokens, max_queue=args.max_queue, max_items=args.max_items,
+                             max_length=_max_length(args), max_queue=args.max_queue, max_items=args.max_items,
                              max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
                              retry_after_s=args.retry_after,
                              shutdown_timeout_s=args.shutdown_timeout)
@@ -364,7 +375,7 @@ def _cmd_serve(args) -> int:
 
             torch.set_num_threads(args.threads)
         tok, model = _load_model(args.model, args.device)
-        with _user_input("--max-tokens"):
+        with _user_input("--max-length"):
             check_positions(model, experts, config)
         with _user_input("--experts"):
             app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config,
@@ -561,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the oldest queued item waits for its batch to fill (default 5)")
     p.add_argument("--token-budget", type=int, default=2048,
                    help="padded text tokens per batch: batch size x its longest text (default 2048)")
-    p.add_argument("--max-tokens", type=int, default=128,
+    p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text; longer texts get 413 (default 128; nothing accepted is truncated)")
+    p.add_argument("--max-tokens", type=int, default=None, help=argparse.SUPPRESS)  # the earlier --max-length
     p.add_argument("--max-queue", type=int, default=256,
                    help="queued items before new requests get 503 with Retry-After (default 256)")
     p.add_argument("--max-items", type=int, default=64, help="items per request body (default 64)")

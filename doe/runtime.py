@@ -11,7 +11,7 @@ Consecutive requests for one task run as one batch; switching between experts is
 
 Mixed mode (``mixed=True``): every registered expert stays resident (``doe.unplug_`` with the
 mapping of all of them) and requests of any task, named or routed, batch together up to
-``max_batch`` requests and ``max_tokens`` padded tokens; each batch is one forward
+``max_batch`` requests and ``token_budget`` padded tokens; each batch is one forward
 (``doe.mixed_batch``), every row on its own expert with its own prompt and head, rows below the
 router's threshold on the dense model. Results are those of the one-task-at-a-time mode.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,8 +164,9 @@ class UnplugAndPlay:
     routed task's dense prompt and head). max_batch: consecutive same-task requests per batch.
     restore_when_idle: put the original model back when ``process`` returns.
     mixed: batch requests of different tasks together, one forward per batch (see the module
-    docstring); max_tokens: in mixed mode, the padded tokens (rows x the longest row, prompt
-    included) a batch may hold (None: no limit).
+    docstring); token_budget: in mixed mode, the padded tokens (rows x the longest row, prompt
+    included) a batch may hold (None: no limit; ``max_tokens``, its earlier name, is accepted
+    with a DeprecationWarning). max_length: tokens per text (longer texts are truncated).
     compact: run experts on compacted copies of their kept weights, made once per expert and
     kept while it is resident (memory for speed, reported by ``summary()``; see
     ``doe.unplug_``). Off by default: experts then cost only their index lists.
@@ -177,8 +179,8 @@ class UnplugAndPlay:
     def __init__(self, model: nn.Module, tokenizer, *, router: Optional[TaskRouter] = None,
                  threshold: float = 0.5, max_batch: int = 32, max_length: int = 64,
                  restore_when_idle: bool = True, compact: bool = False, mixed: bool = False,
-                 max_tokens: Optional[int] = None, history: int = 10_000,
-                 on_switch: Optional[Callable[[float], None]] = None):
+                 token_budget: Optional[int] = None, history: int = 10_000,
+                 on_switch: Optional[Callable[[float], None]] = None, max_tokens: Optional[int] = None):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a confidence in [0, 1], got {threshold}")
         if max_batch < 1:
@@ -188,9 +190,18 @@ class UnplugAndPlay:
                              "weights at once: choose one")
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history: expected an int >= 1, got {history!r}")
-        if max_tokens is not None and (not mixed or max_tokens < 1):
-            raise ValueError(f"max_tokens: expected None or >= 1 with mixed=True, got {max_tokens} (mixed={mixed})")
-        self.mixed, self.max_tokens = mixed, max_tokens
+        budget_name = "token_budget"
+        if max_tokens is not None:
+            if token_budget is not None:
+                raise ValueError(f"max_tokens is the earlier name of token_budget: give one, got token_budget="
+                                 f"{token_budget} and max_tokens={max_tokens}")
+            warnings.warn("UnplugAndPlay(max_tokens=...) is now token_budget; the old name goes in the next release",
+                          DeprecationWarning, stacklevel=2)
+            token_budget, budget_name = max_tokens, "max_tokens"
+        if token_budget is not None and (not mixed or token_budget < 1):
+            raise ValueError(f"{budget_name}: expected None or >= 1 with mixed=True, got {token_budget} "
+                             f"(mixed={mixed})")
+        self.mixed, self.token_budget = mixed, token_budget
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.threshold, self.max_batch, self.max_length = threshold, max_batch, max_length
         self.restore_when_idle = restore_when_idle
@@ -389,14 +400,15 @@ class UnplugAndPlay:
 
     def _batches(self, rows: list[_Row]):
         """Consecutive rows, at most ``max_batch`` a batch: one task on one model at a time, or in
-        mixed mode any rows up to ``max_tokens`` padded tokens (a longer row alone)."""
+        mixed mode any rows up to ``token_budget`` padded tokens (a longer row alone)."""
         group: list[_Row] = []
         longest = 0
         for row in rows:
-            size = self._tokens(row) if self.max_tokens is not None else 0
+            size = self._tokens(row) if self.token_budget is not None else 0
             if group and (len(group) >= self.max_batch
                           or (not self.mixed and (row.entry, row.use_expert) != (group[0].entry, group[0].use_expert))
-                          or (self.max_tokens is not None and (len(group) + 1) * max(longest, size) > self.max_tokens)):
+                          or (self.token_budget is not None
+                              and (len(group) + 1) * max(longest, size) > self.token_budget)):
                 yield group
                 group, longest = [], 0
             group.append(row)

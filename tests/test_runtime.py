@@ -231,10 +231,10 @@ def test_mixed_mode_batches_tasks_together_with_the_same_answers(setup):
 
 def test_mixed_mode_token_budget_and_checks(setup):
     model, tok, data, folders, _ = setup
-    with pytest.raises(ValueError, match="max_tokens: expected None or >= 1 with mixed=True"):
-        UnplugAndPlay(model, tok, max_tokens=64)
+    with pytest.raises(ValueError, match="token_budget: expected None or >= 1 with mixed=True"):
+        UnplugAndPlay(model, tok, token_budget=64)
     budget = 40
-    rt = UnplugAndPlay(model, tok, mixed=True, max_tokens=budget)
+    rt = UnplugAndPlay(model, tok, mixed=True, token_budget=budget)
     prompts = {t: rt.add_expert(folders[t]).prompt.shape[0] for t in TASKS}
     stream = [{"text": e.text, "task": t} for t in TASKS for e in data[t].eval[:3]]
     results = rt.process(stream)

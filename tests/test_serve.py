@@ -78,7 +78,7 @@ def same(got: dict, want: dict) -> bool:
 
 def app_for(tiny, router=True, compact=False, mixed=False, **config):
     model, tok, experts, rt_router, _ = tiny
-    cfg = ServeConfig(**{"max_tokens": MAX_TOKENS, "token_budget": 2048, **config})
+    cfg = ServeConfig(**{"max_length": MAX_TOKENS, "token_budget": 2048, **config})
     return create_app(model, tok, experts, router=rt_router if router else None, config=cfg,
                       runtime_options={"compact": compact, "mixed": mixed})
 
@@ -174,7 +174,7 @@ def test_a_mixed_server_restores_the_dense_model_between_batches_and_for_generat
         rt.add_expert(e)
     want = [r.to_dict() for r in rt.process(items)]
     dense_want = greedy_by_hand(model, tok, None, "the movie was", 3)
-    app = create_app(model, tok, experts, config=ServeConfig(max_tokens=MAX_TOKENS, max_new_tokens=4, max_wait_ms=0),
+    app = create_app(model, tok, experts, config=ServeConfig(max_length=MAX_TOKENS, max_new_tokens=4, max_wait_ms=0),
                      runtime_options={"mixed": True})
     gate = Gate(model)
     answers = {}
@@ -233,7 +233,7 @@ def test_forward_metrics_count_each_forward_once_around_a_failed_route(tiny, mon
 
 def test_items_without_a_pair_count_their_tokens_as_the_runtime_encodes_them(tiny):
     """In a list where another item has a text_pair, an item without one counts no pair tokens:
-    one at exactly max_tokens is served, not refused."""
+    one at exactly max_length is served, not refused."""
     from tokenizers.processors import TemplateProcessing
 
     model, tok, experts, _, texts = tiny
@@ -469,7 +469,7 @@ def test_generate_greedy_sampled_and_streamed_on_a_decoder():
     model = make_tiny("llama")
     expert = make_expert(model, "offline_sentiment", 3)
     want = greedy_by_hand(model, tok, expert, "the movie was", 6)
-    app = create_app(model, tok, [expert], config=ServeConfig(max_tokens=16, max_new_tokens=8))
+    app = create_app(model, tok, [expert], config=ServeConfig(max_length=16, max_new_tokens=8))
     with TestClient(app) as client:
         greedy = client.post("/v1/generate", json={"prompt": "the movie was", "task": "offline_sentiment",
                                                    "max_new_tokens": 6})
@@ -533,7 +533,7 @@ def test_serve_config_and_cli_check_everything_before_loading_a_model(tiny, tmp_
     with pytest.raises(ValueError, match=r"max_batch \(--max-batch\): expected an integer >= 1, got 0"):
         ServeConfig(max_batch=0)
     with pytest.raises(ValueError, match="token_budget"):
-        ServeConfig(max_tokens=512, token_budget=256)
+        ServeConfig(max_length=512, token_budget=256)
     model, _, experts, _, _ = tiny
     folder = experts[0].save_pretrained(tmp_path / "expert")
     twin = experts[0].save_pretrained(tmp_path / "twin")
@@ -584,7 +584,7 @@ def test_doe_serve_under_load_then_sigterm(tiny, tmp_path):
     out = tmp_path / "load"
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--model", str(tmp_path / "model"), "--device", "cpu",
            "--experts", *folders, "--router", str(tmp_path / "router"), "--requests", "200", "--clients", "8",
-           "--shutdown-requests", "80", "--max-tokens", str(MAX_TOKENS), "--max-items", "4", "--bad-every", "10",
+           "--shutdown-requests", "80", "--max-length", str(MAX_TOKENS), "--max-items", "4", "--bad-every", "10",
            "--disconnect-every", "25", "--list-every", "7", "--threads", "1", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
     report = json.loads((out / "serve_load.json").read_text())
@@ -598,3 +598,18 @@ def test_doe_serve_under_load_then_sigterm(tiny, tmp_path):
     counts = report["server_counts"]
     assert counts["admitted"] == counts["answered"] + counts["dropped"]
     assert (out / "serve_load.md").read_text().startswith("# `doe serve` load test")
+
+
+def test_the_earlier_names_of_the_length_limits_still_work_for_one_release(tiny):
+    with pytest.warns(DeprecationWarning, match=r"max_tokens=\.\.\.\) is now max_length"):
+        cfg = ServeConfig(max_tokens=48)
+    assert cfg.max_length == 48 and cfg == ServeConfig(max_length=48) and "max_tokens" not in cfg.to_dict()
+    with pytest.raises(ValueError, match="max_tokens is the earlier name of max_length: give one"):
+        ServeConfig(max_length=64, max_tokens=48)
+    model, tok, _, _, _ = tiny
+    with pytest.warns(DeprecationWarning, match=r"max_tokens=\.\.\.\) is now token_budget"):
+        rt = UnplugAndPlay(model, tok, mixed=True, max_tokens=300)
+    assert rt.token_budget == 300
+    with pytest.raises(ValueError, match="max_tokens: expected None or >= 1 with mixed=True"):
+        with pytest.warns(DeprecationWarning):
+            UnplugAndPlay(model, tok, max_tokens=64)

@@ -12,7 +12,7 @@ Errors are JSON ``{"kind": ..., "detail": ...}``:
 - 422 a body that does not fit the schema (missing or extra fields, wrong types, an empty text,
   no task on a server without a router, decoding settings out of range);
 - 404 an unknown task (the body lists ``tasks``), or /v1/generate on a model that is not a decoder;
-- 413 a text over ``max_tokens`` tokens, a list over ``max_items`` items, a body over
+- 413 a text over ``max_length`` tokens, a list over ``max_items`` items, a body over
   ``max_body_bytes``;
 - 503 the queue is full (with Retry-After) or the server is shutting down;
 - 500 a forward raised: the items of that batch fail, the model is restored, the rest go on.
@@ -168,8 +168,8 @@ class _Server:
                            tasks=self.tasks)
 
     def count_tokens(self, texts: Sequence[str], pairs: Sequence[Optional[str]]) -> list[int]:
-        """Tokens per text (with its pair); 413 when one is over ``max_tokens``."""
-        limit = self.config.max_tokens
+        """Tokens per text (with its pair); 413 when one is over ``max_length``."""
+        limit = self.config.max_length
         for i, (t, p) in enumerate(zip(texts, pairs)):
             chars = len(t) + len(p or "")
             if chars > CHARS_PER_TOKEN * limit:
@@ -282,14 +282,14 @@ def _failed(answers: list[Any]) -> None:
 
 
 def check_positions(model: nn.Module, experts: Sequence[TaskExpert], config: ServeConfig) -> None:
-    """Raise ValueError when the longest accepted input (soft prompt + ``max_tokens``, plus
+    """Raise ValueError when the longest accepted input (soft prompt + ``max_length``, plus
     ``max_new_tokens`` on a decoder) does not fit the model's position table."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     prompts = [int(p.shape[0]) for e in experts for p in (e.prompt, e.dense_prompt) if p is not None]
     decoder = model_kind(model) == "decoder"
-    longest = max(prompts, default=0) + config.max_tokens + (config.max_new_tokens if decoder else 0)
+    longest = max(prompts, default=0) + config.max_length + (config.max_new_tokens if decoder else 0)
     if limit is not None and longest > limit:
-        raise ValueError(f"{max(prompts, default=0)} soft prompt tokens + max_tokens {config.max_tokens}"
+        raise ValueError(f"{max(prompts, default=0)} soft prompt tokens + max_length {config.max_length}"
                          f"{f' + max_new_tokens {config.max_new_tokens}' if decoder else ''} = {longest} positions, "
                          f"but the model has {limit}")
 
@@ -311,7 +311,7 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     check_positions(model, experts, config)
     metrics = Metrics()
     runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
-                            max_length=config.max_tokens, restore_when_idle=False, on_switch=metrics.observe_switch,
+                            max_length=config.max_length, restore_when_idle=False, on_switch=metrics.observe_switch,
                             **(runtime_options or {}))
     served = {e.task: runtime.add_expert(e) for e in experts}
     batcher = Batcher(runtime, config, metrics, group_by_task=not (runtime_options or {}).get("mixed"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import InitVar, asdict, dataclass
+from typing import Optional
 
 __all__ = ["ServeConfig"]
 
@@ -14,8 +16,9 @@ class ServeConfig:
 
     max_batch: items per forward. max_wait_ms: how long the oldest queued item waits for a
     batch to fill. token_budget: padded text tokens per batch (batch size x its longest text).
-    max_tokens: tokens per text (more: 413); also the runtime's truncation length, so nothing
-    accepted is truncated. max_queue: queued items before new requests get 503. max_items:
+    max_length: tokens per text (more: 413); also the runtime's truncation length, so nothing
+    accepted is truncated (``max_tokens``: its earlier name, accepted with a DeprecationWarning).
+    max_queue: queued items before new requests get 503. max_items:
     items in one request body (more: 413). max_new_tokens: the largest ``max_new_tokens`` a
     generate request may ask for. max_body_bytes: request body size (more: 413, unread).
     retry_after_s: the Retry-After of a 503. shutdown_timeout_s: how long a graceful shutdown
@@ -25,16 +28,24 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     token_budget: int = 2048
-    max_tokens: int = 128
+    max_length: int = 128
     max_queue: int = 256
     max_items: int = 64
     max_new_tokens: int = 256
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
+    max_tokens: InitVar[Optional[int]] = None
 
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "token_budget", "max_tokens", "max_queue", "max_items", "max_new_tokens",
+    def __post_init__(self, max_tokens: Optional[int] = None) -> None:
+        if max_tokens is not None:
+            if self.max_length != type(self).max_length:
+                raise ValueError(f"max_tokens is the earlier name of max_length: give one, got max_length="
+                                 f"{self.max_length} and max_tokens={max_tokens}")
+            warnings.warn("ServeConfig(max_tokens=...) is now max_length (--max-length); the old name goes in the "
+                          "next release", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "max_length", max_tokens)
+        for name in ("max_batch", "token_budget", "max_length", "max_queue", "max_items", "max_new_tokens",
                      "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -44,8 +55,8 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
                                                                                      and value >= 0):
                 raise ValueError(f"{name} (--{name.replace('_', '-')}): expected a number >= 0, got {value!r}")
-        if self.token_budget < self.max_tokens:
-            raise ValueError(f"token_budget (--token-budget): expected >= max_tokens ({self.max_tokens}) so that "
+        if self.token_budget < self.max_length:
+            raise ValueError(f"token_budget (--token-budget): expected >= max_length ({self.max_length}) so that "
                              f"one text of the largest accepted size fits a batch, got {self.token_budget}")
         if self.max_queue < self.max_items:
             raise ValueError(f"max_queue (--max-queue): expected >= max_items ({self.max_items}) so that one "
