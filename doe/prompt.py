@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from doe import progress
+from doe.backbone import classify, prompted_inputs
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
@@ -57,14 +58,6 @@ class PromptTuningConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _backbone(model: nn.Module, kind: str) -> nn.Module:
-    # Encoders run their base model (BertModel inside BertForSequenceClassification): the task
-    # head is ours.
-    if kind == "encoder":
-        return getattr(model, "base_model", model)
-    return model
 
 
 class TaskModel(nn.Module):
@@ -159,26 +152,11 @@ class TaskModel(nn.Module):
         return torch.cat([ones, attention_mask], dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        embed = self.model.get_input_embeddings()
-        tokens = embed(input_ids)
-        b, n = input_ids.shape[0], self.prompt.shape[0]
-        prompt = self.prompt.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1)
-        inputs_embeds = torch.cat([prompt, tokens], dim=1)
-        mask = self.full_attention_mask(attention_mask)
-        if self.kind == "encoder":
-            hidden = _backbone(self.model, "encoder")(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
-            text = hidden[:, n:].float()
-            weights = attention_mask.unsqueeze(-1).float()
-            pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            return self.head(pooled)
-        if self.kind == "seq2seq":
-            start = self.model.config.decoder_start_token_id or 0
-            dec = torch.full((b, 1), start, dtype=torch.long, device=input_ids.device)
-            logits = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=dec).logits
-            return logits[:, 0, self.label_token_ids].float()
-        logits = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).logits
-        last = mask.sum(1) - 1  # right padding: the last real token predicts the label word
-        return logits[torch.arange(b, device=logits.device), last][:, self.label_token_ids].float()
+        b = input_ids.shape[0]
+        inputs = prompted_inputs(self.model, [self.prompt] * b, input_ids, attention_mask)
+        if self.head is not None:
+            return torch.stack(classify(self.model, inputs, heads=[self.head] * b))
+        return torch.stack(classify(self.model, inputs, label_ids=[self.label_token_ids] * b))
 
     @torch.no_grad()
     def predict(self, examples: Sequence[Example], batch_size: int = 32) -> list[int]:

@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from doe import progress
+from doe.backbone import pooled_text
 from doe.folders import atomic_folder
-from doe.models import eval_mode, model_kind
+from doe.models import eval_mode
 
 __all__ = ["TaskRouter", "embed_texts"]
 
@@ -38,20 +39,12 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size
         bar: a progress bar to advance by one per batch.
     """
     device = next(model.parameters()).device
-    kind = model_kind(model)
     out = []
     with eval_mode(model):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt").to(device)
-            if kind == "seq2seq":
-                hidden = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
-            elif kind == "encoder":
-                hidden = getattr(model, "base_model", model)(**enc)[0]
-            else:
-                hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
+            out.append(pooled_text(model, enc["input_ids"], enc["attention_mask"]).cpu())
             if bar is not None:
                 bar.update(1)
     return torch.cat(out) if out else torch.empty(0, 0)

@@ -1,6 +1,5 @@
 """Text generation for decoder LMs on whatever expert is installed: greedy or sampled, token by
-token to a callback if asked, with a task's soft prompt prepended through ``inputs_embeds``
-(as ``doe.prompt.TaskModel`` attaches it)."""
+token to a callback if asked, with a task's soft prompt prepended (``doe.backbone``)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from doe.backbone import generation_inputs
 from doe.locking import model_lock
 
 __all__ = ["GenerateParams", "Generation", "generate"]
@@ -100,11 +100,7 @@ def generate(model: nn.Module, tokenizer, params: GenerateParams, *, soft_prompt
     with model_lock(model), torch.inference_mode(), seeded:
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        embeds = model.get_input_embeddings()(ids)
-        if soft_prompt is not None:
-            embeds = torch.cat([soft_prompt.to(device=device, dtype=embeds.dtype).unsqueeze(0), embeds], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+        out = model.generate(**generation_inputs(model, ids, soft_prompt), **options)
     tokens = out[0].tolist()  # with inputs_embeds only, generate returns the new tokens alone
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     if tokens and tokens[-1] in eos_ids:

@@ -1,0 +1,155 @@
+"""How a model of each kind takes soft prompts and is read out: the one place that does it.
+
+    inputs = prompted_inputs(model, prompts, input_ids, attention_mask)   # [prompt_r; text_r; padding]
+    logits = classify(model, inputs, heads=..., label_ids=...)            # per row, as alone
+
+Row r is its own soft prompt (any length), then its text tokens, then padding up to the longest
+row, masked. The text keeps the positions it has when the row runs alone, and padding after it
+is invisible to it (masked for encoders, in the future for causal decoders), so a row's result
+does not depend on its neighbours. Read-outs by model kind:
+
+- encoder (BERT, ...): the base model's last hidden states, mean-pooled over the text tokens,
+  through the row's linear head;
+- decoder (LLaMA, GPT-2, ...): the logits at the row's last text token, at its verbalizer tokens;
+- seq2seq (T5, ...): the first decoder step's logits at the verbalizer tokens.
+
+``pooled_text`` gives the dense model's mean-pooled text states without a prompt (the router's
+embeddings); ``generation_inputs`` the prompted embeddings a decoder continues in ``generate``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from doe.models import model_kind
+
+__all__ = ["prompted_inputs", "classify", "pooled_text", "generation_inputs", "base_model"]
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The module an encoder's text states come from (BertModel inside BertForSequenceClassification:
+    the task head is ours); any other model as it is."""
+    if model_kind(model) == "encoder":
+        return getattr(model, "base_model", model)
+    return model
+
+
+def _like(prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return prompt.to(device=tokens.device, dtype=tokens.dtype)
+
+
+def prompted_inputs(model: nn.Module, prompts: Sequence[Optional[torch.Tensor]], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> dict:
+    """The backbone inputs of a batch whose rows carry their own soft prompts.
+
+    Args:
+        model: the backbone (its input embeddings embed the tokens).
+        prompts: per row, (P_r, H) embeddings or None (no prompt); rows may share a tensor.
+        input_ids, attention_mask: (B, T) tokens of the texts, right padded.
+
+    Returns:
+        ``inputs_embeds`` (B, L, H) in the embeddings' dtype, ``attention_mask`` (B, L) long,
+        ``prompt_len`` and ``text_len`` (B,) long on the CPU: row r's text occupies positions
+        [prompt_len[r], prompt_len[r] + text_len[r]).
+    """
+    if len(prompts) != input_ids.shape[0] or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"expected one prompt per row and a mask shaped like the tokens, got {len(prompts)} prompts, "
+                         f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}")
+    tokens = model.get_input_embeddings()(input_ids)
+    b, hidden = tokens.shape[0], tokens.shape[-1]
+    text_len = attention_mask.sum(1).long().cpu()
+    prompt_len = torch.tensor([0 if p is None else p.shape[0] for p in prompts])
+    for r, p in enumerate(prompts):
+        if p is not None and (p.dim() != 2 or p.shape[1] != hidden):
+            raise ValueError(f"prompts[{r}]: expected shape (n_tokens, {hidden}), got {tuple(p.shape)}")
+    lengths = prompt_len + text_len
+    if bool((prompt_len == prompt_len[0]).all()) and (prompts[0] is None or all(p is prompts[0] for p in prompts)):
+        # one prompt for every row: [prompt; tokens] as they are (right padding stays at the end)
+        parts = [tokens] if prompts[0] is None else [_like(prompts[0], tokens).expand(b, -1, -1), tokens]
+        mask = torch.cat([attention_mask.new_ones(b, int(prompt_len[0])), attention_mask], dim=1)
+        return {"inputs_embeds": torch.cat(parts, dim=1), "attention_mask": mask.long(), "prompt_len": prompt_len,
+                "text_len": text_len}
+    embeds = tokens.new_zeros(b, int(lengths.max()), hidden)
+    mask = torch.zeros(b, int(lengths.max()), dtype=torch.long, device=tokens.device)
+    for r, p in enumerate(prompts):
+        text = tokens[r][attention_mask[r].bool()]
+        row = text if p is None else torch.cat([_like(p, tokens), text])
+        embeds[r, : row.shape[0]] = row
+        mask[r, : row.shape[0]] = 1
+    return {"inputs_embeds": embeds, "attention_mask": mask, "prompt_len": prompt_len, "text_len": text_len}
+
+
+def _mean_over_text(hidden: torch.Tensor, prompt_len: torch.Tensor, text_len: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) -> (B, H) fp32: each row's mean over its text positions."""
+    pos = torch.arange(hidden.shape[1])
+    keep = (pos[None, :] >= prompt_len[:, None]) & (pos[None, :] < (prompt_len + text_len)[:, None])
+    weights = keep.to(device=hidden.device, dtype=torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[nn.Module]] = None,
+             label_ids: Optional[Sequence[torch.Tensor]] = None) -> list:
+    """One forward over ``prompted_inputs``' batch; per row, its class logits (fp32, (C_r,)).
+
+    Args:
+        model: the backbone.
+        inputs: ``prompted_inputs``' dict.
+        heads: per row, its linear head (encoders); rows may share a module.
+        label_ids: per row, (C_r,) verbalizer token ids (decoders and seq2seq).
+    """
+    kind = model_kind(model)
+    embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
+    start, length = inputs["prompt_len"], inputs["text_len"]
+    b = embeds.shape[0]
+    if kind == "encoder":
+        if heads is None or len(heads) != b:
+            raise ValueError(f"an encoder reads its rows through heads: expected {b}, got "
+                             f"{None if heads is None else len(heads)}")
+        pooled = _mean_over_text(base_model(model)(inputs_embeds=embeds, attention_mask=mask)[0], start, length)
+        out: list = [None] * b
+        groups: dict = {}
+        for r, head in enumerate(heads):
+            groups.setdefault(id(head), (head, []))[1].append(r)
+        for head, rows in groups.values():  # one call per head, so a batch of one task is one matmul
+            for r, logits in zip(rows, head(pooled[rows])):
+                out[r] = logits
+        return out
+    if label_ids is None or len(label_ids) != b:
+        raise ValueError(f"a {kind} reads its rows at verbalizer tokens: expected {b} label id lists, got "
+                         f"{None if label_ids is None else len(label_ids)}")
+    if kind == "seq2seq":
+        first = model.config.decoder_start_token_id or 0
+        dec = torch.full((b, 1), first, dtype=torch.long, device=embeds.device)
+        logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
+    else:
+        full = model(inputs_embeds=embeds, attention_mask=mask).logits
+        last = (start + length - 1).to(full.device)
+        logits = full[torch.arange(b, device=full.device), last]
+    if all(ids is label_ids[0] for ids in label_ids):  # one task: one gather
+        return list(logits[:, label_ids[0]].float())
+    return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
+
+
+@torch.no_grad()
+def pooled_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, H) fp32: the dense model's last hidden states mean-pooled over the text (no prompt);
+    the encoder's states for seq2seq models."""
+    kind = model_kind(model)
+    if kind == "seq2seq":
+        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    elif kind == "encoder":
+        hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    else:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+    mask = attention_mask.unsqueeze(-1).float()
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def generation_inputs(model: nn.Module, input_ids: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> dict:
+    """``inputs_embeds`` (1, P + T, H) and ``attention_mask`` for ``generate``: one text (1, T)
+    after an optional soft prompt (P, H)."""
+    inputs = prompted_inputs(model, [prompt], input_ids, torch.ones_like(input_ids))
+    return {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
