@@ -30,8 +30,10 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Unio
 import torch
 import torch.nn as nn
 
-from doe.expert import TaskExpert
-from doe.models import eval_mode
+from doe.expert import TaskExpert, model_fingerprint
+from doe.generation import GenerateParams, Generation, generate
+from doe.locking import model_lock
+from doe.models import eval_mode, model_kind
 from doe.mixed import mixed_classify
 from doe.prompt import TaskModel
 from doe.router import TaskRouter
@@ -44,7 +46,6 @@ from doe.unplug import (
     installed,
     is_unplugged,
     mixed_batch,
-    model_lock,
     restore_,
     unplug_,
 )
@@ -248,6 +249,62 @@ class UnplugAndPlay:
 
     def _task_model(self, spec: TaskSpec, prompt, head) -> TaskModel:
         return TaskModel(self.model, self.tokenizer, spec, prompt=prompt, head=head, max_length=self.max_length)
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def kind(self) -> str:
+        """The model's kind: "encoder", "decoder" or "seq2seq"."""
+        return model_kind(self.model)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (what experts record and are checked against)."""
+        return model_fingerprint(self.model)
+
+    def installed_tasks(self) -> Union[None, str, list[str]]:
+        """The task of the expert installed now, the tasks of an installed mapping, or None (dense)."""
+        now = installed(self.model)
+        if now is None:
+            return None
+        if now.experts is not None:
+            return sorted(now.experts)
+        return None if now.expert is None else now.expert.task
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, params: Union[GenerateParams, str], *, task: Optional[str] = None,
+                 on_token: Optional[Callable[[int], None]] = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> Generation:
+        """Continue ``params.prompt`` (a decoder LM): on ``task``'s expert after its soft prompt,
+        or on the dense model without one (``task`` None). A plain string is a greedy
+        ``GenerateParams``. on_token: called with each new token id; should_stop: polled after
+        every step (True ends it, "cancelled"). With ``restore_when_idle`` the model is left as
+        it was found."""
+        if isinstance(params, str):
+            params = GenerateParams(params)
+        if self.kind != "decoder":
+            raise ValueError(f"generate needs a decoder LM; this runtime's model is {self.kind} "
+                             f"({getattr(self.model.config, 'model_type', '?')})")
+        entry = None
+        if task is not None:
+            entry = self._entries.get(task)
+            if entry is None:
+                raise ValueError(f"unknown task {task!r}; this runtime serves {self.tasks}")
+        expert = None if entry is None else entry.expert
+        if expert is not None:
+            soft = expert.prompt_and_head()[0]
+        else:
+            soft = None if entry is None else entry.on_dense.prompt.detach()
+        with model_lock(self.model):
+            found = installed(self.model)
+            try:
+                self._switch(expert)
+                return generate(self.model, self.tokenizer, params, soft_prompt=soft, on_token=on_token,
+                                should_stop=should_stop)
+            finally:
+                if self.restore_when_idle:
+                    self._switch(found)
 
     # ------------------------------------------------------------------ serving
 

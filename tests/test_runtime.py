@@ -293,3 +293,54 @@ def test_router_save_is_whole_or_nothing(setup, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["router"]  # no temporary folder left behind
     loaded = TaskRouter.from_pretrained(folder)
     assert loaded.tasks == router.tasks and torch.equal(loaded.weight, router.weight)
+
+
+def test_the_runtime_generates_on_a_task_expert_with_its_prompt_and_puts_the_model_back():
+    import contextlib
+
+    from doe.generation import GenerateParams
+    from tiny_models import INTERMEDIATE
+
+    data = load_task("offline_sentiment", max_train=40)
+    tok = tiny_tokenizer([e.text for e in data.train], data.spec.label_words)
+    model = make_tiny("llama")
+    g = torch.Generator().manual_seed(5)
+    expert = doe.TaskExpert.from_indices(
+        model, [torch.randperm(INTERMEDIATE, generator=g)[:30] for _ in doe.find_ffn_blocks(model)],
+        task="offline_sentiment")
+    expert.prompt = torch.randn(4, model.get_input_embeddings().weight.shape[1], generator=g)
+    snap = snapshot(model)
+
+    def greedy_by_hand(on_expert, n):
+        ids = tok("the movie was", return_tensors="pt")["input_ids"]
+        soft, out = ([expert.prompt[None]] if on_expert else []), []
+        with doe.unplugged(model, expert) if on_expert else contextlib.nullcontext(), torch.no_grad():
+            for _ in range(n):
+                nxt = int(model(inputs_embeds=torch.cat([*soft, model.get_input_embeddings()(ids)], 1)).logits[0, -1]
+                          .argmax())
+                out.append(nxt)
+                if nxt == model.generation_config.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        return out
+
+    rt = UnplugAndPlay(model, tok)
+    rt.add_expert(expert)
+    streamed = []
+    got = rt.generate(GenerateParams("the movie was", max_new_tokens=5), task="offline_sentiment",
+                      on_token=streamed.append)
+    assert got.token_ids == greedy_by_hand(True, 5) == streamed and got.prompt_tokens == 3
+    assert rt.generate("the movie was").token_ids[:1] == greedy_by_hand(False, 1)  # a string: greedy, dense
+    assert rt.installed_tasks() is None and not doe.is_unplugged(model)  # put back when idle
+    assert_same_as(model, snap)
+    with pytest.raises(ValueError, match="unknown task 'offline_topic'; this runtime serves"):
+        rt.generate("x", task="offline_topic")
+
+
+def test_generate_needs_a_decoder(setup):
+    model, tok, _, folders, _ = setup
+    rt = UnplugAndPlay(model, tok)
+    rt.add_expert(folders[TASKS[0]])
+    assert rt.kind == "encoder" and rt.fingerprint == doe.model_fingerprint(model)
+    with pytest.raises(ValueError, match="generate needs a decoder LM; this runtime's model is encoder"):
+        rt.generate("x", task=TASKS[0])

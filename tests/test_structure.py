@@ -14,7 +14,7 @@ import pytest
 import doe
 import doe_kernels
 
-OPTIONAL = {"doe.serve.app", "doe.serve.batcher", "doe.serve.generate", "doe.serve.metrics", "doe.serve.server"}
+OPTIONAL = {"doe.serve.app", "doe.serve.batcher", "doe.serve.metrics", "doe.serve.server"}
 
 
 def _modules():

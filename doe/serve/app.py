@@ -37,16 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from doe.expert import TaskExpert, model_fingerprint
+from doe.expert import TaskExpert
+from doe.generation import GenerateParams, Generation
 from doe.models import model_kind
 from doe.router import TaskRouter
 from doe.runtime import Request as RuntimeRequest
 from doe.runtime import Result, UnplugAndPlay, check_experts, text_tokens
 from doe.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
 from doe.serve.config import ServeConfig
-from doe.serve.generate import GenerateParams, Generation, generate
 from doe.serve.metrics import Metrics
-from doe.unplug import compact_memory, installed
 
 __all__ = ["create_app", "check_positions", "ClassifyItem", "ClassifyResult", "GenerateRequest",
            "GenerateResult", "ErrorBody"]
@@ -315,7 +314,7 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                             **(runtime_options or {}))
     served = {e.task: runtime.add_expert(e) for e in experts}
     batcher = Batcher(runtime, config, metrics, group_by_task=not (runtime_options or {}).get("mixed"))
-    server = _Server(runtime, batcher, metrics, config, served, model_kind(model), model_fingerprint(model),
+    server = _Server(runtime, batcher, metrics, config, served, runtime.kind, runtime.fingerprint,
                      copy.deepcopy(tokenizer))
 
     @contextlib.asynccontextmanager
@@ -415,20 +414,13 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
             raise ApiError(422, "invalid_request", f"max_new_tokens: expected at most {config.max_new_tokens} "
                            f"(--max-new-tokens), got {body.max_new_tokens}")
         prompt_tokens = server.count_tokens([body.prompt], [None])[0]
-        expert = served.get(body.task) if body.task else None
-        soft = None if expert is None else expert.prompt_and_head()[0]
         params = GenerateParams(body.prompt, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
 
         def run() -> Generation:
-            if expert is None:
-                batcher.restore()
-            else:
-                batcher.install(expert)
             push = (lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)) if body.stream else None
-            return generate(model, tokenizer, params, soft_prompt=soft, on_token=push,
-                            should_stop=lambda: job.cancelled)
+            return runtime.generate(params, task=body.task, on_token=push, should_stop=lambda: job.cancelled)
 
         job = Job(loop, call=run, tokens=prompt_tokens)
         server.submit([job])
@@ -486,9 +478,9 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         return {
             "model": {"type": getattr(getattr(model, "config", None), "model_type", None), "kind": server.kind,
                       "fingerprint": server.fingerprint, "generate": server.kind == "decoder",
-                      "compact_weight_bytes": compact_memory(model)},
+                      "compact_weight_bytes": runtime.summary()["compact_weight_bytes"]},
             "router": None if runtime.router is None else {"tasks": runtime.router.tasks, "threshold": threshold},
-            "installed": _installed_tasks(model),
+            "installed": runtime.installed_tasks(),
             # "neurons": the earlier name of "num_neurons", kept for one release
             "experts": [{**e.summary(), "task": task, "neurons": sum(e.num_neurons)} for task, e in served.items()],
         }
@@ -508,16 +500,6 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _installed_tasks(model: nn.Module) -> Union[None, str, list[str]]:
-    """The task of the expert installed in ``model``, the tasks of an installed mapping, or None."""
-    now = installed(model)
-    if now is None:
-        return None
-    if now.experts is not None:
-        return sorted(now.experts)
-    return None if now.expert is None else now.expert.task
 
 
 def _readable(errors: list[dict], body: Any) -> list[dict]:

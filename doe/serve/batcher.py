@@ -20,7 +20,6 @@ from typing import Any, Callable, Hashable, Optional
 from doe.runtime import Request, Result, UnplugAndPlay
 from doe.serve.config import ServeConfig
 from doe.serve.metrics import Metrics
-from doe.expert import TaskExpert
 
 __all__ = ["Batcher", "Job", "QueueFull", "ShuttingDown", "InferenceFailed"]
 
@@ -245,12 +244,6 @@ class Batcher:
             job.resolve(result)
 
     def restore(self) -> None:
-        """Put the original model back (after a failure, when idle, before a dense call)."""
-        self._switch(None)
-
-    def install(self, expert: TaskExpert) -> None:
-        """Run ``expert`` from now on (for a call that uses the model directly)."""
-        self._switch(expert)
-
-    def _switch(self, expert: Optional[TaskExpert]) -> None:
-        self.runtime.switch(expert)
+        """Put the original model back (after a failure, and when the queue is empty: the one
+        place the server restores; its runtime does not restore after each call)."""
+        self.runtime.switch(None)

@@ -1,5 +1,6 @@
 """Text generation for decoder LMs on whatever expert is installed: greedy or sampled, token by
-token to a callback if asked, with a task's soft prompt prepended (``doe.backbone``)."""
+token to a callback if asked, with a task's soft prompt prepended (``doe.backbone``).
+``UnplugAndPlay.generate`` installs a task's expert around it."""
 
 from __future__ import annotations
 
