@@ -12,6 +12,7 @@ import datasets
 import pytest
 
 import doe.tasks as T
+from doe.task_loading import subsample
 from doe.tasks import Example, TaskSpec, compute_metric, get_task, load_task, local_task, register_task
 
 EXPECTED_OFFLINE = {
@@ -120,12 +121,12 @@ def test_subsampling_is_seeded_and_stratified():
 
 def test_subsample_helper_edge_cases():
     labels = [0] * 97 + [1] * 3
-    idx = T._subsample(labels, 10, seed=0)
+    idx = subsample(labels, 10, seed=0)
     assert len(idx) == 10 and idx == sorted(idx)
     assert collections.Counter(labels[i] for i in idx) == {0: 9, 1: 1}   # the rare class is kept
-    assert T._subsample(labels, None, 0) == list(range(100))
-    assert T._subsample(labels, 1000, 0) == list(range(100))
-    assert T._subsample(labels, 0, 0) == []
+    assert subsample(labels, None, 0) == list(range(100))
+    assert subsample(labels, 1000, 0) == list(range(100))
+    assert subsample(labels, 0, 0) == []
 
 
 # ---------------------------------------------------------------------------------------------
