@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -22,9 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from doe.cli_parser import build_parser
+
 __all__ = ["main"]
 
-EPILOG = "Every subcommand has its own --help. Models: 'minilm' (packaged, offline) or a local folder."
 
 
 class UsageError(ValueError):
@@ -151,27 +151,6 @@ def _load_data(spec, **limits):
     quiet_libraries()
     with _user_input("data", (ValueError, FileNotFoundError, ConnectionError)):
         return load_task(spec, **limits)
-
-
-def _add_model_args(p):
-    p.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local folder")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_task_args(p):
-    p.add_argument("--task", help="a registered task (offline_sentiment, sst2, ...; `doe tasks` lists them)")
-    p.add_argument("--train", help="a local csv/json/jsonl/parquet training file instead of --task")
-    p.add_argument("--eval-file", help="the matching held-out file (for `doe eval`: a file to score instead of "
-                   "the task's own held-out split)")
-    p.add_argument("--holdout", type=float, default=0.2,
-                   help="with --train and no --eval-file: the fraction of --train held out to evaluate on "
-                   "(stratified, the same rows every time; default 0.2)")
-    p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
-    p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
-    p.add_argument("--label-field", default="label", help="label column (default: label)")
-    p.add_argument("--max-train", type=int, help="subsample the training split (seeded, stratified)")
-    p.add_argument("--max-eval", type=int, help="subsample the held-out split")
 
 
 def _cmd_localize(args) -> int:
@@ -484,145 +463,16 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``doe`` parser: one subcommand per ``_cmd_*`` function."""
-    parser = argparse.ArgumentParser(
-        prog="doe", description="Decomposition of Experts: find per-task FFN experts of a transformer and "
-        "serve many tasks from one model by unplugging the rest.", epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("demo", help="run the whole method offline on the packaged MiniLM (start here)",
-                       description="Find experts for the offline tasks (cached), stream held-out requests through "
-                       "the unplug-and-play runtime, and compare with the dense model.")
-    p.add_argument("--cache", default="~/.cache/doe/demo", help="where experts and the router are cached")
-    p.add_argument("--keep", type=float, default=0.35, help="fraction of FFN neurons an expert keeps (default 0.35)")
-    p.add_argument("--requests", type=int, default=240, help="held-out requests to stream (default 240)")
-    p.add_argument("--fresh", action="store_true", help="ignore the cache and localize again")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("localize", help="find a task's expert and save it as a folder",
-                       description="Prompt-tune on the frozen model, score FFN neurons, keep the top ones, "
-                       "optionally re-tune the prompt on the expert, and save the expert folder.")
-    _add_model_args(p)
-    _add_task_args(p)
-    p.add_argument("--task-name", help="name of a --train task, stored in the expert and used by `doe run` "
-                   "requests (default: the training file's folder name, e.g. data/reviews/train.csv -> reviews; "
-                   "'custom' for a generic folder such as data/)")
-    p.add_argument("--out", required=True, help="expert folder to write (one sub-folder per --keep if several)")
-    p.add_argument("--keep", type=float, action="append", help="keep ratio (repeatable; default 0.35)")
-    p.add_argument("--method", default="attribution",
-                   choices=["attribution", "activation", "gradient", "integrated_gradients", "random", "skill"])
-    p.add_argument("--target", default="logit", choices=["logit", "log_prob"],
-                   help="gradient of the gold label's logit (the paper) or of its log-probability")
-    p.add_argument("--scope", default="layer", choices=["layer", "global"])
-    p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
-    p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")
-    p.add_argument("--retune-epochs", type=int, default=None,
-                   help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")
-    p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_localize)
-
-    p = sub.add_parser("eval", help="metric and latency: dense prompt-tuned model vs experts",
-                       description="Evaluate experts on the held-out split of their task (or of --task). "
-                       "An expert folder carries its task (labels, text fields, metric), so "
-                       "`doe eval --experts FOLDER --eval-file test.csv` needs nothing more. Rows are named "
-                       "by expert folder and localization method.")
-    _add_model_args(p)
-    _add_task_args(p)
-    p.add_argument("--experts", nargs="+", help="expert folders", default=[])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a markdown table")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("run", help="serve a JSONL file of requests through the runtime",
-                       description='Each line: {"text": ..., "task": optional, "text_pair": optional, "id": optional}. '
-                       "Writes one JSON result per line. An input without requests writes an empty output, "
-                       "says so on stderr and exits 0.")
-    _add_model_args(p)
-    p.add_argument("--experts", nargs="+", default=[], help="expert folders")
-    p.add_argument("--router", help="router folder (to serve requests without a task name)")
-    p.add_argument("--threshold", type=float, default=0.5, help="router confidence below which the dense model serves")
-    p.add_argument("--requests", required=True, help="input JSONL")
-    p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--compact-weights", action="store_true",
-                   help="run experts on compacted copies of their kept weights, made once per expert: faster on "
-                   "CPU, costs memory (reported in the summary); default: zero-copy gathered weights")
-    p.add_argument("--mixed", action="store_true",
-                   help="batch requests of different tasks together, one forward per batch with every expert "
-                   "resident (same answers as the default one-task-at-a-time batching)")
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser("serve", help="serve experts over HTTP (needs pip install -e \".[serve]\")",
-                       description="The unplug-and-play runtime behind an HTTP API: dynamic batching, "
-                       "health and Prometheus metrics, back-pressure and graceful shutdown.")
-    _add_model_args(p)
-    p.add_argument("--experts", nargs="+", default=[], help="expert folders")
-    p.add_argument("--router", help="router folder (to serve requests without a task name)")
-    p.add_argument("--threshold", type=float, default=0.5, help="router confidence below which the dense model serves")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the ready line names it)")
-    p.add_argument("--max-batch", type=int, default=32, help="items per forward (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the oldest queued item waits for its batch to fill (default 5)")
-    p.add_argument("--token-budget", type=int, default=2048,
-                   help="padded text tokens per batch: batch size x its longest text (default 2048)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per text; longer texts get 413 (default 128; nothing accepted is truncated)")
-    p.add_argument("--max-tokens", type=int, default=None, help=argparse.SUPPRESS)  # the earlier --max-length
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="queued items before new requests get 503 with Retry-After (default 256)")
-    p.add_argument("--max-items", type=int, default=64, help="items per request body (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                   help="request body size; larger bodies get 413 unread (default 1 MiB)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="the largest max_new_tokens a /v1/generate request may ask (default 256)")
-    p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of a 503 (default 1)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for in-flight requests (default 30)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level; info and debug log every request (default warning)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch's CPU threads for the forwards (default: torch's choice)")
-    p.add_argument("--compact-weights", action="store_true",
-                   help="as for `doe run`: experts run on compacted copies of their kept weights (memory for speed)")
-    p.add_argument("--mixed", action="store_true",
-                   help="as for `doe run`: requests of different tasks share a batch, one forward with every expert "
-                   "resident (default: batches of one task)")
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("router", help="build a task router (for requests without a task name)",
-                       description="`doe router fit`: train a task classifier on the dense model's embeddings.")
-    router_sub = p.add_subparsers(dest="router_command", metavar="ACTION", required=True)
-    p = router_sub.add_parser("fit", help="fit a router over the tasks of some experts",
-                              description="Fit a router over the experts' tasks from each task's training texts "
-                              "(the training split of the task each expert folder carries), and save it.")
-    _add_model_args(p)
-    p.add_argument("--experts", nargs="+", default=[], help="expert folders (experts of at least 2 tasks)")
-    p.add_argument("--out", required=True, help="router folder to write")
-    p.add_argument("--train", action="append", metavar="TASK=FILE",
-                   help="read TASK's texts from FILE instead of its own training split (repeatable)")
-    p.add_argument("--max-per-task", type=int, default=200, help="training texts per task (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_router_fit)
-
-    p = sub.add_parser("bench", help="run the benchmark suites and write the report",
-                       description="pytest-benchmark suites (from a source checkout) and their markdown/plot report.")
-    p.add_argument("--suite", choices=["kernels", "models", "generate", "mixed", "all"], default="kernels",
-                   help="kernels (incl. the segmented GEMMs), models (whole-model forward, switch cost), generate "
-                   "(decode tokens/s of a causal LM), mixed (mixed-task batches vs one task at a time), or all")
-    p.add_argument("--out", default="bench-results", help="folder for JSON, tables and plots")
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
-    p.set_defaults(func=_cmd_bench)
-
-    p = sub.add_parser("tasks", help="list the registered tasks")
-    p.set_defaults(func=_cmd_tasks)
-    return parser
+COMMANDS = {
+    "demo": _cmd_demo,
+    "localize": _cmd_localize,
+    "eval": _cmd_eval,
+    "run": _cmd_run,
+    "serve": _cmd_serve,
+    "router_fit": _cmd_router_fit,
+    "bench": _cmd_bench,
+    "tasks": _cmd_tasks,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -630,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return COMMANDS[args.handler](args)
     except UsageError as exc:
         parser.exit(2, f"doe {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
