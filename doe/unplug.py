@@ -51,8 +51,8 @@ import torch.nn as nn
 from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
 from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe.locking import model_lock
-from doe_kernels import BACKENDS, CompactWeights, GatheredGatedMLP, GatheredLinear, resolve_backend, to_neuron_major_, to_row_major_
-from doe_kernels.modules import hooked_modules, is_neuron_major, unwrap
+from doe.swaps import Swap, build_swaps, check_replaceable, planned_conversions
+from doe_kernels import BACKENDS, CompactWeights, resolve_backend, to_neuron_major_, to_row_major_
 from doe_kernels.segments import BatchGroups, GroupedIndices
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
@@ -68,21 +68,13 @@ LAYOUTS = ("auto", "neuron_major", "original")
 
 
 @dataclass
-class _Swap:
-    parent: nn.Module
-    attr: str
-    original: nn.Module
-    wrapper: nn.Module
-
-
-@dataclass
 class _State:
     """What is (or is being) installed. Written before the model changes; ``complete`` is
     True only while every swap, layout change and index list matches it."""
 
     expert: Optional[TaskExpert]  # the expert, or None while a mapping is installed
     blocks: list[FFNBlock]
-    swaps: list[_Swap]
+    swaps: list[Swap]
     wrappers: list[list[nn.Module]]  # per block, the wrappers whose indices it sets
     planned: list[torch.Tensor]  # weights to re-store neuron-major
     fingerprint: str
@@ -253,76 +245,6 @@ def _check_choice(name: str, value: Optional[str], choices: Sequence[str]) -> No
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
-def _wants_neuron_major(layout: str, weight: torch.Tensor) -> bool:
-    # The Triton cols gather wants each neuron contiguous; the CPU reference does not care, and
-    # keeping CPU weights as they are keeps dense CPU outputs bit-identical.
-    return layout == "neuron_major" or (layout == "auto" and weight.is_cuda)
-
-
-def _neuron_major_targets(block: FFNBlock) -> list[torch.Tensor]:
-    """Weights whose neuron axis is not yet the outer storage axis: nn.Linear down (H, I) and
-    Conv1D up (H, I), neuron axis 1 in both."""
-    if block.kind == "conv1d":
-        return [block.up.weight]
-    return [block.down.weight]
-
-
-def _planned(blocks: Sequence[FFNBlock], layout: str) -> list[torch.Tensor]:
-    return [w for b in blocks for w in _neuron_major_targets(b)
-            if _wants_neuron_major(layout, w) and not is_neuron_major(w, 1)]
-
-
-def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    head, _, attr = path.rpartition(".")
-    return (root.get_submodule(head) if head else root), attr
-
-
-def _check_replaceable(model: nn.Module, blocks: Sequence[FFNBlock]) -> None:
-    """Refuse stray wrappers (installed through an enclosing module) and hooks that a wrapper
-    cannot honour."""
-    if any(unwrap(m) is not m for m in model.modules()):
-        raise ValueError("this model already runs gathered FFN modules installed by unplug_ on an enclosing "
-                         "module: switch or restore_ through that module")
-    problems = []
-    for block in blocks:
-        named = [(block.name, block.container)] if block.gated else []
-        for path, module in ((block.up_name, block.up), (block.down_name, block.down),
-                             (block.gate_name, block.gate)):
-            if module is not None:
-                named.append((f"{block.name}.{path}" if block.name else path, module))
-        for name, module in named:
-            kinds = hooked_modules(module)
-            if kinds:
-                problems.append(f"{name!r} ({', '.join(kinds)})")
-    if problems:
-        raise ValueError("cannot unplug: backward or state-dict hooks are registered on FFN modules that a gathered "
-                         f"module replaces: {'; '.join(problems)}. Forward hooks are fine; remove the others "
-                         "(handle.remove()) first")
-
-
-def _build_swaps(model: nn.Module, blocks: Sequence[FFNBlock], staged: Sequence[torch.Tensor], backend: str):
-    swaps, wrappers = [], []
-    for block, idx in zip(blocks, staged):
-        if block.gated:
-            act = block.activation if block.activation is not None else block.act_module
-            if block.act_module is not None and hooked_modules(block.act_module, ("forward",)):
-                act = block.act_module  # called as a module, so its hooks fire
-            wrapper = GatheredGatedMLP(block.container, block.gate, block.up, block.down, idx,
-                                       activation=act, dropout=block.dropout, backend=backend)
-            parent, attr = _parent(model, block.name)
-            swaps.append(_Swap(parent, attr, block.container, wrapper))
-            wrappers.append([wrapper])
-            continue
-        pair = []
-        for name, module, mode in ((block.up_name, block.up, "rows"), (block.down_name, block.down, "cols")):
-            wrapper = GatheredLinear(module, idx, mode=mode, backend=backend)
-            parent, attr = _parent(block.container, name)
-            swaps.append(_Swap(parent, attr, module, wrapper))
-            pair.append(wrapper)
-        wrappers.append(pair)
-    return swaps, wrappers
-
-
 def _record_conversions(model: nn.Module, weights: Sequence[torch.Tensor]) -> None:
     record = model.__dict__.setdefault(_CONVERTED_ATTR, [])
     for w in weights:
@@ -413,10 +335,10 @@ def _install(model, expert, spec, backend, layout, compact: bool) -> None:
     fingerprint = model_fingerprint(model, blocks)
     device = blocks[0].up.weight.device
     target = _target(model, expert, blocks, fingerprint, device)
-    _check_replaceable(model, blocks)
+    check_replaceable(model, blocks)
     resolve_backend(backend, blocks[0].up.weight)  # raises now if the backend cannot run here
-    swaps, wrappers = _build_swaps(model, blocks, target.lead().stage(device), backend)
-    state = _State(target.expert, list(blocks), swaps, wrappers, _planned(blocks, layout), fingerprint, backend,
+    swaps, wrappers = build_swaps(model, blocks, target.lead().stage(device), backend)
+    state = _State(target.expert, list(blocks), swaps, wrappers, planned_conversions(blocks, layout), fingerprint, backend,
                    layout, _compact_store(model) if compact else None, experts=target.experts,
                    grouped=target.grouped, batch=target.batch)
     # Intent first: from here on every step can be redone by _apply or undone by restore_.
@@ -434,7 +356,7 @@ def _switch(model, state: _State, expert, spec, backend, layout, compact: Option
     target = _target(model, expert, state.blocks, state.fingerprint, state.wrappers[0][0].indices.device)
     if backend is not None:
         resolve_backend(backend, state.blocks[0].up.weight)
-    planned = _planned(state.blocks, layout) if layout is not None else []
+    planned = planned_conversions(state.blocks, layout) if layout is not None else []
     # Intent first, each a single store; _apply then brings the model in line.
     state.complete = False
     _record_conversions(model, planned)
