@@ -22,7 +22,8 @@ _EXPORTS = {
     "doe.localize": ("ExpertSearchConfig", "ExpertSearchResult", "LocalizationConfig", "find_expert", "localize"),
     "doe.prompt": ("PromptTuningConfig", "TaskModel", "prompt_tune"),
     "doe.router": ("TaskRouter",),
-    "doe.runtime": ("Request", "Result", "UnplugAndPlay"),
+    "doe.requests": ("Request", "Result"),
+    "doe.runtime": ("UnplugAndPlay",),
     "doe.tasks": ("TaskSpec", "get_task", "load_task", "local_task", "register_task"),
     "doe.unplug": ("Installed", "check_expert", "compact_memory", "current_expert", "installed", "is_unplugged",
                    "mixed_batch", "release_compact", "restore_", "unplug_", "unplugged"),
@@ -65,7 +66,8 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from doe.localize import ExpertSearchConfig, ExpertSearchResult, LocalizationConfig, find_expert, localize
     from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
     from doe.router import TaskRouter
-    from doe.runtime import Request, Result, UnplugAndPlay
+    from doe.requests import Request, Result
+    from doe.runtime import UnplugAndPlay
     from doe.tasks import TaskSpec, get_task, load_task, local_task, register_task
     from doe.unplug import (
         Installed,

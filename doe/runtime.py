@@ -23,9 +23,9 @@ import statistics
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ from doe.locking import model_lock
 from doe.models import eval_mode, model_kind
 from doe.mixed import mixed_classify
 from doe.prompt import TaskModel
+from doe.requests import Request, Result
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
 from doe.unplug import (
@@ -51,58 +52,9 @@ from doe.unplug import (
 )
 from doe_kernels.env import synchronize
 
-__all__ = ["Request", "Result", "UnplugAndPlay", "check_experts", "text_tokens"]
+__all__ = ["UnplugAndPlay", "check_experts", "text_tokens"]
 
 DENSE = "dense"
-
-
-@dataclass
-class Request:
-    text: str
-    text_pair: Optional[str] = None
-    task: Optional[str] = None
-    id: Any = None
-
-    @classmethod
-    def coerce(cls, item: Union["Request", dict, str], position: int) -> "Request":
-        if isinstance(item, Request):
-            req = item
-        elif isinstance(item, str):
-            req = cls(text=item)
-        elif isinstance(item, dict):
-            unknown = set(item) - {"text", "text_pair", "task", "id"}
-            if unknown:
-                raise ValueError(f"request {position}: unknown fields {sorted(unknown)}; expected text, "
-                                 "text_pair, task, id")
-            if "text" not in item:
-                raise ValueError(f"request {position}: missing 'text' (got fields {sorted(item)})")
-            req = cls(**item)
-        else:
-            raise TypeError(f"request {position}: expected a Request, dict or str, got {type(item).__name__}")
-        if not isinstance(req.text, str):
-            raise TypeError(f"request {position}: 'text' must be a string, got {type(req.text).__name__}")
-        if req.id is None:
-            req.id = position
-        return req
-
-
-@dataclass
-class Result:
-    id: Any
-    task: Optional[str]  # the task that served the request
-    expert: str  # the expert's task, or "dense"
-    label: Optional[str] = None
-    label_id: Optional[int] = None
-    probability: Optional[float] = None
-    routed: bool = False  # the task was identified from the text
-    route_confidence: Optional[float] = None
-    latency_ms: float = 0.0  # switch + inference of this request's batch
-    switch_ms: float = 0.0
-    batch_size: int = 0
-    error: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Identity(NamedTuple):

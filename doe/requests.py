@@ -1,0 +1,62 @@
+"""What the unplug-and-play runtime takes (``Request``) and answers (``Result``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
+
+__all__ = ["Request", "Result"]
+
+
+@dataclass
+class Request:
+    """One text (and optional pair) to classify; ``task`` None lets a router pick it."""
+
+    text: str
+    text_pair: Optional[str] = None
+    task: Optional[str] = None
+    id: Any = None
+
+    @classmethod
+    def coerce(cls, item: Union["Request", dict, str], position: int) -> "Request":
+        """A Request from a Request, a dict of its fields or a plain text; ``id`` defaults to ``position``."""
+        if isinstance(item, Request):
+            req = item
+        elif isinstance(item, str):
+            req = cls(text=item)
+        elif isinstance(item, dict):
+            unknown = set(item) - {"text", "text_pair", "task", "id"}
+            if unknown:
+                raise ValueError(f"request {position}: unknown fields {sorted(unknown)}; expected text, "
+                                 "text_pair, task, id")
+            if "text" not in item:
+                raise ValueError(f"request {position}: missing 'text' (got fields {sorted(item)})")
+            req = cls(**item)
+        else:
+            raise TypeError(f"request {position}: expected a Request, dict or str, got {type(item).__name__}")
+        if not isinstance(req.text, str):
+            raise TypeError(f"request {position}: 'text' must be a string, got {type(req.text).__name__}")
+        if req.id is None:
+            req.id = position
+        return req
+
+
+@dataclass
+class Result:
+    """What the runtime answers for one Request (``error`` set when it could not be served)."""
+
+    id: Any
+    task: Optional[str]  # the task that served the request
+    expert: str  # the expert's task, or "dense"
+    label: Optional[str] = None
+    label_id: Optional[int] = None
+    probability: Optional[float] = None
+    routed: bool = False  # the task was identified from the text
+    route_confidence: Optional[float] = None
+    latency_ms: float = 0.0  # switch + inference of this request's batch
+    switch_ms: float = 0.0
+    batch_size: int = 0
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
