@@ -21,7 +21,7 @@ import torch
 
 import doe
 from benchmarks.harness import bench_device
-from benchmarks.test_models import _cpu_models, _gpu_models, _inputs, build_model, make_expert
+from benchmarks.models import cpu_models, gpu_models, model_inputs, build_model, make_expert
 from doe.testing import sliced_copy
 from doe_kernels.env import synchronize
 from doe_kernels.testing import rel_err
@@ -31,7 +31,7 @@ VARIANTS = ("dense", "sliced", "gathered", "compact")
 
 def measure(model_name: str, batch: int, seq: int, keep: float, rounds: int) -> dict:
     device = bench_device()
-    models = {**_cpu_models(), **_gpu_models()}
+    models = {**cpu_models(), **gpu_models()}
     if model_name not in models:
         raise SystemExit(f"--model: expected one of {sorted(models)}, got {model_name!r}")
     cfg = models[model_name]
@@ -39,7 +39,7 @@ def measure(model_name: str, batch: int, seq: int, keep: float, rounds: int) -> 
     expert = make_expert(dense, keep)
     runs = {"dense": dense, "sliced": sliced_copy(dense, expert.indices).eval(), "gathered": copy.deepcopy(dense)}
     runs["compact"] = runs["gathered"]
-    inputs = _inputs(cfg, batch, seq, device)
+    inputs = model_inputs(cfg, batch, seq, device)
 
     def run(variant: str):
         if variant in ("gathered", "compact"):

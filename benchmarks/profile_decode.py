@@ -30,7 +30,7 @@ import doe
 from benchmarks import harness
 from benchmarks.decode import StaticDecoder
 from benchmarks.test_generate import _gpu_gen_models, step_weight_bytes
-from benchmarks.test_models import _cpu_models, build_model, ffn_weight_bytes, make_expert
+from benchmarks.models import cpu_models, build_model, ffn_weight_bytes, make_expert
 from doe.testing import sliced_copy
 from doe_kernels.env import synchronize
 
@@ -104,7 +104,7 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
 def run(model_name: str, batches: list, keep: float, context: int, steps: int, out: Optional[Path] = None) -> str:
     """The markdown table; with ``out``, written there after every row (a run cut short keeps its rows)."""
     device = harness.bench_device()
-    cfg = _gpu_gen_models()[model_name] if device.type == "cuda" else _cpu_models()["llama-small"]
+    cfg = _gpu_gen_models()[model_name] if device.type == "cuda" else cpu_models()["llama-small"]
     if device.type != "cuda":
         cfg = replace(cfg, note="small LlamaForCausalLM, fp32 (CPU smoke run: no device times)")
     dense = build_model(cfg, device, lm_head=True)

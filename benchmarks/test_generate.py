@@ -57,7 +57,7 @@ import doe
 from benchmarks import harness
 from benchmarks.decode import StaticDecoder, hf_generate
 from benchmarks.suites import GENERATE, GOAL_KEEP
-from benchmarks.test_models import ModelCfg, _cpu_models, build_model, ffn_weight_bytes, make_expert
+from benchmarks.models import ModelCfg, cpu_models, build_model, ffn_weight_bytes, make_expert
 from doe.testing import sliced_copy
 from doe_kernels.env import synchronize
 from doe_kernels.testing import rel_err
@@ -85,7 +85,7 @@ def _gpu_gen_models() -> dict:
 def _model_cfgs(device: torch.device) -> list:
     """The models DOE_BENCH_GEN_MODELS names, in that order (one on CPU: a smoke run)."""
     if device.type != "cuda":
-        return [replace(_cpu_models()["llama-small"],
+        return [replace(cpu_models()["llama-small"],
                         note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 "
                              "(CPU smoke run)")]
     known = _gpu_gen_models()

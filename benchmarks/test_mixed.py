@@ -34,7 +34,7 @@ import torch
 import doe
 from benchmarks import harness
 from benchmarks.suites import GOAL_KEEP, MIXED_MODEL
-from benchmarks.test_models import ModelCfg, _cpu_models, _gpu_models, _inputs, build_model, make_expert
+from benchmarks.models import ModelCfg, cpu_models, gpu_models, model_inputs, build_model, make_expert
 from doe.testing import gathered_wrappers
 from doe_kernels.env import synchronize
 from doe_kernels.segments import RowGroups, choose_path
@@ -66,7 +66,7 @@ class MixedCase:
 
 
 def _models(sweep: str) -> dict:
-    models = _cpu_models() if sweep == "tiny" else _gpu_models()
+    models = cpu_models() if sweep == "tiny" else gpu_models()
     only = [m.strip() for m in os.environ.get("DOE_BENCH_MODELS", "").split(",") if m.strip()]
     return {k: v for k, v in models.items() if not only or k in only or k.split("-")[0] in only}
 
@@ -143,7 +143,7 @@ def _calls(b: _Bundle, case: MixedCase, inputs: dict):
 def test_mixed_forward(benchmark, case: MixedCase, bench_device, device_info):
     dev, cfg = bench_device, case.cfg
     b = _bundle(cfg, dev)
-    inputs = _inputs(cfg, case.batch, case.seq, dev)
+    inputs = model_inputs(cfg, case.batch, case.seq, dev)
     call, prepare, mixed, sequential = _calls(b, case, inputs)
 
     info = benchmark.extra_info
