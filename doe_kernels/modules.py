@@ -290,6 +290,13 @@ class _Wrapper(nn.Module):
     :class:`CompactWeights` store to multiply with compacted copies instead of gathering
     (None: gather, the default)."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out), through the base layer's own forward hooks if it has any."""
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks:
+            return _call_hooked(base, self._gathered, x)
+        return self._gathered(x)
+
     def __init__(self, base: nn.Module, indices: torch.Tensor, total: int, name: str, device: torch.device):
         if base._buffers:
             # A buffer would live in two dicts: .to() or load_state_dict(assign=True) would reach
@@ -395,12 +402,6 @@ class GatheredLinear(_Wrapper):
         return _linear(x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
                        resolve_backend(self.backend, x), self._name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if base._forward_hooks or base._forward_pre_hooks:
-            return _call_hooked(base, self._gathered, x)
-        return self._gathered(x)
-
     def extra_repr(self) -> str:
         return f"mode={self.mode}, {self._kept()}, base_layer={self.base_layer!r}"
 
@@ -487,12 +488,6 @@ class GatheredGatedMLP(_Wrapper):
         if hooked:
             return _call_hooked(down, lambda t: linear(down, t, False), h)
         return linear(down, h, False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if base._forward_hooks or base._forward_pre_hooks:
-            return _call_hooked(base, self._gathered, x)
-        return self._gathered(x)
 
     def extra_repr(self) -> str:
         act = self.activation if isinstance(self.activation, str) else type(self.activation).__name__
