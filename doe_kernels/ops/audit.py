@@ -47,12 +47,11 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["AuditUnavailable", "Case", "Row", "cases", "run", "failures", "format_table", "unavailable_reason"]
+from doe_kernels.ops.audit_cases import (ARCHS, DTYPES, GEMV_KERNELS, SEGMENTED_KERNELS, Case, cases, kernel_table,
+                                         launch_args)
 
-#: Realistic sizes (LLaMA-7B FFN at keep 0.35): only their divisibility by 16 reaches the code.
-HIDDEN, INTER, KEPT = 4096, 11008, 3853
-ARCHS = (90, 80)
-DTYPES = ("bf16", "fp16")
+__all__ = ["AuditUnavailable", "Row", "run", "failures", "format_table", "unavailable_reason"]
+
 #: Forms whose weight loads must be pipelined (cp.async, more than one stage in shared memory).
 PIPELINED_FORMS = ("rows/linear", "cols/neuron")
 #: Forms whose weights are contiguous per neuron: decode kernels must read them 16 bytes at a time.
@@ -69,24 +68,6 @@ _CACHE_VERSION = 5
 
 class AuditUnavailable(RuntimeError):
     """This Triton build cannot compile for a GPU target here (API or tools missing)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    kernel: str  # a name in _kernels(): "linear", "glu", "gemv", "glu-gemv", "seg", "seg-glu"
-    form: str
-    dtype: str
-    arch: int
-    block: tuple  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    num_warps: int
-    num_stages: int
-    act: int = 0  # the fused GLU's activation id (ACTIVATION_IDS); 0 elsewhere
-
-    @property
-    def config(self) -> str:
-        bm, bn, bk, gm = self.block
-        act = f" act{self.act}" if self.act else ""
-        return f"{bm}x{bn}x{bk} g{gm} w{self.num_warps} s{self.num_stages}{act}"
 
 
 @dataclasses.dataclass
@@ -118,105 +99,6 @@ class Row:
         c = dict(d.pop("case"))
         c["block"] = tuple(c["block"])
         return Row(case=Case(**c), **d)
-
-
-# ------------------------------------------------------------------------------------------
-# kernels and their arguments
-# ------------------------------------------------------------------------------------------
-
-
-def _kernels() -> dict:
-    """name -> (autotuned kernel, weight tiles per stage, forms)."""
-    from doe_kernels.ops import (
-        gathered_gemv_kernel,
-        gathered_glu_gemv_kernel,
-        gathered_glu_kernel,
-        gathered_linear_kernel,
-        segmented_glu_kernel,
-        segmented_linear_kernel,
-    )
-
-    return {
-        "linear": (gathered_linear_kernel._gathered_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "glu": (gathered_glu_kernel._gathered_glu_kernel, 2, ("rows/linear",)),
-        "gemv": (gathered_gemv_kernel._gathered_gemv_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "glu-gemv": (gathered_glu_gemv_kernel._gathered_glu_gemv_kernel, 2, ("rows/linear",)),
-        "seg": (segmented_linear_kernel._segmented_mm_kernel, 1, ("rows/linear", "cols/neuron", "rows/conv1d")),
-        "seg-glu": (segmented_glu_kernel._segmented_glu_kernel, 2, ("rows/linear",)),
-    }
-
-
-#: Decode (GEMV) kernels: BLOCK_M is set by the launcher from M, audited at its largest.
-GEMV_KERNELS = ("gemv", "glu-gemv")
-#: Mixed-batch kernels (one launch for rows of several groups), audited with SEG_GROUPS groups.
-SEGMENTED_KERNELS = ("seg", "seg-glu")
-#: Kernels with a fused activation (the ACT constexpr).
-GLU_KERNELS = ("glu", "glu-gemv", "seg-glu")
-SEG_GROUPS = 9
-#: fp16 builds what bf16 builds for them (same tiles, same registers in the gathered kernels'
-#: rows): one 16-bit dtype keeps the audit's cold run short.
-SEG_DTYPES = ("bf16",)
-
-
-class _Ptr:
-    """What the JIT's binder needs of a tensor argument: a dtype and an aligned address."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def data_ptr(self) -> int:
-        return 0
-
-
-def _weight_strides(form: str) -> tuple:
-    """(N, K, stride_wn, stride_wk) of the (N, K) weight view the kernel reads."""
-    if form == "rows/linear":
-        return KEPT, HIDDEN, HIDDEN, 1
-    if form == "cols/neuron":
-        return HIDDEN, KEPT, 1, HIDDEN
-    if form == "rows/conv1d":
-        return KEPT, HIDDEN, 1, INTER
-    raise ValueError(form)
-
-
-def _args(case: Case) -> dict:
-    import torch
-
-    from doe_kernels.env import parse_dtype
-
-    dt = parse_dtype(case.dtype)
-    bm, bn, bk, gm = case.block
-    M = 16 if bm == 16 else 64 if bm == 32 else 4096
-    N, K, swn, swk = _weight_strides(case.form)
-    p = _Ptr(dt)
-    common = dict(M=M, N=N, K=K, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ym=N, stride_yn=1,
-                  UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
-    if case.kernel == "linear":
-        return dict(x_ptr=p, w_ptr=p, b_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
-                    stride_wn=swn, stride_wk=swk, stride_ys=0,
-                    ROWS=case.form.startswith("rows"), HAS_BIAS=True, SPLIT_K=1, **common)
-    if case.kernel in GEMV_KERNELS:
-        gemv = dict(M=bm, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=swn, stride_wk=swk,
-                    SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        if case.kernel == "gemv":
-            return dict(x_ptr=p, w_ptr=p, b_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p, stride_ys=0,
-                        stride_ym=N, stride_yn=1, ROWS=case.form.startswith("rows"), HAS_BIAS=True, **gemv)
-        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
-                    p_ptr=_Ptr(torch.float32), stride_un=swn, stride_uk=swk, stride_ym=N, stride_yn=1,
-                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **gemv)
-    if case.kernel == "glu":
-        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, idx_ptr=_Ptr(torch.int32), y_ptr=p,
-                    stride_wn=swn, stride_wk=swk, stride_un=swn, stride_uk=swk,
-                    HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **common)
-    if case.kernel in SEGMENTED_KERNELS:  # 9 resident groups, 8 of them with rows
-        seg = dict(idx_ptr=_Ptr(torch.int32), rows_ptr=_Ptr(torch.int32), G=SEG_GROUPS, ACTIVE=SEG_GROUPS - 1,
-                   N_KEY=N, **common)
-        if case.kernel == "seg":
-            return dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk, K_KEY=K,
-                        ROWS=case.form.startswith("rows"), HAS_BIAS=True, **seg)
-        return dict(x_ptr=p, wg_ptr=p, wu_ptr=p, bg_ptr=p, bu_ptr=p, y_ptr=p, stride_wn=swn, stride_wk=swk,
-                    stride_un=swn, stride_uk=swk, HAS_BIAS_G=False, HAS_BIAS_U=False, ACT=case.act, **seg)
-    raise ValueError(case.kernel)
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,9 +140,9 @@ def unavailable_reason() -> Optional[str]:
         return f"cannot compile for a GPU target with this Triton: {exc}"
     try:  # the JIT's binder and ASTSource as this module calls them (internal APIs that move)
         case = cases(archs=(90,), dtypes=("bf16",), kernels=("linear",))[0]
-        fn = _kernels()["linear"][0].fn
+        fn = kernel_table()["linear"][0].fn
         backend = make_backend(GPUTarget("cuda", 90, 32))
-        signature, constexprs, attrs, _ = _specialise(fn, backend, _args(case), {"num_warps": 4, "num_stages": 2})
+        signature, constexprs, attrs, _ = _specialise(fn, backend, launch_args(case), {"num_warps": 4, "num_stages": 2})
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     except Exception as exc:
         return f"triton {triton.__version__}: its JIT specialisation API differs ({type(exc).__name__}: {exc})"
@@ -283,7 +165,7 @@ def _config_key(c) -> tuple:
 
 def config_of(case: Case):
     """The kernel's own config object for a case."""
-    kernel = _kernels()[case.kernel][0]
+    kernel = kernel_table()[case.kernel][0]
     for c in kernel.configs:
         kw = c.kwargs
         if (kw.get("BLOCK_N"), kw.get("BLOCK_K"), c.num_warps, c.num_stages) == (
@@ -297,7 +179,7 @@ def _compile(case: Case) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    fn = _kernels()[case.kernel][0].fn
+    fn = kernel_table()[case.kernel][0].fn
     target = GPUTarget("cuda", case.arch, 32)
     return _build(Row(case), fn, target, make_backend(target))
 
@@ -310,7 +192,7 @@ def _annotate(row: Row) -> Row:
     from doe_kernels.ops._config import SMEM_LIMIT, fits_strided, select_configs, smem_bytes
 
     case = row.case
-    kernel, weights, _ = _kernels()[case.kernel]
+    kernel, weights, _ = kernel_table()[case.kernel]
     elem = 2
     limit = SMEM_LIMIT[case.arch // 10]
     row.pruned = ""
@@ -318,7 +200,7 @@ def _annotate(row: Row) -> Row:
         row.stage_bytes, row.smem_bound = 0, limit
         prune = kernel.early_config_prune
         if prune is not None:
-            args = _args(case)
+            args = launch_args(case)
             kept = prune(kernel.configs, args, **args)
             if _config_key(config_of(case)) not in {_config_key(c) for c in kept}:
                 row.pruned = "form"
@@ -329,11 +211,11 @@ def _annotate(row: Row) -> Row:
     assumed = getattr(kernel.early_config_prune, "weights", 1)  # what the launcher's prune assumes
     row.stage_bytes = smem_bytes(one_stage, elem, weights)
     row.smem_bound = smem_bytes(config, elem, assumed, case.arch)
-    launched = select_configs(kernel.configs, _args(case)["M_BUCKET"], elem, assumed, case.arch, limit)
+    launched = select_configs(kernel.configs, launch_args(case)["M_BUCKET"], elem, assumed, case.arch, limit)
     if _config_key(config) not in {_config_key(c) for c in launched}:
         row.pruned = "arch" if getattr(config_of(case), "min_arch", 0) > case.arch else "smem"
     elif case.kernel in SEGMENTED_KERNELS:
-        args = _args(case)
+        args = launch_args(case)
         if not fits_strided(config, args.get("ROWS", True), args["stride_wk"]):
             row.pruned = "form"
     return row
@@ -346,7 +228,7 @@ def _build(row: Row, fn, target, backend) -> Row:
     case = row.case
     try:
         signature, constexprs, attrs, opts = _specialise(
-            fn, backend, _args(case), {"num_warps": case.num_warps, "num_stages": case.num_stages})
+            fn, backend, launch_args(case), {"num_warps": case.num_warps, "num_stages": case.num_stages})
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=target, options=opts.__dict__)
     except Exception as exc:  # a failed build is a result, reported in the table
@@ -378,41 +260,6 @@ def _build(row: Row, fn, target, backend) -> Row:
 # ------------------------------------------------------------------------------------------
 
 
-def cases(archs=ARCHS, dtypes=DTYPES, kernels=None) -> list:
-    out = []
-    for name, (kernel, _, forms) in _kernels().items():
-        if kernels and name not in kernels:
-            continue
-        for c in kernel.configs:
-            kw = c.kwargs
-            if name in GEMV_KERNELS:
-                from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M
-
-                block = (GEMV_MAX_M, kw["BLOCK_N"], kw["BLOCK_K"], 0)
-            else:
-                block = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"])
-            for form in forms:
-                for dtype in dtypes:
-                    if name in SEGMENTED_KERNELS and dtype not in SEG_DTYPES:
-                        continue
-                    for arch in archs:
-                        out.append(Case(name, form, dtype, arch, block, c.num_warps, c.num_stages))
-    return out + _activation_cases(out)
-
-
-def _activation_cases(base: list) -> list:
-    """Every other activation of each fused-GLU kernel, compiled once (its first case): the
-    GPU compiler refuses what the interpreter lets pass (a non-constexpr global, say)."""
-    from doe_kernels.ops._activations import ACTIVATION_IDS
-
-    firsts = {}
-    for case in base:
-        if case.kernel in GLU_KERNELS:
-            firsts.setdefault(case.kernel, case)
-    return [dataclasses.replace(case, act=act) for case in firsts.values()
-            for act in sorted(set(ACTIVATION_IDS.values()) - {0})]
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("DOE_AUDIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "doe_kernels", "audit")
@@ -422,7 +269,7 @@ def _cache_dir() -> Path:
 def _cache_key(case: Case) -> str:
     import triton
 
-    kernel = _kernels()[case.kernel][0]
+    kernel = kernel_table()[case.kernel][0]
     text = json.dumps([_CACHE_VERSION, triton.__version__, kernel.fn.cache_key, dataclasses.asdict(case)],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
