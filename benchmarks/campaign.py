@@ -112,6 +112,7 @@ CLOSE_S = 8.0  # the last summary and archive
 REPORT_S = 15.0  # a benchmark stage's report, inside its window
 STOP_S = 8.0  # from the interrupt to the kill
 MIN_WINDOW_S = 20.0  # a stage with less is not started
+MIN_RUN_S = 10.0  # nor one whose pytest would have less than this (start-up alone takes seconds)
 #: what the test suite needs that the GPU machine's image lacks (it has torch, triton,
 #: transformers, pytest, pytest-benchmark, matplotlib, httpx, pyarrow, pandas, ...)
 DEVICE_WHEELS = ("datasets", "dill", "multiprocess", "fastapi", "starlette", "pydantic", "pydantic_core",
@@ -241,6 +242,8 @@ def run_stage(stage: Stage, raw: Path, window_s: float, clock: Callable[[], floa
     else:
         cmd = [sys.executable, "-m", "pytest", *stage.args, "-q", "-p", "no:cacheprovider"]
     run_s = window_s - (REPORT_S if stage.bench else 0.0) - STOP_S
+    if run_s < MIN_RUN_S:
+        return f"- {stage.name}: not run ({window_s:.0f} s left for it, less than start-up and report need)", None
     js = None
     if stage.bench:
         js = raw / f"{stage.name}.json"
@@ -254,6 +257,9 @@ def run_stage(stage: Stage, raw: Path, window_s: float, clock: Callable[[], floa
         except subprocess.TimeoutExpired:
             _stop(proc)
             outcome = f"stopped at the end of its window ({run_s:.0f} s), exit {proc.returncode}"
+        except BaseException:  # the campaign itself is interrupted: stop the stage with it
+            _stop(proc)
+            raise
     took = clock() - t0
     budget = f", cases started until {env['DOE_BENCH_BUDGET_S']} s" if stage.bench else ""
     last = _outcome_line(log) if stage.module is None else _last_line(log)
@@ -334,7 +340,12 @@ def run_campaign(stages: tuple, out: Path, budget_s: float = BUDGET_S, clock: Ca
         for i, st in enumerate(stages):
             stage_start = clock()
             window = plan_window(st, budget_s - (stage_start - start), stages[i + 1:])
-            line, js = runner(st, raw, window, clock)
+            try:
+                line, js = runner(st, raw, window, clock)
+            except KeyboardInterrupt:  # keep what the earlier stages (and this one's log) hold
+                writer.lines.append(f"- {st.name}: interrupted after {clock() - stage_start:.0f} s")
+                writer.flush()
+                raise
             print(line, flush=True)
             writer.lines.append(line)
             if js is not None:

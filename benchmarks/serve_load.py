@@ -374,15 +374,16 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     from doe.expert import TaskExpert
-    from doe.tasks import get_task, load_task
+    from doe.tasks import load_task
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = sorted(TaskExpert.from_pretrained(f).task for f in args.experts)
+    experts = sorted((TaskExpert.from_pretrained(f) for f in args.experts), key=lambda e: e.task)
+    tasks = [e.task for e in experts]
     rt = offline_runtime(args)
     texts = {}
-    for t in tasks:  # the held-out texts the server accepts (a longer one is a bad request)
-        pool = [e.text for e in load_task(get_task(t)).eval]
+    for t, expert in zip(tasks, experts):  # the held-out texts the server accepts (a longer one is a bad request)
+        pool = [e.text for e in load_task(expert.spec()).eval]
         texts[t] = [x for x, ids in zip(pool, rt.tokenizer(pool)["input_ids"]) if len(ids) <= args.max_length]
     encoder = args.model == "minilm" or json.loads((Path(args.model) / "config.json").read_text()).get(
         "model_type") in ("bert", "roberta", "distilbert", "xlm-roberta", "electra")

@@ -48,7 +48,8 @@ def prompted_inputs(model: nn.Module, prompts: Sequence[Optional[torch.Tensor]],
     Args:
         model: the backbone (its input embeddings embed the tokens).
         prompts: per row, (P_r, H) embeddings or None (no prompt); rows may share a tensor.
-        input_ids, attention_mask: (B, T) tokens of the texts, right padded.
+        input_ids, attention_mask: (B, T) tokens of the texts, padded on either side (left
+            padding is moved after the text).
 
     Returns:
         ``inputs_embeds`` (B, L, H) in the embeddings' dtype, ``attention_mask`` (B, L) long,
@@ -66,8 +67,9 @@ def prompted_inputs(model: nn.Module, prompts: Sequence[Optional[torch.Tensor]],
         if p is not None and (p.dim() != 2 or p.shape[1] != hidden):
             raise ValueError(f"prompts[{r}]: expected shape (n_tokens, {hidden}), got {tuple(p.shape)}")
     lengths = prompt_len + text_len
-    if bool((prompt_len == prompt_len[0]).all()) and (prompts[0] is None or all(p is prompts[0] for p in prompts)):
-        # one prompt for every row: [prompt; tokens] as they are (right padding stays at the end)
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    if right_padded and (prompts[0] is None or all(p is prompts[0] for p in prompts)):
+        # one prompt for every row, right padding: [prompt; tokens] as they are (padding stays at the end)
         parts = [tokens] if prompts[0] is None else [_like(prompts[0], tokens).expand(b, -1, -1), tokens]
         mask = torch.cat([attention_mask.new_ones(b, int(prompt_len[0])), attention_mask], dim=1)
         return {"inputs_embeds": torch.cat(parts, dim=1), "attention_mask": mask.long(), "prompt_len": prompt_len,

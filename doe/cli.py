@@ -230,7 +230,8 @@ def _cmd_eval(args) -> int:
     else:
         with _user_input("--task" if args.task else
                          f"the task of expert {args.experts[0]} (give --task, or --train and --labels)"):
-            spec = get_task(args.task) if args.task else experts[0].spec()
+            own = [e.spec() for e in experts if e.task == args.task] if args.task else [experts[0].spec()]
+            spec = own[0] if own else get_task(args.task)  # a local task is known by the experts that carry it
         if args.eval_file:  # score this file with the task's labels, fields and metric
             with _user_input("--eval-file"):
                 spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},

@@ -6,6 +6,7 @@ runtime compares to a threshold.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 
 from doe import progress
 from doe.backbone import pooled_text
-from doe.folders import atomic_folder
 from doe.models import eval_mode
 
 __all__ = ["TaskRouter", "embed_texts"]
@@ -112,14 +112,22 @@ class TaskRouter:
         return self.route_embeddings(embed_texts(model, tokenizer, texts))
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the router's config and weights to a folder, whole or not at all (an existing
-        folder is replaced only once the new one is complete)."""
+        """Write the router's config and weights into a folder (created if needed; other files
+        in it stay). Both files are written to temporary names first and renamed into place
+        only once both are complete, so a failed save leaves the folder as it was."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        with atomic_folder(directory) as tmp:
-            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp / _WEIGHTS))
-            (tmp / _CONFIG).write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = {name: directory / f".{name}.tmp" for name in (_WEIGHTS, _CONFIG)}
+        try:
+            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp[_WEIGHTS]))
+            tmp[_CONFIG].write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
+            for name, path in tmp.items():
+                os.replace(path, directory / name)
+        finally:
+            for path in tmp.values():
+                path.unlink(missing_ok=True)
         return directory
 
     @classmethod

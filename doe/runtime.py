@@ -19,7 +19,9 @@ router's threshold on the dense model. Results are those of the one-task-at-a-ti
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
+import threading
 import time
 import warnings
 from collections import deque
@@ -161,6 +163,7 @@ class UnplugAndPlay:
         self.compact = compact
         self._entries: dict[str, _Entry] = {}
         self.on_switch = on_switch
+        self._log_lock = threading.Lock()  # the log is written by the serving thread, read by others
         self.records: deque[Result] = deque(maxlen=history)
         self.switches: deque[float] = deque(maxlen=history)
         self._counts = _Counts()
@@ -213,6 +216,17 @@ class UnplugAndPlay:
     def fingerprint(self) -> str:
         """The model's fingerprint (what experts record and are checked against)."""
         return model_fingerprint(self.model)
+
+    @property
+    def compact_weight_bytes(self) -> int:
+        """Bytes held by compacted copies of kept weights (``compact=True``; 0 otherwise)."""
+        return compact_memory(self.model)
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        """The earlier name of ``token_budget`` (kept for one release)."""
+        warnings.warn("UnplugAndPlay.max_tokens is now token_budget", DeprecationWarning, stacklevel=2)
+        return self.token_budget
 
     def installed_tasks(self) -> Union[None, str, list[str]]:
         """The task of the expert installed now, the tasks of an installed mapping, or None (dense)."""
@@ -317,8 +331,9 @@ class UnplugAndPlay:
             restore_(self.model)
         synchronize(device)
         ms = 1000 * (time.perf_counter() - t0)
-        self.switches.append(ms)
-        self._counts.switches += 1
+        with self._log_lock:
+            self.switches.append(ms)
+            self._counts.switches += 1
         if self.on_switch is not None:
             self.on_switch(ms)
         return ms
@@ -385,8 +400,9 @@ class UnplugAndPlay:
             finally:
                 if self.restore_when_idle:
                     self._switch(found)
-        self.records.extend(out)
-        self._counts.add(out)
+        with self._log_lock:
+            self.records.extend(out)
+            self._counts.add(out)
         return out
 
     def _serve(self, reqs: list[Request]) -> list[Result]:
@@ -436,27 +452,30 @@ class UnplugAndPlay:
 
     def reset_log(self) -> None:
         """Forget the results and switches served so far (``summary`` starts from zero)."""
-        self.records.clear()
-        self.switches.clear()
-        self._counts = _Counts()
+        with self._log_lock:
+            self.records.clear()
+            self.switches.clear()
+            self._counts = _Counts()
 
     def summary(self) -> dict:
         """Counts of every request and switch since ``reset_log``; latencies and switch times
         (medians, max) of the last ``history`` of them."""
-        done = [r for r in self.records if r.error is None]
+        with self._log_lock:  # a snapshot: the serving thread may be appending
+            records, switches = list(self.records), list(self.switches)
+            c = copy.copy(self._counts)
+        done = [r for r in records if r.error is None]
         by_expert: dict[str, list[float]] = {}
         for r in done:
             by_expert.setdefault(r.expert, []).append(r.latency_ms / max(r.batch_size, 1))
-        c = self._counts
         return {
             "requests": c.requests,
             "errors": c.errors,
             "routed": c.routed,
             "switches": c.switches,
-            "switch_ms_median": statistics.median(self.switches) if self.switches else 0.0,
-            "switch_ms_max": max(self.switches) if self.switches else 0.0,
+            "switch_ms_median": statistics.median(switches) if switches else 0.0,
+            "switch_ms_max": max(switches) if switches else 0.0,
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
-            "compact_weight_bytes": compact_memory(self.model),
+            "compact_weight_bytes": self.compact_weight_bytes,
         }
 
 

@@ -114,3 +114,21 @@ def test_bad_shapes_are_refused():
     inputs = prompted_inputs(model, [None, None], ids, mask)
     with pytest.raises(ValueError, match="reads its rows at verbalizer tokens: expected 2 label id lists, got 1"):
         classify(model, inputs, label_ids=[torch.tensor([1])])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@torch.no_grad()
+def test_left_padding_reads_out_as_right_padding(family):
+    model = make_tiny(family)
+    prompt = torch.randn(3, HIDDEN)
+    ids, mask = _batch(model, [6, 4])
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for r, n in enumerate([6, 4]):
+        left_ids[r, ids.shape[1] - n:] = ids[r, :n]
+        left_mask[r, ids.shape[1] - n:] = 1
+    encoder = model_kind(model) == "encoder"
+    kw = dict(heads=[nn.Linear(HIDDEN, 2)] * 2) if encoder else dict(label_ids=[torch.tensor([5, 9])] * 2)
+    right = classify(model, prompted_inputs(model, [prompt, prompt], ids, mask), **kw)
+    left = classify(model, prompted_inputs(model, [prompt, prompt], left_ids, left_mask), **kw)
+    for a, b in zip(left, right):
+        torch.testing.assert_close(a, b, **TOL)

@@ -199,6 +199,7 @@ def test_campaign_interrupts_a_stage_at_its_window_and_keeps_what_it_measured(tm
     monkeypatch.setattr(campaign, "REPORT_S", 1.0)
     monkeypatch.setattr(campaign, "STOP_S", 5.0)
     monkeypatch.setattr(campaign, "MIN_WINDOW_S", 1.0)
+    monkeypatch.setattr(campaign, "MIN_RUN_S", 1.0)
     monkeypatch.setattr(campaign, "CLOSE_S", 1.0)
     monkeypatch.setattr(campaign, "SETUP_S", 0.0)
     monkeypatch.setenv("DOE_BENCH_DEVICE", "cpu")

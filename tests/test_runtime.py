@@ -276,8 +276,11 @@ def test_a_long_lived_runtime_keeps_a_bounded_log_and_counts_everything(setup):
 
 def test_router_save_is_whole_or_nothing(setup, tmp_path, monkeypatch):
     _, _, _, _, router = setup
+    (tmp_path / "router" / "expert_a").mkdir(parents=True)  # a folder the router shares with other files
+    (tmp_path / "router" / "notes.txt").write_text("keep me")
     folder = router.save_pretrained(tmp_path / "router")
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {p.name for p in folder.iterdir()} >= {"expert_a", "notes.txt"}
+    before = {p.name: p.is_dir() or p.read_bytes() for p in folder.iterdir()}
     other = TaskRouter(list(reversed(router.tasks)), router.weight.flip(0) + 1, router.bias.flip(0))
 
     def broken(*args, **kwargs):
@@ -289,8 +292,7 @@ def test_router_save_is_whole_or_nothing(setup, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         other.save_pretrained(folder)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["router"]  # no temporary folder left behind
+    assert {p.name: p.is_dir() or p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left
     loaded = TaskRouter.from_pretrained(folder)
     assert loaded.tasks == router.tasks and torch.equal(loaded.weight, router.weight)
 
@@ -344,3 +346,36 @@ def test_generate_needs_a_decoder(setup):
     assert rt.kind == "encoder" and rt.fingerprint == doe.model_fingerprint(model)
     with pytest.raises(ValueError, match="generate needs a decoder LM; this runtime's model is encoder"):
         rt.generate("x", task=TASKS[0])
+
+
+def test_summary_is_safe_while_another_thread_serves(setup):
+    model, tok, data, folders, _ = setup
+    rt = UnplugAndPlay(model, tok, max_batch=4)
+    rt.add_expert(folders[TASKS[0]])
+    texts = [e.text for e in data[TASKS[0]].eval[:2]]
+    first = rt.process([{"text": t, "task": TASKS[0]} for t in texts])
+    rt.records.extend(first * 1500)  # a long log to iterate while it grows
+    errors, done = [], threading.Event()
+
+    def serve():
+        try:
+            for _ in range(12):
+                rt.process([{"text": texts[0], "task": TASKS[0]}])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    summaries = 0
+    while not done.is_set() or summaries < 5:
+        try:
+            rt.summary()
+        except RuntimeError as exc:
+            errors.append(exc)
+            break
+        summaries += 1
+    worker.join()
+    assert not errors, errors
+    assert rt.summary()["requests"] == 2 + 12

@@ -18,7 +18,7 @@ def add_info(app: FastAPI, server: ServerState) -> None:
         return {
             "model": {"type": server.model_type, "kind": server.kind,
                       "fingerprint": server.fingerprint, "generate": server.kind == "decoder",
-                      "compact_weight_bytes": server.runtime.summary()["compact_weight_bytes"]},
+                      "compact_weight_bytes": server.runtime.compact_weight_bytes},
             "router": None if router is None else {"tasks": router.tasks, "threshold": server.threshold},
             "installed": server.runtime.installed_tasks(),
             # "neurons": the earlier name of "num_neurons", kept for one release

@@ -67,7 +67,7 @@ class ServerState:
         for i, n in enumerate(counts):
             if n > limit:
                 raise ApiError(413, "too_large", f"item {i}: {n} tokens; this server takes at most {limit} tokens "
-                               "per text (--max-tokens)")
+                               "per text (--max-length)")
         return counts
 
     def submit(self, jobs: list[Job]) -> None:
