@@ -179,17 +179,20 @@ def _env_lines() -> list:
     return lines
 
 
+def _log_lines(path: Path) -> list:
+    return [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+
+
 def _outcome_line(path: Path) -> str:
     """pytest's closing line (passed / failed / skipped counts), else the log's last line."""
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = _log_lines(path)
     words = (" passed", " failed", " error", " skipped", " deselected", "no tests ran")
     closing = [ln for ln in lines if any(w in ln for w in words) and " in " in ln]
     return (closing or lines or ["(no output)"])[-1].strip("= ")
 
 
 def _last_line(path: Path) -> str:
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    return (lines or ["(no output)"])[-1][:200]
+    return (_log_lines(path) or ["(no output)"])[-1][:200]
 
 
 def _cuda() -> bool:

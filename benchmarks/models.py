@@ -21,8 +21,8 @@ import doe
 from doe.testing import random_expert_indices
 from doe_kernels.env import parse_dtype
 
-__all__ = ["ModelCfg", "amdahl", "build_model", "cpu_models", "ffn_weight_bytes", "gpu_models", "llama_layers",
-           "make_expert", "masked_copy", "model_inputs", "nbytes"]
+__all__ = ["ModelCfg", "amdahl", "build_model", "causal_lm_models", "cpu_models", "ffn_weight_bytes", "gpu_models", "llama_layers",
+           "make_expert", "masked_copy", "model_inputs", "nbytes", "step_weight_bytes"]
 
 
 @dataclass(frozen=True)
@@ -195,3 +195,27 @@ def model_inputs(cfg: ModelCfg, batch: int, seq: int, device: torch.device) -> d
     if cfg.family == "llama":
         return {"input_ids": ids, "use_cache": False}
     return {"input_ids": ids}
+
+
+def causal_lm_models() -> dict:
+    """The causal LMs the decode benchmarks run on CUDA, by short name (``DOE_BENCH_GEN_LAYERS``
+    sets the 7B shape's layer count)."""
+    n = int(os.environ.get("DOE_BENCH_GEN_LAYERS", 32))
+    return {
+        "llama7b": ModelCfg(f"llama7b-{n}L", "llama", 4096, 11008, n, 32, 32, 32000, 4096, "bf16",
+                            note=f"LlamaForCausalLM, LLaMA-7B shape (hidden 4096, FFN 11008, 32 heads, {n} of 32 "
+                                 "layers, vocabulary 32000, untied LM head), random weights, bf16"),
+        "smollm2": ModelCfg("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, 8192, "bf16", tied=True,
+                            note="LlamaForCausalLM, SmolLM2-135M shape (hidden 576, FFN 1536, 9 heads, 3 KV heads, "
+                                 "30 layers, vocabulary 49152, tied LM head), random weights, bf16"),
+    }
+
+
+def step_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: all of them but an untied input embedding (one row
+    per token); a tied one is read whole as the LM head."""
+    emb = model.get_input_embeddings().weight
+    weights = sum(nbytes(p) for p in model.parameters())  # a tied weight counts once
+    if model.get_output_embeddings().weight is not emb:
+        weights -= nbytes(emb)
+    return weights

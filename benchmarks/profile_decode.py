@@ -29,8 +29,8 @@ import torch.nn as nn
 import doe
 from benchmarks import harness
 from benchmarks.decode import StaticDecoder
-from benchmarks.test_generate import _gpu_gen_models, step_weight_bytes
-from benchmarks.models import cpu_models, build_model, ffn_weight_bytes, make_expert
+from benchmarks.models import (build_model, causal_lm_models, cpu_models, ffn_weight_bytes, make_expert,
+                               step_weight_bytes)
 from doe.testing import sliced_copy
 from doe_kernels.env import synchronize
 
@@ -104,7 +104,7 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
 def run(model_name: str, batches: list, keep: float, context: int, steps: int, out: Optional[Path] = None) -> str:
     """The markdown table; with ``out``, written there after every row (a run cut short keeps its rows)."""
     device = harness.bench_device()
-    cfg = _gpu_gen_models()[model_name] if device.type == "cuda" else cpu_models()["llama-small"]
+    cfg = causal_lm_models()[model_name] if device.type == "cuda" else cpu_models()["llama-small"]
     if device.type != "cuda":
         cfg = replace(cfg, note="small LlamaForCausalLM, fp32 (CPU smoke run: no device times)")
     dense = build_model(cfg, device, lm_head=True)
@@ -144,7 +144,7 @@ def run(model_name: str, batches: list, keep: float, context: int, steps: int, o
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the markdown table here too")
-    ap.add_argument("--model", default="llama7b", choices=sorted(_gpu_gen_models()), help="CUDA: the model shape")
+    ap.add_argument("--model", default="llama7b", choices=sorted(causal_lm_models()), help="CUDA: the model shape")
     ap.add_argument("--batches", default="1,16", help="comma list of batch sizes (default 1,16)")
     ap.add_argument("--keep", type=float, default=0.35, help="the expert's keep ratio (default 0.35)")
     ap.add_argument("--context", type=int, default=192, help="tokens in the cache (default 192)")

@@ -57,7 +57,8 @@ import doe
 from benchmarks import harness
 from benchmarks.decode import StaticDecoder, hf_generate
 from benchmarks.suites import GENERATE, GOAL_KEEP
-from benchmarks.models import ModelCfg, cpu_models, build_model, ffn_weight_bytes, make_expert
+from benchmarks.models import (ModelCfg, build_model, causal_lm_models, cpu_models, ffn_weight_bytes, make_expert,
+                               step_weight_bytes)
 from doe.testing import sliced_copy
 from doe_kernels.env import synchronize
 from doe_kernels.testing import rel_err
@@ -70,25 +71,13 @@ def _env_list(name: str, default: str) -> list:
     return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
-def _gpu_gen_models() -> dict:
-    n = int(os.environ.get("DOE_BENCH_GEN_LAYERS", 32))
-    return {
-        "llama7b": ModelCfg(f"llama7b-{n}L", "llama", 4096, 11008, n, 32, 32, 32000, 4096, "bf16",
-                            note=f"LlamaForCausalLM, LLaMA-7B shape (hidden 4096, FFN 11008, 32 heads, {n} of 32 "
-                                 "layers, vocabulary 32000, untied LM head), random weights, bf16"),
-        "smollm2": ModelCfg("smollm2-135m", "llama", 576, 1536, 30, 9, 3, 49152, 8192, "bf16", tied=True,
-                            note="LlamaForCausalLM, SmolLM2-135M shape (hidden 576, FFN 1536, 9 heads, 3 KV heads, "
-                                 "30 layers, vocabulary 49152, tied LM head), random weights, bf16"),
-    }
-
-
 def _model_cfgs(device: torch.device) -> list:
     """The models DOE_BENCH_GEN_MODELS names, in that order (one on CPU: a smoke run)."""
     if device.type != "cuda":
         return [replace(cpu_models()["llama-small"],
                         note="small LlamaForCausalLM (hidden 512, FFN 2048, 4 layers), random weights, fp32 "
                              "(CPU smoke run)")]
-    known = _gpu_gen_models()
+    known = causal_lm_models()
     names = _env_list("DOE_BENCH_GEN_MODELS", "llama7b")
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -153,16 +142,6 @@ def _cases() -> list:
                 cases += [GenCase(cfg, mode, b, k, v) for k in s["keeps"] for v in ("sliced", "gathered")]
                 out += [pytest.param(c, id=c.id) for c in cases]
     return out
-
-
-def step_weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: all of them but an untied input embedding (one row
-    per token); a tied one is read whole as the LM head."""
-    emb = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight counts once
-    if model.get_output_embeddings().weight is not emb:
-        weights -= emb.numel() * emb.element_size()
-    return weights
 
 
 def decode_ideal(model: nn.Module, cfg: ModelCfg, keep: float, batch: int, context: float) -> dict:

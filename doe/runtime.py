@@ -237,6 +237,17 @@ class UnplugAndPlay:
             return sorted(now.experts)
         return None if now.expert is None else now.expert.task
 
+    @contextlib.contextmanager
+    def _left_as_found(self):
+        """Hold the model's lock; with ``restore_when_idle``, put back what was installed on entry."""
+        with model_lock(self.model):
+            found = installed(self.model)
+            try:
+                yield
+            finally:
+                if self.restore_when_idle:
+                    self._switch(found)
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, params: Union[GenerateParams, str], *, task: Optional[str] = None,
@@ -262,15 +273,10 @@ class UnplugAndPlay:
             soft = expert.prompt_and_head()[0]
         else:
             soft = None if entry is None else entry.on_dense.prompt.detach()
-        with model_lock(self.model):
-            found = installed(self.model)
-            try:
-                self._switch(expert)
-                return generate(self.model, self.tokenizer, params, soft_prompt=soft, on_token=on_token,
-                                should_stop=should_stop)
-            finally:
-                if self.restore_when_idle:
-                    self._switch(found)
+        with self._left_as_found():
+            self._switch(expert)
+            return generate(self.model, self.tokenizer, params, soft_prompt=soft, on_token=on_token,
+                            should_stop=should_stop)
 
     # ------------------------------------------------------------------ serving
 
@@ -393,13 +399,8 @@ class UnplugAndPlay:
         expert that was installed when ``process`` was called.
         """
         reqs = [Request.coerce(r, i) for i, r in enumerate(requests)]
-        with model_lock(self.model):
-            found = installed(self.model)
-            try:
-                out = self._serve(reqs)
-            finally:
-                if self.restore_when_idle:
-                    self._switch(found)
+        with self._left_as_found():
+            out = self._serve(reqs)
         with self._log_lock:
             self.records.extend(out)
             self._counts.add(out)

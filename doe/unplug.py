@@ -455,11 +455,13 @@ def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
         batch.set(groups)
         # A model that flattens tokens before its FFN (OPT) hides the batch size from the FFN:
         # note it where the batch enters.
-        handle = model.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True)
+        handle = None
         try:
+            handle = model.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True)
             yield model
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             batch.set(previous)
 
 
