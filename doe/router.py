@@ -114,14 +114,16 @@ class TaskRouter:
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the router's config and weights into a folder (created if needed; other files
         in it stay). Both files are written to temporary names first and renamed into place
-        only once both are complete, so a failed save leaves the folder as it was."""
+        only once both are complete, so a failed save leaves the folder as it was; the weights
+        carry the task list too, so a pair from two saves is refused on load."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = {name: directory / f".{name}.tmp" for name in (_WEIGHTS, _CONFIG)}
         try:
-            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp[_WEIGHTS]))
+            save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(tmp[_WEIGHTS]),
+                      metadata={"tasks": json.dumps(self.tasks)})
             tmp[_CONFIG].write_text(json.dumps({"tasks": self.tasks, "kind": "linear"}, indent=2))
             for name, path in tmp.items():
                 os.replace(path, directory / name)
@@ -132,17 +134,21 @@ class TaskRouter:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "TaskRouter":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         directory = Path(directory)
         try:
             config = json.loads((directory / _CONFIG).read_text())
-            tensors = load_file(str(directory / _WEIGHTS))
-            weight, bias = tensors["weight"], tensors["bias"]
+            with safe_open(str(directory / _WEIGHTS), framework="pt") as f:
+                weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+                stored = (f.metadata() or {}).get("tasks")
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"not a router folder: {exc.filename} is missing") from exc
         except Exception as exc:
             raise ValueError(f"{directory}: corrupted router files ({type(exc).__name__}: {exc})") from exc
+        if stored is not None and json.loads(stored) != config["tasks"]:
+            raise ValueError(f"{directory}: {_WEIGHTS} was saved for tasks {json.loads(stored)}, {_CONFIG} lists "
+                             f"{config['tasks']} (the files come from two saves); save the router again")
         return cls(config["tasks"], weight, bias)
 
     def accuracy(self, model: nn.Module, tokenizer, texts_by_task: Mapping[str, Sequence[str]]) -> float:

@@ -379,3 +379,13 @@ def test_summary_is_safe_while_another_thread_serves(setup):
     worker.join()
     assert not errors, errors
     assert rt.summary()["requests"] == 2 + 12
+
+
+def test_router_files_from_two_saves_are_refused(setup, tmp_path):
+    _, _, _, _, router = setup
+    a = router.save_pretrained(tmp_path / "a")
+    flipped = TaskRouter(list(reversed(router.tasks)), router.weight.flip(0), router.bias.flip(0))
+    b = flipped.save_pretrained(tmp_path / "b")
+    (a / "router_config.json").write_bytes((b / "router_config.json").read_bytes())  # a save cut between renames
+    with pytest.raises(ValueError, match=r"was saved for tasks .* lists .* \(the files come from two saves\)"):
+        TaskRouter.from_pretrained(a)
