@@ -23,6 +23,9 @@ host        ``benchmarks.host_overhead``: the host cost of each layer of a gathe
             call stack, and cProfile of eager forwards
 ==========  ==========================================================================  =====
 
+Run only when named: ``tune`` (``benchmarks.tune_kernels``: launch configs and split-K of the
+gathered kernels swept on the 7B FFN shapes against the copy floor and padded cuBLAS, 200 s).
+
 Each stage is one pytest process with its suite's ``campaign`` sweep (``profile``: one Python process). A stage's window is its
 share plus whatever earlier stages left unused, minus nothing that later stages were promised:
 ``DOE_BENCH_BUDGET_S`` stops it from starting cases late (so pytest ends normally and writes its
@@ -104,8 +107,12 @@ STAGES = (
     Stage("host", ("--calls", "500", "--repeats", "7", "--stack", "--profile-model"), 25,
           module="benchmarks.host_overhead"),
 )
-BY_NAME = {st.name: st for st in STAGES}
-MODULE_STAGES = {st.name for st in STAGES if st.module is not None}
+#: stages that run only when named (tuning sweeps for a call of their own)
+EXTRA_STAGES = (
+    Stage("tune", (), 200, module="benchmarks.tune_kernels"),
+)
+BY_NAME = {st.name: st for st in STAGES + EXTRA_STAGES}
+MODULE_STAGES = {st.name for st in STAGES + EXTRA_STAGES if st.module is not None}
 BUDGET_S = 480.0  # the call's wall-clock budget; the device call gets timeout_s 540
 SETUP_S = 20.0  # wheels, versions, nvidia-smi
 CLOSE_S = 8.0  # the last summary and archive

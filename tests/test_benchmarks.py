@@ -254,3 +254,19 @@ def test_campaign_carries_what_the_device_lacks_within_the_call_limit():
                 continue
             wheels += sum((f.size or 0) for f in dist.files or [])
     assert tree + wheels < 64 << 20, f"tree {tree >> 20} MiB + wheels {wheels >> 20} MiB"
+
+
+def test_tune_sweep_runs_every_case_once_on_cpu(tmp_path):
+    # the GPU sweep's code paths through the interpreter at a tiny shape: a GPU call spends its
+    # time measuring, not debugging
+    out = tmp_path / "tune.md"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tune_kernels", "--smoke", "--out", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert not [r for r in rows if r["us"] is None], [r for r in rows if r["us"] is None]
+    groups = {r["group"] for r in rows}
+    assert groups == {"decode M=1, glu", "decode M=1, down", "batch M=16, glu", "batch M=16, down",
+                      "large M=32, up", "large M=32, glu"}
+    assert "| gemv |" in out.read_text()

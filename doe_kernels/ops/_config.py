@@ -195,6 +195,15 @@ def _device_limits(index: int) -> tuple:
     return major * 10 + minor, smem
 
 
+def launcher(kernel, config: Optional[triton.Config]) -> tuple:
+    """(what to launch, its extra keyword arguments): the autotuned ``kernel`` itself, or, for a
+    given ``config``, its JIT function with that config's meta-parameters and launch settings
+    (tuning sweeps; nothing is cached or autotuned)."""
+    if config is None:
+        return kernel, {}
+    return kernel.fn, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), MAX_M_BUCKET)
 

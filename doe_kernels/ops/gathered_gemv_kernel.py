@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._config import ONE_CONFIG, resolve_split_k
+from doe_kernels.ops._config import ONE_CONFIG, launcher, resolve_split_k
 
 __all__ = ["GEMV_MAX_M", "gathered_gemv", "gemv_configs"]
 
@@ -183,10 +183,12 @@ def gathered_gemv(
     cols: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
+    config: Optional[triton.Config] = None,
 ) -> torch.Tensor:
     """The GEMV form of ``gathered_mm`` (same arguments and result) for small M.
 
     x: (M, K); w: (N_full, K_full), any strides; rows: (n,) -> out (M, n); cols: (k,) -> out (M, N_full).
+    config: BLOCK_N, BLOCK_K, num_warps, num_stages to launch with instead of autotuning.
     """
     y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
     if not split_k:
@@ -197,7 +199,8 @@ def gathered_gemv(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), split_k)
 
-    _gathered_gemv_kernel[grid](
+    kernel, meta = launcher(_gathered_gemv_kernel, config)
+    kernel[grid](
         x, w, bias if bias is not None else w, idx, out,
         M, N, K,
         x.stride(0), x.stride(1),
@@ -207,5 +210,6 @@ def gathered_gemv(
         HAS_BIAS=bias is not None,
         SPLIT_K=split_k,
         BLOCK_M=gemv_block_m(M),
+        **meta,
     )
     return y if split_k == 1 else sum_partials(out, y)

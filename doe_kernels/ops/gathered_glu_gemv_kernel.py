@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import apply_activation
-from doe_kernels.ops._config import ONE_CONFIG, resolve_split_k
+from doe_kernels.ops._config import ONE_CONFIG, launcher, resolve_split_k
 from doe_kernels.ops.gathered_gemv_kernel import gemv_block_m, k_range
 
 __all__ = ["gathered_glu_gemv", "glu_gemv_configs"]
@@ -126,8 +126,10 @@ def gathered_glu_gemv(
     bg: Optional[torch.Tensor] = None,
     bu: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
+    config: Optional[triton.Config] = None,
 ) -> torch.Tensor:
-    """The GEMV form of ``gathered_glu_mm`` for small M; x: (M, K) with K > 0 -> out (M, n)."""
+    """The GEMV form of ``gathered_glu_mm`` for small M; x: (M, K) with K > 0 -> out (M, n).
+    config: BLOCK_N, BLOCK_K, num_warps, num_stages to launch with instead of autotuning."""
     M, K = x.shape
     N = rows.numel()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -137,7 +139,8 @@ def gathered_glu_gemv(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), split_k)
 
-    _gathered_glu_gemv_kernel[grid](
+    kernel, meta = launcher(_gathered_glu_gemv_kernel, config)
+    kernel[grid](
         x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, rows, y, partials,
         M, N, K,
         x.stride(0), x.stride(1),
@@ -149,6 +152,7 @@ def gathered_glu_gemv(
         ACT=act_id,
         SPLIT_K=split_k,
         BLOCK_M=gemv_block_m(M),
+        **meta,
     )
     if split_k > 1:
         block = 1024

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import ACTIVATION_IDS, apply_activation
-from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
+from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, launcher, m_bucket, make_pruner
 from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M
 from doe_kernels.ops.gathered_glu_gemv_kernel import gathered_glu_gemv
 from doe_kernels.ops.gathered_linear_kernel import gathered_linear_op, grouped_tile
@@ -109,12 +109,14 @@ def gathered_glu_mm(
     bu: Optional[torch.Tensor] = None,
     path: str = "auto",
     split_k: Optional[int] = None,
+    config: Optional[triton.Config] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel on 2-D operands. Inputs are assumed checked.
 
     x: (M, K); wg, wu: (N_full, K), any strides; rows: (n,) -> out (M, n).
     path: "gemv" (broadcast-multiply form), "dot" (``tl.dot`` tiles) or "auto" (gemv for
-    M <= GEMV_MAX_M). split_k: GEMV only (None: by problem size).
+    M <= GEMV_MAX_M). split_k: GEMV only (None: by problem size). config: the launch config of
+    the chosen path's kernel instead of autotuning (tuning sweeps).
     """
     idx = rows
     M, K = x.shape
@@ -128,12 +130,13 @@ def gathered_glu_mm(
         return y.copy_(activation_fn(activation)(g) * u)
     act_id = ACTIVATION_IDS[canonical_activation(activation)]
     if path == "gemv" or (path == "auto" and M <= GEMV_MAX_M):
-        return gathered_glu_gemv(x, wg, wu, rows=idx, act_id=act_id, bg=bg, bu=bu, split_k=split_k)
+        return gathered_glu_gemv(x, wg, wu, rows=idx, act_id=act_id, bg=bg, bu=bu, split_k=split_k, config=config)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gathered_glu_kernel[grid](
+    kernel, meta = launcher(_gathered_glu_kernel, config)
+    kernel[grid](
         x, wg, wu, bg if bg is not None else wg, bu if bu is not None else wu, idx, y,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1),
@@ -145,6 +148,7 @@ def gathered_glu_mm(
         ACT=act_id,
         UPCAST=INTERPRET,
         PRECISION=dot_precision(x.dtype),
+        **meta,
     )
     return y
 

@@ -32,6 +32,7 @@ from doe_kernels.ops._config import (
     INTERPRET,
     autotune_configs,
     dot_precision,
+    launcher,
     m_bucket,
     prune_configs,
 )
@@ -134,6 +135,7 @@ def gathered_mm(
     bias: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
     path: str = "auto",
+    config: Optional[triton.Config] = None,
 ) -> torch.Tensor:
     """Launch the gathered GEMM on 2-D operands. Inputs are assumed checked.
 
@@ -141,10 +143,11 @@ def gathered_mm(
       rows: (n,) int32/int64, K == K_full -> out (M, n)      = x @ w[rows]^T (+ bias[rows])
       cols: (k,) int32/int64, K == k      -> out (M, N_full) = x @ w[:, cols]^T (+ bias)
     path: "gemv" (``gathered_gemv``), "dot" (``tl.dot`` tiles) or "auto" (gemv for
-    M <= GEMV_MAX_M). split_k: None chooses by problem size.
+    M <= GEMV_MAX_M). split_k: None chooses by problem size. config: the launch config of the
+    chosen path's kernel instead of autotuning (tuning sweeps).
     """
     if path == "gemv" or (path == "auto" and x.shape[0] <= GEMV_MAX_M):
-        return gathered_gemv(x, w, rows=rows, cols=cols, bias=bias, split_k=split_k)
+        return gathered_gemv(x, w, rows=rows, cols=cols, bias=bias, split_k=split_k, config=config)
     y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
     if not split_k:
         return y
@@ -155,7 +158,8 @@ def gathered_mm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
 
-    _gathered_mm_kernel[grid](
+    kernel, meta = launcher(_gathered_mm_kernel, config)
+    kernel[grid](
         x, w, bias if bias is not None else w, idx, out,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1),
@@ -166,6 +170,7 @@ def gathered_mm(
         SPLIT_K=split_k,
         UPCAST=INTERPRET,
         PRECISION=dot_precision(x.dtype),
+        **meta,
     )
     return y if split_k == 1 else sum_partials(out, y)
 
