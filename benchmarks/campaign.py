@@ -24,7 +24,9 @@ host        ``benchmarks.host_overhead``: the host cost of each layer of a gathe
 ==========  ==========================================================================  =====
 
 Run only when named: ``tune`` (``benchmarks.tune_kernels``: launch configs and split-K of the
-gathered kernels swept on the 7B FFN shapes against the copy floor and padded cuBLAS, 200 s).
+gathered kernels swept on the 7B FFN shapes against the copy floor and padded cuBLAS; 90 s
+planned, which the decode group fits; all three groups take about 150 s, ``DOE_TUNE_GROUPS``
+picks them).
 
 Each stage is one pytest process with its suite's ``campaign`` sweep (``profile``: one Python process). A stage's window is its
 share plus whatever earlier stages left unused, minus nothing that later stages were promised:
@@ -109,7 +111,7 @@ STAGES = (
 )
 #: stages that run only when named (tuning sweeps for a call of their own)
 EXTRA_STAGES = (
-    Stage("tune", (), 200, module="benchmarks.tune_kernels"),
+    Stage("tune", (), 90, module="benchmarks.tune_kernels"),
 )
 BY_NAME = {st.name: st for st in STAGES + EXTRA_STAGES}
 MODULE_STAGES = {st.name for st in STAGES + EXTRA_STAGES if st.module is not None}

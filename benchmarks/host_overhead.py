@@ -138,6 +138,7 @@ def _stack_cases(device: torch.device) -> tuple:
     w = up.weight
     sliced = w[idx.long()].contiguous()
     x = torch.randn(1, hidden, device=device, dtype=dtype)
+    x_grad = x.clone().requires_grad_()
     y = torch.empty(1, kept, device=device, dtype=dtype)
     module = GatheredLinear(up, idx, mode="rows", backend="triton")
     args = (x, w, w, idx, y, 1, kept, hidden, x.stride(0), x.stride(1), w.stride(0), w.stride(1), 0, y.stride(0),
@@ -157,9 +158,14 @@ def _stack_cases(device: torch.device) -> tuple:
     every = (*args, *meta.values(), fixed["BLOCK_N"], fixed["BLOCK_K"])
     try:
         launch = _gathered_gemv_kernel.fn[grid_fixed](*args, **meta, **fixed)[grid_fixed]
+        launch(*every)
     except Exception as exc:  # noqa: BLE001 - Triton's low-level entry differs between releases: say so
         launch = None
         print(f"CompiledKernel launch unavailable: {type(exc).__name__}: {exc}")
+    def through_op():
+        with torch.inference_mode(False), torch.enable_grad():
+            return gathered_linear(x_grad, w, rows=idx)
+
     cases = [
         ("torch.empty (1, n)", lambda: torch.empty(1, kept, device=device, dtype=dtype)),
         ("F.linear on the sliced copy", lambda: torch.nn.functional.linear(x, sliced)),
@@ -169,6 +175,7 @@ def _stack_cases(device: torch.device) -> tuple:
         ("gathered_gemv launcher, split_k=1", lambda: gathered_gemv(x, w, rows=idx, split_k=1)),
         ("gathered_gemv launcher (split-K by size)", lambda: gathered_gemv(x, w, rows=idx)),
         ("custom op (torch.ops.doe_kernels)", lambda: ops.gathered_linear(x, w, None, idx, True)),
+        ("gathered_linear, autograd on (through the op)", through_op),
         ("gathered_linear (public, checked)", lambda: gathered_linear(x, w, rows=idx)),
         ("GatheredLinear.forward", lambda: module.forward(x)),
         ("GatheredLinear module()", lambda: module(x)),
@@ -217,7 +224,7 @@ def stack_table(device: torch.device, calls: int, repeats: int) -> list:
 def profile_model(device: torch.device, forwards: int = 30, top: int = 18) -> list:
     """cProfile of eager forwards (batch 1, one token) of a 2-layer 7B-shaped model: dense, gathered, compact."""
     import doe
-    from benchmarks.test_models import ModelCfg, build_model, make_expert
+    from benchmarks.models import ModelCfg, build_model, make_expert
 
     cfg = ModelCfg("llama7b-2L", "llama", 4096, 11008, 2, 32, 32, 32000, 4096, "bf16")
     if device.type != "cuda":

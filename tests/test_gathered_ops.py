@@ -352,3 +352,46 @@ def test_an_explicit_launch_config_gives_the_same_result(path):
     assert_matches(out, F.linear(h, wt[:, make_index(72, 29).long()]), torch.float32)
     glu = gathered_glu_mm(x, w, wu, rows=idx, activation="silu", path=path, config=config)
     assert_matches(glu, F.silu(F.linear(x, w[li])) * F.linear(x, wu[li]), torch.float32)
+
+
+def test_eager_inference_launches_without_the_registered_op(monkeypatch):
+    # the op's dispatcher entry costs host time per call; only autograd and tracing need it
+    import doe_kernels.ops.gathered_glu_kernel as glu_mod
+    import doe_kernels.ops.gathered_linear_kernel as lin_mod
+
+    calls = []
+
+    def spy(real):
+        def op(*args):
+            calls.append(real)
+            return real(*args)
+        return op
+
+    monkeypatch.setattr(lin_mod, "gathered_linear_op", spy(lin_mod.gathered_linear_op))
+    monkeypatch.setattr(glu_mod, "gathered_glu_op", spy(glu_mod.gathered_glu_op))
+    x, w, wu = rand(3, 40, dtype=torch.float32, seed=1), rand(50, 40, dtype=torch.float32, seed=2), \
+        rand(50, 40, dtype=torch.float32, seed=3)
+    idx = make_index(50, 21)
+    li = idx.long()
+    ref = F.linear(x, w[li])
+    with torch.no_grad():
+        assert_matches(gathered_linear(x, w, rows=idx, backend="triton"), ref, torch.float32)
+        gathered_glu(x, w, wu, rows=idx, backend="triton")
+    with torch.inference_mode():
+        assert_matches(gathered_linear(x, w, rows=idx, backend="triton"), ref, torch.float32)
+    assert calls == []
+    xg = x.clone().requires_grad_()
+    out = gathered_linear(xg, w, rows=idx, backend="triton")
+    assert len(calls) == 1 and out.grad_fn is not None
+    out.sum().backward()  # the backward's own gathered launch goes through the op too
+    torch.testing.assert_close(xg.grad, w[li].sum(0).expand(3, -1), atol=1e-4, rtol=1e-4)
+    calls.clear()
+    gathered_glu(xg, w, wu, rows=idx, backend="triton")
+    assert len(calls) == 1
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # tracing sees the op (its fake implementation), not the launcher
+        fx = mode.from_tensor(x)
+        fake = gathered_linear(fx, mode.from_tensor(w), rows=mode.from_tensor(idx), backend="triton")
+        assert fake.shape == (3, 21)
+    assert len(calls) == 2

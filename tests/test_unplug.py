@@ -11,7 +11,7 @@ import torch
 
 import doe
 from doe.testing import assert_same_as, gathered_wrappers, random_expert_indices, sliced_copy, snapshot
-from kernel_utils import triton_runs
+from kernel_utils import DEVICE, triton_runs
 from tiny_models import FAMILIES, make_tiny, model_logits, sample_inputs
 
 BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])
@@ -20,7 +20,7 @@ BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unplugged_matches_sliced_copy_and_restores_exactly(family, backend):
-    model = make_tiny(family)
+    model = make_tiny(family).to(DEVICE if backend == "triton" else "cpu")
     inputs = sample_inputs(model)
     dense = model_logits(model, inputs)
     snap = snapshot(model)

@@ -6,9 +6,10 @@ small-M (decode) tiles keep BLOCK_M at 16 (the smallest ``tl.dot`` tile the GPU 
 compiles) and spend the threads on N and K instead, as decode GEMV kernels do. The fused GLU
 holds two fp32 accumulators, so its tiles are half the size of the linear ones at the same
 warp count; the compile audit (``doe_kernels.ops.audit``: registers, spills, shared memory on
-sm_90 and sm_80) chose them. First timings on an H200 (benchmarks/results/2026-12-04-h200): the
-decode kernels read kept weights at 1.5x the copy-bandwidth floor, the large-M tiles run at
-1.3-1.4x cuBLAS on a sliced copy padded to a multiple of 16.
+sm_90 and sm_80) chose them. An H200 sweep (``benchmarks.tune_kernels``, LLaMA-7B FFN, bf16)
+added the deeper-pipelined Hopper tiles: the up projection's best tile 128x256x64 at 4 stages
+(1.21x cuBLAS on a sliced copy padded to 16 at M = 2048, 1.36x at 8192), the fused GLU's
+128x128x32 at 5 stages (1.06x and 1.10x cuBLAS's two GEMMs plus SiLU-and-multiply).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAX_M_BUCKET = 4096
 # on sm_80 (mma.sync keeps its operands in registers; sm_90's wgmma reads them from shared memory).
 _LARGE_M = [
     (128, 128, 64, 8, 8, 3),
+    (128, 256, 64, 8, 8, 4, 90),
     (128, 256, 64, 8, 8, 3, 90),
     (128, 64, 64, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
@@ -60,6 +62,8 @@ _SMALL_M = [
 # 32 * num_warps threads (2 * 128 * 128 / 256 = 128 per thread at most), and two weight tiles
 # per stage in shared memory.
 _GLU_LARGE_M = [
+    (128, 128, 32, 8, 8, 5, 90),
+    (128, 128, 64, 8, 8, 4, 90),
     (128, 128, 64, 8, 8, 3, 90),
     (128, 64, 64, 8, 8, 4),
     (64, 128, 64, 8, 8, 4),
@@ -204,6 +208,29 @@ def launcher(kernel, config: Optional[triton.Config]) -> tuple:
     return kernel.fn, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def op_not_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when a launcher may run without its registered custom op: eager (torch.compile is
+    not tracing, no dispatch mode is active), plain tensors, and no gradient to record. The op's
+    dispatcher entry and output checks cost host time on every call, which an eager decoding
+    loop pays dozens of times per token; CUDA-graph capture needs no op either."""
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
 def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), MAX_M_BUCKET)
 
@@ -215,16 +242,26 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def resolve_split_k(split_k: Optional[int], m: int, n: int, k: int, device: torch.device) -> int:
-    """The split-K factor a launcher uses: ``split_k`` (None: ``split_k_for``), at most one K
-    slice per 16 columns and at least 1."""
+#: How a split-K launcher fills the GPU: (narrowest output tile of its configs, programs per
+#: SM to aim for, largest split). The GEMV forms (H200 sweep, LLaMA-7B FFN at M = 1): the
+#: rows gather runs best on 8-wide tiles with no split (482 programs), the cols gather on
+#: 64-wide tiles split 8 ways (13.3 us, 4.7 us less than split 4 and 30 us less than none).
+SPLIT_FILL = {"dot": (64, 2, 8), "gemv-rows": (8, 4, 16), "gemv-cols": (64, 4, 16)}
+
+
+def resolve_split_k(split_k: Optional[int], m: int, n: int, k: int, device: torch.device, fill: str = "dot") -> int:
+    """The split-K factor a launcher uses: ``split_k`` (None: ``split_k_for`` with the ``fill``
+    of :data:`SPLIT_FILL`), at most one K slice per 16 columns and at least 1."""
     if split_k is None:
-        split_k = split_k_for(m, n, k, device)
+        split_k = split_k_for(m, n, k, device, *SPLIT_FILL[fill])
     return max(1, min(split_k, triton.cdiv(k, 16)))
 
 
-def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
-    """Split the reduction when a decode-sized problem has too few output tiles to fill the GPU.
+def split_k_for(m: int, n: int, k: int, device: torch.device, tile_n: int = 64, per_sm: int = 2,
+                max_split: int = 8) -> int:
+    """Split the reduction when a decode-sized problem has too few output tiles (``tile_n``
+    wide) to give every SM ``per_sm`` programs: a power of two up to ``max_split``, with at
+    least 256 columns of K per slice.
 
     Partials go to an fp32 scratch buffer that is summed afterwards (no atomics: bf16 atomics
     are not portable).
@@ -232,11 +269,11 @@ def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
     if INTERPRET or m > 16 or device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = triton.cdiv(n, 64)
+    tiles = triton.cdiv(n, tile_n)
     if tiles >= sms:
         return 1
-    split = min(8, triton.cdiv(2 * sms, tiles), max(1, k // 256))
-    return max(1, split)
+    split = min(max_split, triton.cdiv(per_sm * sms, tiles), max(1, k // 256))
+    return 1 << (max(1, split).bit_length() - 1)
 
 
 @functools.lru_cache(maxsize=None)

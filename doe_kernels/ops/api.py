@@ -34,9 +34,9 @@ def linear_unchecked(x, weight, bias, idx, rows: bool, backend: str) -> torch.Te
         if rows:
             return gathered_linear_ref(x, weight, bias, rows=idx)
         return gathered_linear_ref(x, weight, bias, cols=idx)
-    from doe_kernels.ops.gathered_linear_kernel import gathered_linear_op
+    from doe_kernels.ops.gathered_linear_kernel import gathered_linear_call
 
-    return gathered_linear_op(x, weight, bias, idx, rows)
+    return gathered_linear_call(x, weight, bias, idx, rows)
 
 
 def glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation: str, backend: str) -> torch.Tensor:
@@ -46,9 +46,9 @@ def glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation
         return gathered_glu_ref(
             x, gate_weight, up_weight, rows=idx, activation=activation, gate_bias=gate_bias, up_bias=up_bias
         )
-    from doe_kernels.ops.gathered_glu_kernel import gathered_glu_op
+    from doe_kernels.ops.gathered_glu_kernel import gathered_glu_call
 
-    return gathered_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
+    return gathered_glu_call(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
 
 
 def gathered_linear(
@@ -116,9 +116,9 @@ def segmented_linear_unchecked(x, weight, bias, grouped: GroupedIndices, groups:
     width = grouped.width(groups.active)
     if backend == "torch":
         return segmented_linear_ref(x, weight, bias, grouped.table, groups.table, rows=rows, width=width)
-    from doe_kernels.ops.segmented_linear_kernel import segmented_linear_op
+    from doe_kernels.ops.segmented_linear_kernel import segmented_linear_call
 
-    return segmented_linear_op(x, weight, bias, grouped.table, groups.table, rows, width, len(groups.active),
+    return segmented_linear_call(x, weight, bias, grouped.table, groups.table, rows, width, len(groups.active),
                                groups.max_rows)
 
 
@@ -138,9 +138,9 @@ def segmented_glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, group
     if backend == "torch":
         return segmented_glu_ref(x, gate_weight, up_weight, grouped.table, groups.table, width=width,
                                  activation=activation, gate_bias=gate_bias, up_bias=up_bias)
-    from doe_kernels.ops.segmented_glu_kernel import segmented_glu_op
+    from doe_kernels.ops.segmented_glu_kernel import segmented_glu_call
 
-    return segmented_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, grouped.table, groups.table, activation,
+    return segmented_glu_call(x, gate_weight, up_weight, gate_bias, up_bias, grouped.table, groups.table, activation,
                             width, len(groups.active), groups.max_rows)
 
 

@@ -34,31 +34,49 @@ __all__ = ["GEMV_MAX_M", "gathered_gemv", "gemv_configs"]
 
 GEMV_MAX_M = 8
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, forms: "r" rows gather, "c" cols gather). From an
+# H200 sweep on the LLaMA-7B FFN at M = 1 (CUDA-graph replays): the rows gather (K contiguous)
+# is fastest with few, long rows per tile and no split (the fused GLU at 8x512: 1.15x the copy
+# floor); the cols gather (N contiguous on the neuron-major weight) with 64 outputs (128-byte
+# rows) by 256 kept neurons, split-K 8. Tiles with 128+ outputs or short K ran 1.3-30x slower.
 _GEMV = [
-    (32, 256, 4, 2),
-    (64, 128, 4, 2),
-    (128, 64, 4, 2),
-    (256, 32, 4, 2),
-    (64, 256, 8, 2),
-    (256, 64, 8, 2),
-    (64, 64, 4, 2),
+    (8, 512, 8, 2, "r"),
+    (8, 512, 4, 2, "r"),
+    (16, 256, 8, 2, "r"),
+    (16, 512, 8, 2, "r"),
+    (32, 256, 4, 2, "rc"),
+    (64, 128, 4, 2, "rc"),
+    (64, 256, 4, 2, "c"),
+    (64, 256, 8, 2, "c"),
+    (128, 128, 4, 2, "c"),
 ]
 #: Weight elements per thread when kept neurons are strided columns (rows gather on a weight
 #: stored (in, out), GPT-2's c_fc as stored): each element is a separate load with its own
 #: 64-bit address, and the compile audit saw larger tiles spill.
 STRIDED_ELEMS_PER_THREAD = 32
-_INTERPRETER = [(32, 32, 4, 1)]
+_INTERPRETER = [(32, 32, 4, 1, "rc")]
 
 
 def gemv_configs(rows=None) -> list:
+    """triton.Configs of (BLOCK_N, BLOCK_K, num_warps, num_stages[, forms]) rows; ``forms``
+    ("r", "c" or "rc", default both) is kept as ``config.forms`` for the pruner."""
     rows = rows if rows is not None else (_INTERPRETER if ONE_CONFIG else _GEMV)
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in rows]
+    out = []
+    for bn, bk, w, s, *forms in rows:
+        c = triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        c.forms = forms[0] if forms else "rc"
+        out.append(c)
+    return out
 
 
 def prune_gemv_configs(configs, named_args, **kwargs):
-    """Small tiles only when the gathered neurons are not contiguous (see STRIDED_ELEMS_PER_THREAD)."""
-    if len(configs) <= 1 or not kwargs.get("ROWS") or named_args["stride_wk"] == 1:
+    """The configs meant for the form (rows or cols gather); small tiles only when the gathered
+    neurons are not contiguous (see STRIDED_ELEMS_PER_THREAD)."""
+    if len(configs) <= 1:
+        return configs
+    rows = bool(kwargs.get("ROWS", named_args.get("ROWS")))
+    configs = [c for c in configs if ("r" if rows else "c") in getattr(c, "forms", "rc")] or configs
+    if not rows or named_args["stride_wk"] == 1:
         return configs
     small = [c for c in configs
              if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= STRIDED_ELEMS_PER_THREAD * 32 * c.num_warps]
@@ -154,8 +172,8 @@ def sum_partials(partials: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def prepare_linear(x, w, rows, cols, bias, split_k):
-    """The prologue both gathered-linear launchers share.
+def prepare_linear(x, w, rows, cols, bias, split_k, fill: str = "dot"):
+    """The prologue both gathered-linear launchers share (``fill``: see ``SPLIT_FILL``).
 
     Returns (y, out, idx, split_k): y (M, N) the result; out where the kernel writes (y, or fp32
     partials (split_k, M, N)); split_k 0 when y is already complete (M, N or K is zero).
@@ -170,7 +188,7 @@ def prepare_linear(x, w, rows, cols, bias, split_k):
     if K == 0:
         y = y.zero_() if bias is None else y.copy_((bias[idx] if is_rows else bias).expand(M, N))
         return y, y, idx, 0
-    split_k = resolve_split_k(split_k, M, N, K, x.device)
+    split_k = resolve_split_k(split_k, M, N, K, x.device, fill)
     out = y if split_k == 1 else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
     return y, out, idx, split_k
 
@@ -190,10 +208,10 @@ def gathered_gemv(
     x: (M, K); w: (N_full, K_full), any strides; rows: (n,) -> out (M, n); cols: (k,) -> out (M, N_full).
     config: BLOCK_N, BLOCK_K, num_warps, num_stages to launch with instead of autotuning.
     """
-    y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
+    is_rows = rows is not None
+    y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k, "gemv-rows" if is_rows else "gemv-cols")
     if not split_k:
         return y
-    is_rows = rows is not None
     (M, K), N = x.shape, y.shape[1]
 
     def grid(meta):

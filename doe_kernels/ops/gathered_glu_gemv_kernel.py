@@ -5,7 +5,9 @@ The GEMV form of ``gathered_glu``: each program reads BLOCK_N kept rows of both 
 Without split-K the activation and product happen in registers; with split-K the fp32 partials
 of g and u go to a scratch buffer and one small kernel sums them and applies the epilogue.
 
-Tuning constants: half the weight elements per tile of the linear GEMV (two weights per tile).
+Tuning constants: the rows-gather tiles of the linear GEMV at up to half its weight elements
+(two weights per tile); on an H200 (LLaMA-7B gate/up at M = 1, keep 0.35) 8x512 at 8 warps
+without split read the kept rows at 1.15x the copy floor, 64x64 (the widest) 1.3-13x slower.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ __all__ = ["gathered_glu_gemv", "glu_gemv_configs"]
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
 _GLU_GEMV = [
+    (8, 512, 8, 2),
+    (8, 512, 4, 2),
+    (16, 256, 8, 2),
     (16, 256, 4, 2),
-    (32, 128, 4, 2),
-    (64, 64, 4, 2),
     (32, 256, 8, 2),
 ]
 _INTERPRETER = [(32, 32, 4, 1)]
@@ -133,7 +136,7 @@ def gathered_glu_gemv(
     M, K = x.shape
     N = rows.numel()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    split_k = resolve_split_k(split_k, M, N, K, x.device)
+    split_k = resolve_split_k(split_k, M, N, K, x.device, "gemv-rows")
     partials = y if split_k == 1 else torch.empty((split_k, 2, M, N), device=x.device, dtype=torch.float32)
 
     def grid(meta):

@@ -18,7 +18,15 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import ACTIVATION_IDS, apply_activation
-from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, launcher, m_bucket, make_pruner
+from doe_kernels.ops._config import (
+    INTERPRET,
+    autotune_configs,
+    dot_precision,
+    launcher,
+    m_bucket,
+    make_pruner,
+    op_not_needed,
+)
 from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M
 from doe_kernels.ops.gathered_glu_gemv_kernel import gathered_glu_gemv
 from doe_kernels.ops.gathered_linear_kernel import gathered_linear_op, grouped_tile
@@ -153,6 +161,20 @@ def gathered_glu_mm(
     return y
 
 
+def gathered_glu_nd(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation: str) -> torch.Tensor:
+    """The fused Triton GLU on x: (..., K) -> (..., n)."""
+    y = gathered_glu_mm(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, rows=idx, activation=activation,
+                        bg=gate_bias, bu=up_bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def gathered_glu_call(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation: str) -> torch.Tensor:
+    """``gathered_glu_nd`` through the registered op where autograd or tracing need it."""
+    if op_not_needed(x, gate_weight, up_weight, gate_bias, up_bias):
+        return gathered_glu_nd(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
+    return gathered_glu_op(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
+
+
 @torch.library.custom_op("doe_kernels::gathered_glu", mutates_args=())
 def gathered_glu_op(
     x: torch.Tensor,
@@ -163,10 +185,8 @@ def gathered_glu_op(
     idx: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """The fused Triton GLU on x: (..., K) -> (..., n)."""
-    y = gathered_glu_mm(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, rows=idx, activation=activation,
-                        bg=gate_bias, bu=up_bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    """``gathered_glu_nd`` as a torch op (autograd, torch.compile, fake tensors)."""
+    return gathered_glu_nd(x, gate_weight, up_weight, gate_bias, up_bias, idx, activation)
 
 
 @gathered_glu_op.register_fake

@@ -34,11 +34,13 @@ from doe_kernels.ops._config import (
     dot_precision,
     launcher,
     m_bucket,
+    op_not_needed,
     prune_configs,
 )
 from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
 
-__all__ = ["gathered_mm", "grouped_tile", "gathered_dot", "gathered_linear_op"]
+__all__ = ["gathered_mm", "grouped_tile", "gathered_dot", "gathered_linear_call", "gathered_linear_nd",
+           "gathered_linear_op"]
 
 
 @triton.jit
@@ -175,10 +177,8 @@ def gathered_mm(
     return y if split_k == 1 else sum_partials(out, y)
 
 
-@torch.library.custom_op("doe_kernels::gathered_linear", mutates_args=())
-def gathered_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, rows: bool
-) -> torch.Tensor:
+def gathered_linear_nd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+                       rows: bool) -> torch.Tensor:
     """The Triton gathered linear on x: (..., K) -> (..., n) (rows) or (..., N) (cols)."""
     x2 = x.reshape(-1, x.shape[-1])
     if rows:
@@ -186,6 +186,21 @@ def gathered_linear_op(
     else:
         y = gathered_mm(x2, weight, cols=idx, bias=bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def gathered_linear_call(x, weight, bias, idx, rows: bool) -> torch.Tensor:
+    """``gathered_linear_nd`` through the registered op where autograd or tracing need it."""
+    if op_not_needed(x, weight, bias):
+        return gathered_linear_nd(x, weight, bias, idx, rows)
+    return gathered_linear_op(x, weight, bias, idx, rows)
+
+
+@torch.library.custom_op("doe_kernels::gathered_linear", mutates_args=())
+def gathered_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, rows: bool
+) -> torch.Tensor:
+    """``gathered_linear_nd`` as a torch op (autograd, torch.compile, fake tensors)."""
+    return gathered_linear_nd(x, weight, bias, idx, rows)
 
 
 @gathered_linear_op.register_fake

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from doe_kernels.ops._activations import ACTIVATION_IDS
-from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner
+from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, make_pruner, op_not_needed
 from doe_kernels.ops.gathered_glu_kernel import glu_tile
 from doe_kernels.ops.segmented_linear_kernel import row_tiles, segment_tile, segmented_linear_op, width_bucket
 from doe_kernels.reference import activation_fn, activation_grad, canonical_activation
@@ -113,16 +113,32 @@ def segmented_glu_mm(
     return y
 
 
+def segmented_glu_nd(x, gate_weight, up_weight, gate_bias, up_bias, table, rows_table, activation: str, width: int,
+                     active: int, max_rows: int) -> torch.Tensor:
+    """The fused segmented Triton GLU on x: (..., K) -> (..., width)."""
+    y = segmented_glu_mm(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, table, rows_table, width=width,
+                         activation=activation, bg=gate_bias, bu=up_bias, active=active, max_rows=max_rows)
+    return y.reshape(*x.shape[:-1], width)
+
+
+def segmented_glu_call(x, gate_weight, up_weight, gate_bias, up_bias, table, rows_table, activation: str, width: int,
+                       active: int, max_rows: int) -> torch.Tensor:
+    """``segmented_glu_nd`` through the registered op where autograd or tracing need it."""
+    args = (x, gate_weight, up_weight, gate_bias, up_bias, table, rows_table, activation, width, active, max_rows)
+    if op_not_needed(x, gate_weight, up_weight, gate_bias, up_bias):
+        return segmented_glu_nd(*args)
+    return segmented_glu_op(*args)
+
+
 @torch.library.custom_op("doe_kernels::segmented_glu", mutates_args=())
 def segmented_glu_op(
     x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias: Optional[torch.Tensor],
     up_bias: Optional[torch.Tensor], table: torch.Tensor, rows_table: torch.Tensor, activation: str, width: int,
     active: int, max_rows: int,
 ) -> torch.Tensor:
-    """The fused segmented Triton GLU on x: (..., K) -> (..., width)."""
-    y = segmented_glu_mm(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, table, rows_table, width=width,
-                         activation=activation, bg=gate_bias, bu=up_bias, active=active, max_rows=max_rows)
-    return y.reshape(*x.shape[:-1], width)
+    """``segmented_glu_nd`` as a torch op (autograd, torch.compile, fake tensors)."""
+    return segmented_glu_nd(x, gate_weight, up_weight, gate_bias, up_bias, table, rows_table, activation, width,
+                            active, max_rows)
 
 
 @segmented_glu_op.register_fake

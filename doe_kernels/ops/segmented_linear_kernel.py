@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, prune_segmented
+from doe_kernels.ops._config import INTERPRET, autotune_configs, dot_precision, m_bucket, op_not_needed, prune_segmented
 from doe_kernels.ops.gathered_linear_kernel import gathered_dot, grouped_tile
 
-__all__ = ["segment_tile", "segmented_mm", "segmented_linear_op", "width_bucket"]
+__all__ = ["segment_tile", "segmented_mm", "segmented_linear_call", "segmented_linear_nd", "segmented_linear_op",
+           "width_bucket"]
 
 
 def width_bucket(width: int) -> int:
@@ -165,16 +166,30 @@ def segmented_mm(
     return y
 
 
-@torch.library.custom_op("doe_kernels::segmented_linear", mutates_args=())
-def segmented_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: torch.Tensor,
-    rows_table: torch.Tensor, rows: bool, width: int, active: int, max_rows: int,
-) -> torch.Tensor:
+def segmented_linear_nd(x, weight, bias, table, rows_table, rows: bool, width: int, active: int,
+                        max_rows: int) -> torch.Tensor:
     """The Triton segmented linear on x: (..., K) -> (..., width) (rows) or (..., N) (cols)."""
     x2 = x.reshape(-1, x.shape[-1])
     y = segmented_mm(x2, weight, table, rows_table, rows=rows, width=width, bias=bias, active=active,
                      max_rows=max_rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def segmented_linear_call(x, weight, bias, table, rows_table, rows: bool, width: int, active: int,
+                          max_rows: int) -> torch.Tensor:
+    """``segmented_linear_nd`` through the registered op where autograd or tracing need it."""
+    if op_not_needed(x, weight, bias):
+        return segmented_linear_nd(x, weight, bias, table, rows_table, rows, width, active, max_rows)
+    return segmented_linear_op(x, weight, bias, table, rows_table, rows, width, active, max_rows)
+
+
+@torch.library.custom_op("doe_kernels::segmented_linear", mutates_args=())
+def segmented_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: torch.Tensor,
+    rows_table: torch.Tensor, rows: bool, width: int, active: int, max_rows: int,
+) -> torch.Tensor:
+    """``segmented_linear_nd`` as a torch op (autograd, torch.compile, fake tensors)."""
+    return segmented_linear_nd(x, weight, bias, table, rows_table, rows, width, active, max_rows)
 
 
 @segmented_linear_op.register_fake
