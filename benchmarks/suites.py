@@ -37,8 +37,10 @@ KERNELS = Suite(
     "kernels",
     keys=("op", "shape", "M", "keep", "dtype"),
     # sliced-pad16: the sliced copy with its width rounded up to a multiple of 16 (zero neurons);
-    # gathered-triton-gemv / -dot: the decode launcher forced to one path (M <= 16 only)
-    variants=("dense", "sliced", "sliced-pad16", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot", "gathered-torch"),
+    # gathered-triton-gemv / -dot: the decode launcher forced to one path (M <= 16 only);
+    # gather-then-cublas: the kept weights copied, then cuBLAS (M > 16, linear ops only)
+    variants=("dense", "sliced", "sliced-pad16", "gathered-triton", "gathered-triton-gemv", "gathered-triton-dot",
+              "gather-then-cublas", "gathered-torch"),
 )
 
 #: benchmarks/test_kernels.py: one gathered GEMM over a batch whose rows belong to ``groups`` groups.

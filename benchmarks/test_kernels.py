@@ -16,7 +16,9 @@ the faster of the two),
 (``doe_kernels.reference``: index_select + F.linear). At M <= 16 also
 ``gathered-triton-gemv`` and ``gathered-triton-dot``: the launcher forced to the GEMV (decode)
 or the ``tl.dot`` path, to place the GEMV_MAX_M switch; the decode Ms of each sweep
-(``DECODE_MS``) add M = 1..16 points for these and the sliced bar.
+(``DECODE_MS``) add M = 1..16 points for these and the sliced bar. Above M = 16 the linear ops
+also time ``gather-then-cublas`` (``path="gather"``: the kept weights copied into a padded
+buffer, then cuBLAS), the candidate for large M.
 
 Test ids read ``{op}-{shape}-M{M}-keep{keep}-{dtype}-{variant}``; the structured parameters go
 into ``benchmark.extra_info`` (suite "kernels") and ``benchmarks.report`` turns the JSON into a
@@ -73,7 +75,8 @@ SWEEPS = {
 
 # Extra M points (decode sizes) per sweep, timed for every variant but gathered-torch.
 DECODE_MS = {"tiny": [1, 16], "quick": [1, 4, 16], "campaign": [1, 16], "full": [1, 2, 4, 8, 16]}
-FORCED_PATHS = {"gathered-triton-gemv": "gemv", "gathered-triton-dot": "dot"}
+FORCED_PATHS = {"gathered-triton-gemv": "gemv", "gathered-triton-dot": "dot", "gather-then-cublas": "gather"}
+DECODE_PATHS = ("gathered-triton-gemv", "gathered-triton-dot")  # M <= 16 only; the gather path M > 16 only
 SLICED = {"sliced": 1, "sliced-pad16": PAD}  # the cuBLAS bars: width multiple
 TRITON_VARIANTS = ("gathered-triton", *FORCED_PATHS)
 
@@ -120,7 +123,9 @@ def _cases() -> list:
     for dtype, keep, op, shape in _sweep(shapes, keeps, dtypes):
         for M in sorted(set(Ms) | set(decode_only)):
             for variant in KERNELS.variants:
-                if variant in FORCED_PATHS and M > 16:
+                if (variant in DECODE_PATHS) != (M <= 16) and variant in FORCED_PATHS:
+                    continue
+                if variant == "gather-then-cublas" and op == "glu":
                     continue
                 if variant == "gathered-torch" and M in decode_only:
                     continue

@@ -322,6 +322,14 @@ def run(groups: list, keep: float, out: Optional[Path], json_path: Optional[Path
                 sweep.add(group, "gathered", _name(c), lambda c=c: tm(
                     [lambda s=s: gathered_mm(x, s[2], rows=s[0], path="dot", config=c) for s in two],
                     loops=2, rounds=5))
+            group = f"large M={m}, down"
+            h = xs(m, n)
+            sweep.bar(group, "cuBLAS sliced padded", sweep.add(group, "cuBLAS sliced padded", "", lambda: tm(
+                [lambda d=d: F.linear(xs_pad, d) for _, d in slices[:2]], loops=2, rounds=5)) if (
+                xs_pad := xs(m, p)) is not None else None)
+            sweep.add(group, "gather then cuBLAS", "", lambda: tm(down_calls(h, two, path="gather"), loops=2,
+                                                                  rounds=5))
+            sweep.add(group, "gathered autotuned", "", lambda: tm(down_calls(h, two), loops=2, rounds=5))
             group = f"large M={m}, glu"
             sweep.bar(group, "cuBLAS sliced padded + silu*mul", sweep.add(
                 group, "cuBLAS sliced padded + silu*mul", "", lambda: tm(cublas_glu(x, slices[:2]), loops=2,

@@ -395,3 +395,23 @@ def test_eager_inference_launches_without_the_registered_op(monkeypatch):
         fake = gathered_linear(fx, mode.from_tensor(w), rows=mode.from_tensor(idx), backend="triton")
         assert fake.shape == (3, 21)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("form", ["rows", "cols"])
+@pytest.mark.parametrize("layout", ["row-major", "neuron-major"])
+def test_gather_then_mm_path_matches_sliced_linear(form, layout):
+    # the large-M candidate: kept weights copied into a buffer padded to 16, then F.linear
+    w = rand(50, 72, dtype=torch.float32, seed=2)
+    if layout == "neuron-major":
+        w = w.t().contiguous().t()
+    b = rand(50, dtype=torch.float32, seed=3)
+    if form == "rows":
+        x, idx = rand(19, 72, dtype=torch.float32, seed=1), make_index(50, 29)
+        out = gathered_mm(x, w, rows=idx, bias=b, path="gather")
+        ref = F.linear(x, w[idx.long()], b[idx.long()])
+    else:
+        x, idx = rand(19, 29, dtype=torch.float32, seed=1), make_index(72, 29)
+        out = gathered_mm(x, w, cols=idx, bias=b, path="gather")
+        ref = F.linear(x, w[:, idx.long()], b)
+    assert out.is_contiguous()
+    assert_matches(out, ref, torch.float32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,7 +40,7 @@ from doe_kernels.ops._config import (
 )
 from doe_kernels.ops.gathered_gemv_kernel import GEMV_MAX_M, gathered_gemv, prepare_linear, sum_partials
 
-__all__ = ["gathered_mm", "grouped_tile", "gathered_dot", "gathered_linear_call", "gathered_linear_nd",
+__all__ = ["gathered_mm", "gather_then_mm", "grouped_tile", "gathered_dot", "gathered_linear_call", "gathered_linear_nd",
            "gathered_linear_op"]
 
 
@@ -144,10 +145,12 @@ def gathered_mm(
     x: (M, K); w: (N_full, K_full), any strides; exactly one of
       rows: (n,) int32/int64, K == K_full -> out (M, n)      = x @ w[rows]^T (+ bias[rows])
       cols: (k,) int32/int64, K == k      -> out (M, N_full) = x @ w[:, cols]^T (+ bias)
-    path: "gemv" (``gathered_gemv``), "dot" (``tl.dot`` tiles) or "auto" (gemv for
-    M <= GEMV_MAX_M). split_k: None chooses by problem size. config: the launch config of the
-    chosen path's kernel instead of autotuning (tuning sweeps).
+    path: "gemv" (``gathered_gemv``), "dot" (``tl.dot`` tiles), "gather" (``gather_then_mm``)
+    or "auto" (gemv for M <= GEMV_MAX_M, else dot). split_k: None chooses by problem size.
+    config: the launch config of the chosen path's kernel instead of autotuning (tuning sweeps).
     """
+    if path == "gather":
+        return gather_then_mm(x, w, rows=rows, cols=cols, bias=bias)
     if path == "gemv" or (path == "auto" and x.shape[0] <= GEMV_MAX_M):
         return gathered_gemv(x, w, rows=rows, cols=cols, bias=bias, split_k=split_k, config=config)
     y, out, idx, split_k = prepare_linear(x, w, rows, cols, bias, split_k)
@@ -193,6 +196,31 @@ def gathered_linear_call(x, weight, bias, idx, rows: bool) -> torch.Tensor:
     if op_not_needed(x, weight, bias):
         return gathered_linear_nd(x, weight, bias, idx, rows)
     return gathered_linear_op(x, weight, bias, idx, rows)
+
+
+def gather_then_mm(x: torch.Tensor, w: torch.Tensor, *, rows: Optional[torch.Tensor] = None,
+                   cols: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``gathered_mm`` as a copy, then ``F.linear`` (cuBLAS on a GPU): the kept rows (or columns)
+    copied into a zero-padded buffer whose kept width is a multiple of 16 (and, for a cols
+    gather, x into one as wide), so that cuBLAS runs its aligned kernels; at large M the copy
+    costs a few percent of the GEMM. Same arguments and result as ``gathered_mm``.
+    """
+    idx = rows if rows is not None else cols
+    n = idx.numel()
+    pad = -(-n // 16) * 16
+    if rows is not None:
+        buf = w.new_zeros((pad, w.shape[1]))
+        torch.index_select(w, 0, idx, out=buf[:n])
+        b = None
+        if bias is not None:
+            b = bias.new_zeros(pad)
+            torch.index_select(bias, 0, idx, out=b[:n])
+        return F.linear(x, buf, b)[:, :n].contiguous()
+    buf = w.new_zeros((pad, w.shape[0]))  # the kept columns as rows: w[:, idx].T, (pad, N)
+    torch.index_select(w.t(), 0, idx, out=buf[:n])
+    xp = x.new_zeros((x.shape[0], pad))
+    xp[:, :n] = x
+    return F.linear(xp, buf.t(), bias)
 
 
 @torch.library.custom_op("doe_kernels::gathered_linear", mutates_args=())
