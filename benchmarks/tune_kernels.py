@@ -13,7 +13,8 @@ group: the bar it must meet, measured in the same run. LLaMA-7B FFN, bf16, keep 
 - ``batch`` (M = 16): the GEMV form and the ``tl.dot`` form, autotuned and by config;
 - ``large`` (M = 2048, 8192): the dot tiles of the up projection (rows gather) and of the fused
   GLU against cuBLAS on the padded sliced copy, and "gather then cuBLAS" (the kept rows copied
-  into a padded buffer, then one cuBLAS GEMM, timed together).
+  into a padded buffer, then one cuBLAS GEMM, timed together); the down projection (cols
+  gather) autotuned against ``path="gather"`` and the same bar.
 
 The markdown (every row, fastest first per kind) is rewritten after every row, so an
 interrupted sweep keeps what it measured; ``--json`` writes the rows too. ``--smoke`` runs every
@@ -323,10 +324,9 @@ def run(groups: list, keep: float, out: Optional[Path], json_path: Optional[Path
                     [lambda s=s: gathered_mm(x, s[2], rows=s[0], path="dot", config=c) for s in two],
                     loops=2, rounds=5))
             group = f"large M={m}, down"
-            h = xs(m, n)
+            h, h_pad = xs(m, n), xs(m, p)
             sweep.bar(group, "cuBLAS sliced padded", sweep.add(group, "cuBLAS sliced padded", "", lambda: tm(
-                [lambda d=d: F.linear(xs_pad, d) for _, d in slices[:2]], loops=2, rounds=5)) if (
-                xs_pad := xs(m, p)) is not None else None)
+                [lambda d=d: F.linear(h_pad, d) for _, d in slices[:2]], loops=2, rounds=5)))
             sweep.add(group, "gather then cuBLAS", "", lambda: tm(down_calls(h, two, path="gather"), loops=2,
                                                                   rounds=5))
             sweep.add(group, "gathered autotuned", "", lambda: tm(down_calls(h, two), loops=2, rounds=5))
