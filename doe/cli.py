@@ -93,23 +93,33 @@ def _check_compact_mixed(args) -> None:
                          "expert at once on the original weights: give one of them")
 
 
-def _load_model(name: str, device: Optional[str]):
+def _load_model(name: Optional[str], device: Optional[str], experts: Sequence = ()):
+    """(tokenizer, model) for ``--model``; without it, the model the experts record (else
+    MiniLM). Every expert's fingerprint must match the loaded model's."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from doe.models import load_minilm, model_kind
+    from doe.expert import model_fingerprint
+    from doe.models import load_model
     from doe.progress import quiet_libraries
 
     quiet_libraries()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "minilm":
-        return load_minilm(device=device)
-    if not Path(name).is_dir():
-        raise UsageError(f"--model: expected 'minilm' or a local model folder, got {name!r} (no hub access here)")
-    with _user_input("--model", (OSError, ValueError)):
-        config = AutoConfig.from_pretrained(name)
-    cls = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[model_kind(config)]
-    return AutoTokenizer.from_pretrained(name), cls.from_pretrained(name).to(device).eval()
+    what = "--model"
+    if name is None:
+        recorded = sorted({e.metadata.get("model_name") for e in experts} - {None})
+        if len(recorded) > 1:
+            raise UsageError(f"--experts: made on different models ({', '.join(recorded)}); give --model")
+        name = recorded[0] if recorded else "minilm"
+        what = f"the model the experts record ({name}; give --model to choose another)" if recorded else what
+    with _user_input(what, (OSError, ValueError, ImportError)):
+        tok, model = load_model(name, device=device)
+    fingerprint = model_fingerprint(model)
+    for e in experts:
+        if e.fingerprint is not None and e.fingerprint != fingerprint:
+            made_on = e.metadata.get("model_name") or "an unrecorded model"
+            raise UsageError(f"--experts: expert {e.task!r} was made on {made_on} (fingerprint {e.fingerprint}); "
+                             f"{name} has fingerprint {fingerprint}: load the expert's model with --model")
+    return tok, model
 
 
 _GENERIC_FOLDERS = {"", ".", "..", "data", "datasets", "dataset", "raw", "tmp", "train", "splits"}
@@ -237,7 +247,7 @@ def _cmd_eval(args) -> int:
                 spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},
                                   labels=spec.labels, text_fields=spec.text_fields, label_field=spec.label_field,
                                   metric=spec.metric, verbalizer=spec.verbalizer, description=spec.description)
-    tok, model = _load_model(args.model, args.device)
+    tok, model = _load_model(args.model, args.device, experts)
     data = _load_data(spec, max_train=1, max_eval=args.max_eval)
     own = [e for e in experts if e.task == spec.name and e.dense_prompt is not None]
     if not own:
@@ -298,7 +308,7 @@ def _cmd_run(args) -> int:
         out.write_text("")
         print(f"doe run: {path} holds no requests; wrote an empty {out}", file=sys.stderr)
         return 0
-    tok, model = _load_model(args.model, args.device)
+    tok, model = _load_model(args.model, args.device, experts)
     rt = UnplugAndPlay(model, tok, router=router, threshold=args.threshold, max_batch=args.batch_size,
                        compact=args.compact_weights, mixed=args.mixed)
     for expert in experts:
@@ -354,13 +364,16 @@ def _cmd_serve(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        tok, model = _load_model(args.model, args.device)
+        tok, model = _load_model(args.model, args.device, experts)
         with _user_input("--max-length"):
             check_positions(model, experts, config)
         with _user_input("--experts"):
             app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config,
                              runtime_options={"compact": args.compact_weights, "mixed": args.mixed})
-        banner = f"model {args.model}, tasks {', '.join(e.task for e in experts)}{', router' if router else ''}"
+        from doe.models import model_source
+
+        banner = (f"model {model_source(model) or args.model}, tasks {', '.join(e.task for e in experts)}"
+                  f"{', router' if router else ''}")
         return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
                           banner=banner)
     finally:
@@ -402,7 +415,7 @@ def _cmd_router_fit(args) -> int:
                          f"got {sorted(specs)}")
     texts = {name: [e.text for e in _load_data(spec, max_train=args.max_per_task, max_eval=1).train]
              for name, spec in specs.items()}
-    tok, model = _load_model(args.model, args.device)
+    tok, model = _load_model(args.model, args.device, experts)
     router = TaskRouter.fit(model, tok, texts, seed=args.seed, show_progress=not args.quiet)
     router.save_pretrained(out)
     acc = router.accuracy(model, tok, texts)

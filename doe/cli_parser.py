@@ -10,7 +10,9 @@ EPILOG = "Every subcommand has its own --help. Models: 'minilm' (packaged, offli
 
 
 def _add_model_args(p):
-    p.add_argument("--model", default="minilm", help="'minilm' (the packaged all-MiniLM-L6-v2) or a local folder")
+    p.add_argument("--model", default=None,
+                   help="'minilm' (the packaged all-MiniLM-L6-v2), 'smollm2' (the packaged SmolLM2-135M-Instruct), a "
+                        ".gguf file or a local model folder (default: the model the experts were made on, else minilm)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from doe.attribution import AttributionConfig, NeuronScores, score_neurons
 from doe.expert import TaskExpert, model_fingerprint
+from doe.models import model_source
 from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, prompt_tune
 from doe.tasks import TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
@@ -165,7 +166,7 @@ def find_expert(
         tuning = PromptTuningResult(task_model.prompt.detach().cpu().clone(), task_model.head_state())
     if scores is None:
         scores = score_neurons(task_model, data, config.attribution)
-    meta = {"search": config.to_dict(), "model_name": getattr(model.config, "_name_or_path", None) or None,
+    meta = {"search": config.to_dict(), "model_name": model_source(model),
             "task_spec": spec_to_dict(data.spec)}
     expert = localize(model, scores, config.localization, task=data.spec.name, metadata=meta)
     prompt, head = tuning.prompt, tuning.head

@@ -23,6 +23,13 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+def _wider_bert(folder):
+    model = make_tiny("bert", head=False)
+    config = model.config
+    config.intermediate_size = 40
+    type(model)(config).save_pretrained(folder)
+
+
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "doe.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "localize", "eval", "run", "router", "bench", "tasks"):
@@ -48,6 +55,21 @@ def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| dense | 1.00 |" in table
     assert "| keep0.35 (attribution) | 0.35 |" in table and "| keep0.2 (attribution) | 0.20 |" in table
+    # without --model: the model the experts record (the folder they were made on)
+    assert e35.metadata["model_name"] == str(model_dir.resolve())
+    assert main(["eval", "--device", "cpu", "--max-eval", "16", "--experts", str(experts / "keep0.35")]) == 0
+    assert "| keep0.35 (attribution) | 0.35 |" in capsys.readouterr().out
+    other = tmp_path / "other-model"  # same family, another FFN size: another fingerprint
+    _wider_bert(other)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (model_dir / f).is_file():
+            (other / f).write_bytes((model_dir / f).read_bytes())
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(other), "--device", "cpu", "--max-eval", "16", "--experts",
+              str(experts / "keep0.35")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert e35.fingerprint in err and str(model_dir.resolve()) in err and "Traceback" not in err
 
     requests = tmp_path / "in.jsonl"
     texts = [e.text for e in load_task(TASK, max_eval=5).eval]
@@ -68,7 +90,7 @@ def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["localize", "--model", "/no/such/model", "--task", TASK, "--out", "x"], "expected 'minilm' or a local"),
+        (["localize", "--model", "/no/such/model", "--task", TASK, "--out", "x"], "a local model folder"),
         (["localize", "--task", "no_such_task", "--out", "x"], "no_such_task"),
         (["eval", "--experts", "/no/such/expert"], "not an expert folder"),
         (["eval"], "--experts: give at least one expert folder"),
