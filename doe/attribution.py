@@ -190,6 +190,28 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
     return NeuronScores(sums, counts, config.method).all_reduce_()
 
 
+def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 16) -> list[torch.Tensor]:
+    """Per FFN block, the mean of each neuron's activation h (the down projection's input; signed,
+    fp32, (I,)) over the real tokens (soft prompt included) of ``examples`` run through the dense
+    ``task_model``."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("mean_down_inputs: expected at least one example, got none")
+    blocks = find_ffn_blocks(task_model.model)
+    sums = [torch.zeros(b.num_neurons, dtype=torch.float64) for b in blocks]
+    counts = [0.0] * len(blocks)
+    with eval_mode(task_model), torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            enc = task_model.encode(examples[start : start + batch_size])
+            with _capture_down_inputs(blocks) as hs:
+                task_model(**enc)
+            for i, h in enumerate(hs):
+                mask = _token_mask(task_model, enc["attention_mask"], h).double()
+                sums[i] += (h.double() * mask.unsqueeze(-1)).sum(dim=tuple(range(h.dim() - 1))).cpu()
+                counts[i] += float(mask.sum())
+    return [(s / max(c, 1.0)).float() for s, c in zip(sums, counts)]
+
+
 def _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts) -> None:
     """Per layer: h * mean over alpha in {1/steps, ..., 1} of d(gold)/dh at alpha * h."""
     with torch.no_grad(), _capture_down_inputs(blocks) as hs:

@@ -182,7 +182,8 @@ def _cmd_localize(args) -> int:
                                       show_progress=not args.quiet),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
-            localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of),
+            localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,
+                                            bias_compensation=args.bias_compensation),
             **retune,
         ) for keep in keeps]
     spec = _task(args)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient of the gold label's logit (the paper) or of its log-probability")
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
+    p.add_argument("--bias-compensation", action="store_true",
+                   help="add back the mean contribution of the neurons each layer leaves out (measured on the "
+                        "training texts; one vector per layer in the expert file, free at inference)")
     p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")
     p.add_argument("--retune-epochs", type=int, default=None,
                    help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")

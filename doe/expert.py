@@ -94,10 +94,13 @@ class TaskExpert:
             task head, both tuned for the expert-localized model. dense_prompt / dense_head:
             the same for the dense model (the runtime falls back to them). All are filled by
             localization.
+        offsets: optional, one (hidden,) tensor or None per FFN block, added to the block's
+            output while the expert runs: the mean contribution of the neurons it leaves out
+            (bias compensation), measured on the task's data.
         metadata: free-form, JSON-serialisable.
 
     Two experts are equal when their indices, sizes, model type, fingerprint, task, prompts,
-    heads and metadata are; the hash covers the (immutable) indices and sizes only.
+    heads, offsets and metadata are; the hash covers the (immutable) indices and sizes only.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class TaskExpert:
         dense_prompt: Optional[torch.Tensor] = None,
         dense_head: Optional[dict[str, torch.Tensor]] = None,
         metadata: Optional[dict[str, Any]] = None,
+        offsets: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> None:
         if not isinstance(indices, (list, tuple)) or not indices:
             raise ValueError(f"indices: expected a non-empty list with one index tensor per FFN block, "
@@ -142,6 +146,19 @@ class TaskExpert:
                 raise TypeError(f"{name}: expected a state dict (str -> tensor), got {type(value).__name__}")
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError(f"metadata: expected a dict, got {type(metadata).__name__}")
+        if offsets is not None:
+            if not isinstance(offsets, (list, tuple)) or len(offsets) != len(sizes):
+                raise ValueError(f"offsets: expected one tensor or None per FFN block ({len(sizes)}), got "
+                                 f"{len(offsets) if isinstance(offsets, (list, tuple)) else type(offsets).__name__}")
+            for i, o in enumerate(offsets):
+                if o is not None and (not isinstance(o, torch.Tensor) or o.dim() != 1 or not o.is_floating_point()
+                                      or not torch.isfinite(o).all()):
+                    raise ValueError(f"offsets[{i}]: expected a finite 1-D float tensor (hidden,) or None, got "
+                                     f"{getattr(o, 'shape', type(o).__name__)}")
+            offsets = tuple(None if o is None else o.detach().float().cpu().clone() for o in offsets)
+            if all(o is None for o in offsets):
+                offsets = None
+        self.offsets: Optional[tuple] = offsets
         self.model_type, self.task, self.fingerprint = model_type, task, fingerprint
         self.prompt, self.head = prompt, head
         self.dense_prompt, self.dense_head = dense_prompt, dense_head
@@ -287,7 +304,14 @@ class TaskExpert:
             a, b = getattr(self, name) or {}, getattr(other, name) or {}
             if set(a) != set(b) or not all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
                 return False
-        return True
+        a, b = self.offsets or (None,) * self.num_blocks, other.offsets or (None,) * other.num_blocks
+        return all((x is None) == (y is None) and (x is None or (x.shape == y.shape and torch.equal(x, y)))
+                   for x, y in zip(a, b))
+
+    def with_offsets(self, offsets: Optional[Sequence[Optional[torch.Tensor]]]) -> "TaskExpert":
+        """A copy of this expert with ``offsets`` (see the class docstring; None: without)."""
+        return TaskExpert(list(self._indices), list(self._num_neurons), self.model_type, self.task, self.fingerprint,
+                          self.prompt, self.head, self.dense_prompt, self.dense_head, self.metadata, offsets)
 
     def __hash__(self) -> int:
         return hash((self._digest, self._num_neurons))
@@ -317,6 +341,9 @@ class TaskExpert:
                 tensors[prefix + "prompt"] = prompt.detach().float().cpu().clone()
             for key, value in (head or {}).items():
                 tensors[f"{prefix}head.{key}"] = value.detach().float().cpu().clone()
+        for i, o in enumerate(self.offsets or ()):
+            if o is not None:
+                tensors[f"offset.{i}"] = o.contiguous()
         config = {
             "format_version": FORMAT_VERSION,
             "doe_version": __version__,
@@ -332,6 +359,7 @@ class TaskExpert:
             "prompt_tokens": None if self.prompt is None else int(self.prompt.shape[0]),
             "head_keys": sorted(self.head or {}),
             "dense_head_keys": sorted(self.dense_head or {}),
+            "offset_blocks": [i for i, o in enumerate(self.offsets or ()) if o is not None],
             "metadata": self.metadata,
         }
         text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
@@ -379,6 +407,15 @@ class TaskExpert:
             if missing:
                 raise ValueError(f"{weights_path}: {prefix}head tensors {missing} are missing")
             heads[prefix] = {k: tensors[f"{prefix}head.{k}"] for k in keys} or None
+        offset_blocks = config.get("offset_blocks") or []
+        if not isinstance(offset_blocks, list) or any(not isinstance(i, int) or not 0 <= i < len(num_neurons)
+                                                      for i in offset_blocks):
+            raise ValueError(f"{config_path}: 'offset_blocks' must list FFN block numbers, got {offset_blocks!r}")
+        missing = [f"offset.{i}" for i in offset_blocks if f"offset.{i}" not in tensors]
+        if missing:
+            raise ValueError(f"{weights_path}: missing {missing} for the blocks in 'offset_blocks'")
+        offsets = ([tensors.get(f"offset.{i}") if i in offset_blocks else None for i in range(len(num_neurons))]
+                   if offset_blocks else None)
         for key in ("task", "model_type", "fingerprint"):
             if not isinstance(config.get(key), (str, type(None))):
                 raise ValueError(f"{config_path}: {key!r} must be a string or null, got {config.get(key)!r}")
@@ -396,6 +433,7 @@ class TaskExpert:
                 dense_prompt=tensors.get("dense_prompt"),
                 dense_head=heads["dense_"],
                 metadata=config.get("metadata"),
+                offsets=offsets,
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{directory}: not a valid expert ({exc})") from exc

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from doe.attribution import AttributionConfig, NeuronScores, score_neurons
+from doe.architectures import find_ffn_blocks
+from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, score_neurons
 from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_source
 from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, prompt_tune
 from doe.tasks import TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 
-__all__ = ["LocalizationConfig", "localize", "ExpertSearchConfig", "ExpertSearchResult", "find_expert"]
+__all__ = ["LocalizationConfig", "localize", "compensation_offsets", "ExpertSearchConfig", "ExpertSearchResult",
+           "find_expert"]
 
 
 @dataclass
@@ -34,6 +36,7 @@ class LocalizationConfig:
     scope: str = "layer"
     multiple_of: Optional[int] = None
     min_per_layer: int = 1
+    bias_compensation: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
@@ -98,6 +101,25 @@ def localize(
         indices.append(order[:count].sort().values.to(torch.int32))
     meta = {"method": scores.method, "localization": config.to_dict(), **(metadata or {})}
     return TaskExpert.from_indices(model, indices, task=task, metadata=meta)
+
+
+def compensation_offsets(model: nn.Module, expert: TaskExpert, means: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per FFN block, ``W_down[:, pruned] @ means[pruned]`` (hidden,): what the neurons the expert
+    leaves out add to the block's output on average (``means``: each neuron's mean activation,
+    ``mean_down_inputs``). Adding it back keeps the mean of every block's output where it was."""
+    blocks = find_ffn_blocks(model)
+    if len(means) != len(blocks) or expert.num_blocks != len(blocks):
+        raise ValueError(f"expected {len(blocks)} blocks of means and expert lists, got {len(means)} and "
+                         f"{expert.num_blocks}")
+    out = []
+    for block, mean, idx in zip(blocks, means, expert.indices):
+        w = block.down.weight.detach()
+        w = w.t() if block.kind == "conv1d" else w  # (hidden, I) either way
+        pruned = torch.ones(block.num_neurons, dtype=torch.bool)
+        pruned[idx.long()] = False
+        m = mean.to(torch.float32) * pruned
+        out.append((w.float() @ m.to(w.device)).cpu())
+    return out
 
 
 @dataclass
@@ -169,6 +191,13 @@ def find_expert(
     meta = {"search": config.to_dict(), "model_name": model_source(model),
             "task_spec": spec_to_dict(data.spec)}
     expert = localize(model, scores, config.localization, task=data.spec.name, metadata=meta)
+    if config.localization.bias_compensation:
+        means = scores.extra.get("mean_down_inputs")
+        if means is None:  # one dense pass, kept with the scores for the next keep ratio
+            examples = list(data.train)[: config.attribution.max_examples or None]
+            means = scores.extra["mean_down_inputs"] = mean_down_inputs(task_model, examples,
+                                                                        config.attribution.batch_size)
+        expert = expert.with_offsets(compensation_offsets(model, expert, means))
     prompt, head = tuning.prompt, tuning.head
     if config.retune_epochs:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,

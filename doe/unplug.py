@@ -52,7 +52,7 @@ from doe.architectures import FFNBlock, FFNSpec, find_ffn_blocks
 from doe.expert import TaskExpert, model_fingerprint, model_type_of
 from doe.locking import model_lock
 from doe.swaps import Swap, build_swaps, check_replaceable, planned_conversions
-from doe_kernels import BACKENDS, CompactWeights, resolve_backend, to_neuron_major_, to_row_major_
+from doe_kernels import BACKENDS, CompactWeights, GatheredGatedMLP, resolve_backend, to_neuron_major_, to_row_major_
 from doe_kernels.segments import BatchGroups, GroupedIndices
 
 __all__ = ["unplug_", "restore_", "unplugged", "is_unplugged", "current_expert", "installed", "Installed",
@@ -119,6 +119,9 @@ def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fing
         if not isinstance(expert, TaskExpert):
             raise TypeError(f"experts[{name!r}]: expected a doe.TaskExpert, got {type(expert).__name__}")
         check_expert(model, expert, blocks, fingerprint)
+        if expert.offsets is not None:
+            raise ValueError(f"experts[{name!r}] carries bias compensation (output offsets), which mixed batches do "
+                             "not apply yet: run it alone, or use expert.with_offsets(None)")
         mapping[name] = expert
     lists = [e.indices for e in mapping.values()]  # validated host copies
     for e in mapping.values():
@@ -234,6 +237,10 @@ def check_expert(model: nn.Module, expert: TaskExpert, blocks: Optional[Sequence
         if n != block.num_neurons:
             raise ValueError(f"expert block {i} was built for {n} neurons, this model's block "
                              f"{block.name!r} has {block.num_neurons}")
+    for i, (o, block) in enumerate(zip(expert.offsets or (), blocks)):
+        if o is not None and o.numel() != block.hidden_size:
+            raise ValueError(f"expert block {i} carries an output offset of {o.numel()} values, this model's block "
+                             f"{block.name!r} outputs {block.hidden_size}")
     if expert.fingerprint is not None and fingerprint != expert.fingerprint:
         raise ValueError(f"expert{f' for task {expert.task!r}' if expert.task else ''} was built for a model "
                          f"with fingerprint {expert.fingerprint}, this model's is {fingerprint}: a different "
@@ -257,14 +264,20 @@ def _apply(state: _State) -> None:
     for w in state.planned:
         to_neuron_major_(w, 1)
     target = _Target(state.expert, state.experts, state.grouped, state.batch)
-    staged = target.lead().stage(state.wrappers[0][0].indices.device)
+    lead = target.lead()
+    staged = lead.stage(state.wrappers[0][0].indices.device)
+    offsets = lead.offsets if target.grouped is None else None
     for i, (ws, idx) in enumerate(zip(state.wrappers, staged)):
         grouped = None if target.grouped is None else target.grouped[i]
+        offset = None if offsets is None else offsets[i]
         for w in ws:
             w.backend = state.backend
             w.compact = state.compact
             if w.indices is not idx:
                 w.set_indices(idx, validated=True)
+            if isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols":
+                if offset is not None or w.offset is not None:
+                    w.set_offset(offset)
             if grouped is None:
                 w.set_groups(None)
             elif w.mixed is None or w.mixed[0] is not grouped or w.mixed[1] is not target.batch:

@@ -279,6 +279,17 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _plus(bias: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The bias a cols gather runs with: the layer's own plus the wrapper's output offset."""
+    if offset is None:
+        return bias
+    return offset if bias is None else bias + offset
+
+
+def _offset(y: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+    return y if offset is None else y + offset
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The original layer behind a gathered wrapper, or ``module`` itself."""
     return module.base_layer if isinstance(module, _Wrapper) else module
@@ -313,6 +324,18 @@ class _Wrapper(nn.Module):
         self.compact: Optional[CompactWeights] = None
         self.mixed: Optional[tuple[GroupedIndices, BatchGroups]] = None
         self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
+        self.register_buffer("offset", None, persistent=False)
+
+    def _set_offset(self, offset: Optional[torch.Tensor], out_features: int, weight: torch.Tensor) -> None:
+        if offset is None:
+            self.offset = None
+            return
+        if not isinstance(offset, torch.Tensor) or offset.dim() != 1 or offset.numel() != out_features:
+            got = tuple(offset.shape) if isinstance(offset, torch.Tensor) else type(offset).__name__
+            raise ValueError(f"{self._name}: expected an output offset of shape ({out_features},), got {got}")
+        if not torch.isfinite(offset).all():
+            raise ValueError(f"{self._name}: the output offset holds NaN or infinite values")
+        self.offset = offset.detach().to(device=weight.device, dtype=weight.dtype)
 
     def set_groups(self, grouped: Optional[GroupedIndices], batch: Optional[BatchGroups] = None) -> None:
         """Run each batch row on its own group's kept neurons: ``grouped`` holds the G groups'
@@ -388,18 +411,27 @@ class GatheredLinear(_Wrapper):
         self.mode = mode
         self.backend = backend
 
+    def set_offset(self, offset: Optional[torch.Tensor]) -> None:
+        """Add ``offset`` (out,) to every output (cols mode only), e.g. the mean contribution of
+        the neurons left out; None removes it. Stored in the weight's dtype on its device."""
+        if self.mode != "cols":
+            raise ValueError(f"{self._name}: an output offset belongs to the layer that reads the kept neurons "
+                             f"(mode='cols'), this one has mode={self.mode!r}")
+        w = linear_weight(self.base_layer)  # (out, in) for Conv1D too
+        self._set_offset(offset, w.shape[0], w)
+
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         w, b = _weight_bias(self.base_layer)
         if self.mixed is not None:
-            return _segmented(x, w.t() if self._transposed else w, b, _plan(self.mixed, x), self.mode == "rows",
-                              resolve_backend(self.backend, x))
+            return _offset(_segmented(x, w.t() if self._transposed else w, b, _plan(self.mixed, x),
+                                      self.mode == "rows", resolve_backend(self.backend, x)), self.offset)
         compact = _use_compact(self.compact, w)
-        if compact is not None:
-            return _compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
-                                   self._name, self._transposed)
+        if compact is not None:  # the store caches by the bias it is given: add the offset after
+            return _offset(_compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows",
+                                           self.total, self._name, self._transposed), self.offset)
         if self._transposed:
             w = w.t()
-        return _linear(x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
+        return _linear(x, w, _plus(b, self.offset), self._buffers["indices"], self.mode == "rows", self.total,
                        resolve_backend(self.backend, x), self._name)
 
     def extra_repr(self) -> str:
@@ -445,6 +477,12 @@ class GatheredGatedMLP(_Wrapper):
         self._layers = (gate, up, down, dropout)
         self.backend = backend
 
+    def set_offset(self, offset: Optional[torch.Tensor]) -> None:
+        """Add ``offset`` (hidden,) to every output, e.g. the mean contribution of the neurons
+        left out; None removes it. Stored in the weight's dtype on its device."""
+        down = self._layers[2]
+        self._set_offset(offset, down.weight.shape[0], down.weight)
+
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down, dropout = self._layers
         idx, total, name = self._buffers["indices"], self.total, self._name
@@ -456,11 +494,12 @@ class GatheredGatedMLP(_Wrapper):
 
         def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
+            offset = None if rows else self.offset
             if plan is not None:
-                return _segmented(t, w, b, plan, rows, backend)
+                return _offset(_segmented(t, w, b, plan, rows, backend), offset)
             if compact is not None:
-                return _compact_linear(compact, t, w, b, idx, rows, total, name)
-            return _linear(t, w, b, idx, rows, total, backend, name)
+                return _offset(_compact_linear(compact, t, w, b, idx, rows, total, name), offset)
+            return _linear(t, w, _plus(b, offset), idx, rows, total, backend, name)
 
         if isinstance(self.activation, str) and not hooked and plan is not None:
             (wg, bg), (wu, bu) = _weight_bias(gate), _weight_bias(up)
