@@ -1,16 +1,20 @@
-"""Bias compensation ablation: accuracy of experts with and without it, against the dense model.
+"""Method ablation of expert localization: accuracy of experts against the dense model, one step
+changed at a time.
 
-    python -m benchmarks.compensation [--model smollm2] [--task offline_topic] [--keeps 0.35,0.2]
+    python -m benchmarks.ablation [--model smollm2] [--task offline_topic] [--keeps 0.35,0.2]
+                                      [--scopes layer,global] [--targets logit,log_prob]
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
 
-One prompt tuning and one attribution pass per seed; each keep ratio is localized once and
-evaluated four ways (no re-tuning / re-tuned, each without and with bias compensation), so the
-rows differ in one step only. Prints a markdown table (accuracy, points below dense).
+Per seed, one prompt tuning on the dense model; per attribution target one scoring pass; per
+keep ratio and allocation scope one localization, evaluated four ways: as localized or with the
+prompt re-tuned on the expert, each without and with bias compensation. Rows are named
+``scope/target``, then the steps applied. Prints a markdown table (accuracy, points below dense).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -19,7 +23,7 @@ import torch
 
 
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs: int,
-        seeds: list) -> list:
+        seeds: list, scopes: tuple = ("layer",), targets: tuple = ("logit",)) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
@@ -43,23 +47,26 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
         prompt_tune(tm, data, cfg)
         dense = acc(tm)
         rows.append(dict(seed=seed, keep=1.0, variant="dense", acc=dense))
-        scores = score_neurons(tm, data, AttributionConfig(seed=seed, show_progress=False))
         means = mean_down_inputs(tm, data.train)
         print(f"seed {seed}: dense {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
-        for keep in keeps:
-            expert = localize(model, scores, LocalizationConfig(keep_ratio=keep), task=data.spec.name)
-            comp = expert.with_offsets(compensation_offsets(model, expert, means))
-            for name, e in (("plain", expert), ("compensated", comp)):
-                with unplugged(model, e):
-                    rows.append(dict(seed=seed, keep=keep, variant=name, acc=acc(tm)))
-                    if retune_epochs:
-                        rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(),
-                                       head=tm.head_state(), max_length=cfg.max_length)
-                        prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=retune_epochs, head_lr=1e-2,
-                                                                 show_progress=False))
-                        rows.append(dict(seed=seed, keep=keep, variant=f"{name} + re-tuned", acc=acc(rt)))
-                print(f"  keep {keep} {name}: " + ", ".join(f"{r['variant']} {r['acc']:.3f}" for r in rows
-                                                          if r["seed"] == seed and r["keep"] == keep), flush=True)
+        for target in targets:
+            scores = score_neurons(tm, data, AttributionConfig(seed=seed, target=target, show_progress=False))
+            for keep, scope in itertools.product(keeps, scopes):
+                expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope=scope),
+                                  task=data.spec.name)
+                comp = expert.with_offsets(compensation_offsets(model, expert, means))
+                for name, e in (("", expert), (" + compensated", comp)):
+                    prefix = f"{scope}/{target}{name}"
+                    with unplugged(model, e):
+                        rows.append(dict(seed=seed, keep=keep, variant=prefix, acc=acc(tm)))
+                        if retune_epochs:
+                            rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(),
+                                           head=tm.head_state(), max_length=cfg.max_length)
+                            prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=retune_epochs, head_lr=1e-2,
+                                                                     show_progress=False))
+                            rows.append(dict(seed=seed, keep=keep, variant=f"{prefix} + re-tuned", acc=acc(rt)))
+                    print(f"  keep {keep} {prefix}: " + ", ".join(
+                        f"{r['acc']:.3f}" for r in rows[-(2 if retune_epochs else 1):]), flush=True)
     return rows
 
 
@@ -88,10 +95,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-eval", type=int, default=200)
     ap.add_argument("--retune-epochs", type=int, default=2)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--scopes", default="layer", help="comma list of layer, global")
+    ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = run(args.model, args.task, [float(k) for k in args.keeps.split(",")], args.max_train, args.max_eval,
-               args.retune_epochs, [int(s) for s in args.seeds.split(",")])
+               args.retune_epochs, [int(s) for s in args.seeds.split(",")], tuple(args.scopes.split(",")),
+               tuple(args.targets.split(",")))
     print(table(rows, args.model, args.task))
     return 0
 
