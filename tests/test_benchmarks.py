@@ -270,3 +270,39 @@ def test_tune_sweep_runs_every_case_once_on_cpu(tmp_path):
     assert groups == {"decode M=1, glu", "decode M=1, down", "batch M=16, glu", "batch M=16, down",
                       "large M=32, up", "large M=32, down", "large M=32, glu"}
     assert "| gemv |" in out.read_text()
+
+
+def test_llm_benchmark_times_every_variant_on_a_local_folder(tmp_path):
+    # benchmarks.llm on a tiny LLaMA saved as a folder: every variant, both phases, its table
+    from benchmarks import llm
+
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path / "tiny-llama"
+    make_tiny("llama").save_pretrained(folder)
+    tiny_tokenizer(["a tiny text"]).save_pretrained(folder)
+    rows = llm.measure(str(folder), keeps=[0.35], batches=[2], prompt=6, new=3, rounds=2)
+    assert {(r["phase"], r["variant"]) for r in rows} == {
+        (p, v) for p in ("prefill", "decode") for v in ("dense", "sliced", "gathered", "compact")}
+    assert all(r["seconds"] > 0 and 0 < r["ffn_share"] < 1 for r in rows)
+    assert all(r["ideal"] == pytest.approx(1 / ((1 - r["ffn_share"]) + 0.35 * r["ffn_share"])) for r in rows)
+    text = llm.markdown(rows, "tiny", 1, 6, 3)
+    assert text.count("\n| 0.35 | 2 |") == 2
+
+
+def test_ablation_runs_each_step_from_one_prompt_tuning(tmp_path):
+    from benchmarks import ablation
+
+    data = __import__("doe.tasks", fromlist=["load_task"]).load_task("offline_question")
+    folder = tmp_path / "tiny-bert"
+    make_tiny("bert", head=False).save_pretrained(folder)
+    from tiny_models import tiny_tokenizer
+
+    tiny_tokenizer([e.text for e in data.train], data.spec.label_words).save_pretrained(folder)
+    rows = ablation.run(str(folder), "offline_question", [0.35], max_train=16, max_eval=8, retune_epochs=1,
+                        seeds=[0], scopes=("layer", "global"), targets=("logit",))
+    variants = {r["variant"] for r in rows}
+    assert variants == {"dense"} | {f"{s}/logit{c}{t}" for s in ("layer", "global")
+                                    for c in ("", " + compensated") for t in ("", " + re-tuned")}
+    assert all(0 <= r["acc"] <= 1 for r in rows)
+    assert "| 0.35 | layer/logit + compensated |" in ablation.table(rows, "tiny", "offline_question")
