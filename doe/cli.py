@@ -94,32 +94,16 @@ def _check_compact_mixed(args) -> None:
 
 
 def _load_model(name: Optional[str], device: Optional[str], experts: Sequence = ()):
-    """(tokenizer, model) for ``--model``; without it, the model the experts record (else
-    MiniLM). Every expert's fingerprint must match the loaded model's."""
+    """(tokenizer, model) for ``--model``; without it, the model the experts record (else MiniLM)."""
     import torch
 
-    from doe.expert import model_fingerprint
-    from doe.models import load_model
+    from doe.models import load_model_for
     from doe.progress import quiet_libraries
 
     quiet_libraries()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    what = "--model"
-    if name is None:
-        recorded = sorted({e.metadata.get("model_name") for e in experts} - {None})
-        if len(recorded) > 1:
-            raise UsageError(f"--experts: made on different models ({', '.join(recorded)}); give --model")
-        name = recorded[0] if recorded else "minilm"
-        what = f"the model the experts record ({name}; give --model to choose another)" if recorded else what
+    what = "--model" if name is not None or not experts else "--experts (give --model to choose the model)"
     with _user_input(what, (OSError, ValueError, ImportError)):
-        tok, model = load_model(name, device=device)
-    fingerprint = model_fingerprint(model)
-    for e in experts:
-        if e.fingerprint is not None and e.fingerprint != fingerprint:
-            made_on = e.metadata.get("model_name") or "an unrecorded model"
-            raise UsageError(f"--experts: expert {e.task!r} was made on {made_on} (fingerprint {e.fingerprint}); "
-                             f"{name} has fingerprint {fingerprint}: load the expert's model with --model")
-    return tok, model
+        return load_model_for(experts, name, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 _GENERIC_FOLDERS = {"", ".", "..", "data", "datasets", "dataset", "raw", "tmp", "train", "splits"}

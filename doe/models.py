@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["model_kind", "eval_mode", "frozen", "minilm_path", "load_minilm", "smollm2_gguf", "load_gguf", "load_model",
-           "model_source", "cache_root", "PACKAGED"]
+           "load_model_for", "model_source", "cache_root", "PACKAGED"]
 
 _ENCODERS = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
 _SEQ2SEQ = ("t5", "mt5", "umt5")
@@ -205,3 +205,25 @@ def model_source(model: nn.Module) -> Optional[str]:
     if source:
         return source
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def load_model_for(experts: Sequence, name_or_path: Union[str, Path, None] = None, dtype: torch.dtype = torch.float32,
+                   device: Union[str, torch.device] = "cpu"):
+    """``load_model`` for ``experts``: ``name_or_path``, else the model they record having been
+    made on (``metadata["model_name"]``), else MiniLM. Raises ValueError when they record
+    different models, or when an expert's fingerprint is not the loaded model's (naming both)."""
+    from doe.expert import model_fingerprint
+
+    if name_or_path is None:
+        recorded = sorted({e.metadata.get("model_name") for e in experts} - {None})
+        if len(recorded) > 1:
+            raise ValueError(f"the experts were made on different models ({', '.join(recorded)}): name one")
+        name_or_path = recorded[0] if recorded else "minilm"
+    tok, model = load_model(name_or_path, dtype=dtype, device=device)
+    fingerprint = model_fingerprint(model)
+    for e in experts:
+        if e.fingerprint is not None and e.fingerprint != fingerprint:
+            made_on = e.metadata.get("model_name") or "an unrecorded model"
+            raise ValueError(f"expert {e.task!r} was made on {made_on} (fingerprint {e.fingerprint}); "
+                             f"{name_or_path} has fingerprint {fingerprint}")
+    return tok, model

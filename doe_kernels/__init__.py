@@ -15,8 +15,8 @@ package knows nothing about tasks; ``doe`` builds on it.
 from doe_kernels._version import __version__
 from doe_kernels.dispatch import BACKENDS, resolve_backend, use_backend
 from doe_kernels.env import DTYPES, dtype_name, env_flag, interpreting, parse_dtype, synchronize
+from doe_kernels.compact import CompactWeights
 from doe_kernels.modules import (
-    CompactWeights,
     GatheredGatedMLP,
     GatheredLinear,
     is_neuron_major,

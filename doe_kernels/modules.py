@@ -30,7 +30,6 @@ forward hooks on the up projection see that layout.
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -40,6 +39,7 @@ from doe_kernels.dispatch import resolve_backend
 from doe_kernels.ops.api import glu_unchecked, linear_unchecked, segmented_glu_unchecked, segmented_linear_unchecked
 from doe_kernels.reference import activation_fn, canonical_activation
 from doe_kernels.segments import BatchGroups, GroupedIndices, choose_path, mixed_width
+from doe_kernels.compact import CompactWeights, compact_linear, use_compact
 from doe_kernels.validation import (
     check_glu_args,
     check_linear_args,
@@ -47,11 +47,11 @@ from doe_kernels.validation import (
     check_segmented_glu_args,
     glu_args_ok,
     linear_args_ok,
+    stale_weight_error,
     validate_indices,
 )
 
 __all__ = [
-    "CompactWeights",
     "GatheredLinear",
     "GatheredGatedMLP",
     "linear_weight",
@@ -150,99 +150,13 @@ def _call_hooked(module: nn.Module, fn: Callable, *args):
     return out
 
 
-def _stale(name: str, total: int, weight: torch.Tensor) -> ValueError:
-    return ValueError(
-        f"{name}: validated against {total} neurons, but the weight is now {tuple(weight.shape)}; "
-        "call set_indices with ids for the new weight"
-    )
-
-
 def _linear(x, weight, bias, idx, rows: bool, total: int, backend: str, name: str) -> torch.Tensor:
     """A gathered linear on a wrapper's own indices (validated against ``total`` when set):
     the cheap metadata check, the full one only to raise, then the unchecked op."""
     if not linear_args_ok(x, weight, bias, idx, rows, total):
         check_linear_args(x, weight, bias, idx if rows else None, None if rows else idx)
-        raise _stale(name, total, weight)
+        raise stale_weight_error(name, total, weight)
     return linear_unchecked(x, weight, bias, idx, rows, backend)
-
-
-def _identity(t: Optional[torch.Tensor]) -> Optional[tuple]:
-    """What changes when a tensor's values may have: version, storage, dtype, device."""
-    if t is None:
-        return None
-    return (None if t.is_inference() else t._version), t.data_ptr(), t.dtype, t.device
-
-
-class CompactWeights:
-    """Compacted copies of gathered weights: ``W[idx]`` (and ``b[idx]``) for a rows gather,
-    ``W[:, idx]`` for a cols gather, each made once and reused while the weight, its bias and
-    the index tensor live and are unchanged. An in-place change (seen by the version counter),
-    new storage, dtype or device (``.to()``, ``.half()``, ``load_state_dict``) makes a new copy;
-    writes through ``.data`` bypass the version counter and are not seen.
-
-    One store can serve many wrappers and many index tensors; ``nbytes`` is what it holds.
-    """
-
-    def __init__(self):
-        self._entries: dict[tuple, tuple] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the compacted copies."""
-        return sum(e[-1] for e in self._entries.values())
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        """Free every copy."""
-        self._entries.clear()
-
-    def get(self, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, rows: bool,
-            transposed: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(w, b)`` for ``F.linear``: weight (out, in), or (in, out) when ``transposed``
-        (Conv1D); idx (n,) kept ids -> w (n, in) and b[idx] for rows, w (out, n) and b for cols."""
-        key = (id(weight), id(bias), id(idx), rows, transposed)
-        live = (weight, bias, idx)
-        versions = tuple(_identity(t) for t in live)
-        entry = self._entries.get(key)
-        if entry is not None and all(r() is t for r, t in zip(entry[0], live)) and entry[1] == versions:
-            return entry[2]
-        with torch.inference_mode(False):  # usable later with autograd on the input
-            w = weight.detach().t() if transposed else weight.detach()
-            w = (w.index_select(0, idx) if rows else w.index_select(1, idx)).contiguous()
-            b = bias.detach().index_select(0, idx) if rows and bias is not None else bias
-        copies = w.numel() * w.element_size() + (b.numel() * b.element_size() if rows and b is not None else 0)
-        entries = self._entries
-
-        def drop(_ref, key=key):
-            entries.pop(key, None)
-
-        refs = tuple((lambda: None) if t is None else weakref.ref(t, drop) for t in live)
-        entries[key] = (refs, versions, (w, b), copies)
-        return w, b
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
-               rows: bool, transposed: bool = False) -> torch.Tensor:
-        """``F.linear`` on the compacted copy: the same result as the gathered op."""
-        w, b = self.get(weight, bias, idx, rows, transposed)
-        return torch.nn.functional.linear(x, w, b)
-
-
-def _compact_linear(store: CompactWeights, x, weight, bias, idx, rows: bool, total: int, name: str,
-                    transposed: bool = False) -> torch.Tensor:
-    """``_linear`` through a :class:`CompactWeights` store (same stale-weight check)."""
-    neuron_dim = (1 if transposed else 0) if rows else (0 if transposed else 1)
-    if weight.dim() != 2 or weight.shape[neuron_dim] != total:
-        raise _stale(name, total, weight)
-    return store.linear(x, weight, bias, idx, rows, transposed)
-
-
-def _use_compact(store: Optional[CompactWeights], weight: torch.Tensor) -> Optional[CompactWeights]:
-    """``store``, unless the weight itself needs a gradient (a compacted copy would not pass it on)."""
-    if store is None or (weight.requires_grad and torch.is_grad_enabled()):
-        return None
-    return store
 
 
 def _plan(mixed: tuple, x: torch.Tensor) -> tuple:
@@ -425,9 +339,9 @@ class GatheredLinear(_Wrapper):
         if self.mixed is not None:
             return _offset(_segmented(x, w.t() if self._transposed else w, b, _plan(self.mixed, x),
                                       self.mode == "rows", resolve_backend(self.backend, x)), self.offset)
-        compact = _use_compact(self.compact, w)
+        compact = use_compact(self.compact, w)
         if compact is not None:  # the store caches by the bias it is given: add the offset after
-            return _offset(_compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows",
+            return _offset(compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows",
                                            self.total, self._name, self._transposed), self.offset)
         if self._transposed:
             w = w.t()
@@ -490,7 +404,7 @@ class GatheredGatedMLP(_Wrapper):
         hooked = _has_hooks(gate) or _has_hooks(up) or _has_hooks(down)
         plan = None if self.mixed is None else _plan(self.mixed, x)
         compact = (None if plan is not None or self.compact is None
-                   else _use_compact(self.compact, _weight_bias(up)[0]))
+                   else use_compact(self.compact, _weight_bias(up)[0]))
 
         def linear(layer: nn.Module, t: torch.Tensor, rows: bool) -> torch.Tensor:
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
@@ -498,7 +412,7 @@ class GatheredGatedMLP(_Wrapper):
             if plan is not None:
                 return _offset(_segmented(t, w, b, plan, rows, backend), offset)
             if compact is not None:
-                return _offset(_compact_linear(compact, t, w, b, idx, rows, total, name), offset)
+                return _offset(compact_linear(compact, t, w, b, idx, rows, total, name), offset)
             return _linear(t, w, _plus(b, offset), idx, rows, total, backend, name)
 
         if isinstance(self.activation, str) and not hooked and plan is not None:
@@ -511,7 +425,7 @@ class GatheredGatedMLP(_Wrapper):
             wu, bu = _weight_bias(up)
             if not glu_args_ok(x, wg, wu, bg, bu, idx, total):
                 check_glu_args(x, wg, wu, idx, bg, bu)
-                raise _stale(name, total, wu)
+                raise stale_weight_error(name, total, wu)
             h = glu_unchecked(x, wg, wu, bg, bu, idx, self.activation, backend)
         else:
             act = activation_fn(self.activation) if isinstance(self.activation, str) else self.activation

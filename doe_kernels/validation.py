@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["validate_indices", "INDEX_DTYPES"]
+__all__ = ["validate_indices", "INDEX_DTYPES", "stale_weight_error"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -203,3 +203,11 @@ def check_segmented_glu_args(x, gate_weight, up_weight, gate_bias, up_bias, grou
     """``check_segmented_args`` for the gate and the up projection of a segmented GLU."""
     for w, b, name in ((gate_weight, gate_bias, "gate_weight"), (up_weight, up_bias, "up_weight")):
         check_segmented_args(x, w, b, grouped, groups, True, 0, name)
+
+
+def stale_weight_error(name: str, total: int, weight: torch.Tensor) -> ValueError:
+    """The error of a wrapper whose weight changed shape since its ids were validated."""
+    return ValueError(
+        f"{name}: validated against {total} neurons, but the weight is now {tuple(weight.shape)}; "
+        "call set_indices with ids for the new weight"
+    )
