@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
-__all__ = ["Request", "Result"]
+__all__ = ["Request", "Result", "text_tokens"]
 
 
 @dataclass
@@ -60,3 +60,11 @@ class Result:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def text_tokens(tokenizer, text: str, text_pair: Optional[str] = None, max_length: Optional[int] = None) -> int:
+    """The tokens ``tokenizer`` makes of ``text`` (and ``text_pair``), special tokens included,
+    at most ``max_length`` (None: all of them)."""
+    pair = (text_pair,) if text_pair is not None else ()
+    cut = {} if max_length is None else {"truncation": True, "max_length": max_length}
+    return len(tokenizer(text, *pair, **cut)["input_ids"])

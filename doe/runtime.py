@@ -38,7 +38,7 @@ from doe.locking import model_lock
 from doe.models import eval_mode, model_kind
 from doe.mixed import mixed_classify
 from doe.prompt import TaskModel
-from doe.requests import Request, Result
+from doe.requests import Request, Result, text_tokens
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
 from doe.unplug import (
@@ -54,7 +54,7 @@ from doe.unplug import (
 )
 from doe_kernels.env import synchronize
 
-__all__ = ["UnplugAndPlay", "check_experts", "text_tokens"]
+__all__ = ["UnplugAndPlay", "check_experts"]
 
 DENSE = "dense"
 
@@ -326,7 +326,8 @@ class UnplugAndPlay:
         expert = target.target if isinstance(target, Installed) else target
         backend = target.backend if isinstance(target, Installed) else None
         compact = target.compact if isinstance(target, Installed) else self.compact
-        if _is_installed(installed(self.model), expert, compact):
+        now = installed(self.model)
+        if now.holds(expert, compact) if now is not None and expert is not None else now is expert:
             return 0.0
         device = self._device()
         synchronize(device)
@@ -490,23 +491,3 @@ class _Counts:
         self.requests += len(results)
         self.errors += sum(r.error is not None for r in results)
         self.routed += sum(bool(r.routed) for r in results)
-
-
-def text_tokens(tokenizer, text: str, text_pair: Optional[str] = None, max_length: Optional[int] = None) -> int:
-    """The tokens ``tokenizer`` makes of ``text`` (and ``text_pair``), special tokens included,
-    at most ``max_length`` (None: all of them)."""
-    pair = (text_pair,) if text_pair is not None else ()
-    cut = {} if max_length is None else {"truncation": True, "max_length": max_length}
-    return len(tokenizer(text, *pair, **cut)["input_ids"])
-
-
-def _is_installed(now: Optional[Installed], want: Optional[Experts], compact: bool) -> bool:
-    """True when ``now`` (``installed``'s answer) is ``want`` (None: dense), complete, with ``compact``."""
-    if now is None or want is None:
-        return now is None and want is None
-    if not now.complete or now.compact != compact:
-        return False
-    if isinstance(want, TaskExpert):
-        return now.expert is want
-    return now.experts is not None and now.experts.keys() == want.keys() and all(
-        now.experts[k] is e for k, e in want.items())

@@ -167,6 +167,15 @@ class Installed(NamedTuple):
         """What to pass back to ``unplug_``: the expert or the mapping."""
         return self.expert if self.experts is None else self.experts
 
+    def holds(self, want: Experts, compact: bool) -> bool:
+        """True when this install is ``want`` (the same expert objects), complete, with ``compact``."""
+        if not self.complete or self.compact != compact:
+            return False
+        if isinstance(want, TaskExpert):
+            return self.expert is want
+        return self.experts is not None and self.experts.keys() == want.keys() and all(
+            self.experts[k] is e for k, e in want.items())
+
 
 def installed(model: nn.Module) -> Optional[Installed]:
     """The expert (or the mapping of experts) installed in ``model`` or a submodule, with its
@@ -247,11 +256,6 @@ def check_expert(model: nn.Module, expert: TaskExpert, blocks: Optional[Sequence
                          "configuration or FFN layout")
 
 
-def _check_choice(name: str, value: Optional[str], choices: Sequence[str]) -> None:
-    if value is not None and value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-
-
 def _record_conversions(model: nn.Module, weights: Sequence[torch.Tensor]) -> None:
     record = model.__dict__.setdefault(_CONVERTED_ATTR, [])
     for w in weights:
@@ -322,8 +326,9 @@ def unplug_(
     Returns:
         ``model``.
     """
-    _check_choice("backend", backend, BACKENDS)
-    _check_choice("layout", layout, LAYOUTS)
+    for name, value, choices in (("backend", backend, BACKENDS), ("layout", layout, LAYOUTS)):
+        if value is not None and value not in choices:
+            raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     if compact is not None and not isinstance(compact, bool):
         raise TypeError(f"compact: expected True, False or None, got {compact!r}")
     if compact and isinstance(expert, Mapping):

@@ -10,7 +10,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from doe.expert import TaskExpert
-from doe.runtime import UnplugAndPlay, text_tokens
+from doe.requests import text_tokens
+from doe.runtime import UnplugAndPlay
 from doe.serve.batcher import Batcher, Job, QueueFull, ShuttingDown
 from doe.serve.config import ServeConfig
 from doe.serve.metrics import Metrics
