@@ -164,8 +164,8 @@ class UnplugAndPlay:
         self._entries: dict[str, _Entry] = {}
         self.on_switch = on_switch
         self._log_lock = threading.Lock()  # the log is written by the serving thread, read by others
-        self.records: deque[Result] = deque(maxlen=history)
-        self.switches: deque[float] = deque(maxlen=history)
+        self.records: deque[Result] = _Recent(maxlen=history)
+        self.switches: deque[float] = _Recent(maxlen=history)
         self._counts = _Counts()
 
     # ------------------------------------------------------------------ registry
@@ -479,6 +479,13 @@ class UnplugAndPlay:
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
             "compact_weight_bytes": self.compact_weight_bytes,
         }
+
+
+class _Recent(deque):
+    """A bounded log that also slices (``records[-5:]``), as the list it replaced did."""
+
+    def __getitem__(self, i):
+        return list(self)[i] if isinstance(i, slice) else super().__getitem__(i)
 
 
 class _Counts:

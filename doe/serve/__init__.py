@@ -12,3 +12,15 @@ from doe.serve.config import ServeConfig
 from doe.serve.server import run_server
 
 __all__ = ["ServeConfig", "check_positions", "create_app", "run_server"]
+
+
+def __getattr__(name: str):
+    if name == "check_experts":  # its earlier home
+        import warnings
+
+        from doe.runtime import check_experts
+
+        warnings.warn("doe.serve.check_experts is now doe.runtime.check_experts; the old path goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return check_experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -116,3 +116,18 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     add_generate(app, server)
     add_info(app, server)
     return app
+
+
+_MOVED = {"ClassifyItem", "ClassifyResult", "GenerateRequest", "GenerateResult", "ErrorBody"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # the request and response schemas' earlier home
+        import warnings
+
+        from doe.serve import schemas
+
+        warnings.warn(f"doe.serve.app.{name} is now doe.serve.schemas.{name}; the old path goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(schemas, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

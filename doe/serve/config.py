@@ -64,3 +64,13 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _max_tokens(self) -> int:
+    warnings.warn("ServeConfig.max_tokens is now max_length; the old name goes in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return self.max_length
+
+
+# the earlier attribute name, read-only (the constructor's keyword is the InitVar above)
+ServeConfig.max_tokens = property(_max_tokens, doc="Deprecated: the earlier name of ``max_length``.")
