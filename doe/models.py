@@ -142,11 +142,11 @@ def load_gguf(path: Union[str, Path], dtype: torch.dtype = torch.float32, device
     folder = _gguf_cache_dir(path)
     if cache and (folder / "config.json").is_file():
         return _load_folder(folder, dtype, device)
-    for module, pip in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        import importlib.util
+    import importlib.util
 
+    for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise ImportError(f"loading a GGUF file needs the '{pip}' package: pip install gguf accelerate")
+            raise ImportError(f"loading a GGUF file needs the '{module}' package: pip install gguf accelerate")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     if cache:

@@ -327,7 +327,7 @@ class UnplugAndPlay:
         backend = target.backend if isinstance(target, Installed) else None
         compact = target.compact if isinstance(target, Installed) else self.compact
         now = installed(self.model)
-        if now.holds(expert, compact) if now is not None and expert is not None else now is expert:
+        if (now is None and expert is None) or (now is not None and now.holds(expert, compact)):
             return 0.0
         device = self._device()
         synchronize(device)

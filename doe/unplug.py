@@ -167,9 +167,9 @@ class Installed(NamedTuple):
         """What to pass back to ``unplug_``: the expert or the mapping."""
         return self.expert if self.experts is None else self.experts
 
-    def holds(self, want: Experts, compact: bool) -> bool:
+    def holds(self, want: Optional[Experts], compact: bool) -> bool:
         """True when this install is ``want`` (the same expert objects), complete, with ``compact``."""
-        if not self.complete or self.compact != compact:
+        if want is None or not self.complete or self.compact != compact:
             return False
         if isinstance(want, TaskExpert):
             return self.expert is want

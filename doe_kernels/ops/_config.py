@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from doe_kernels.env import env_flag, interpreting
 
@@ -213,7 +214,7 @@ def op_not_needed(*tensors: Optional[torch.Tensor]) -> bool:
     not tracing, no dispatch mode is active), plain tensors, and no gradient to record. The op's
     dispatcher entry and output checks cost host time on every call, which an eager decoding
     loop pays dozens of times per token; CUDA-graph capture needs no op either."""
-    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -223,12 +224,6 @@ def op_not_needed(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
 
 
 def m_bucket(m: int) -> int:
