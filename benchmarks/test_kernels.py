@@ -376,7 +376,7 @@ def _mixed_cases() -> list:
 def _build_mixed(case: MixedCase, device: torch.device):
     """(calls, check, meta) as ``_build`` returns them, for a mixed batch."""
     from doe_kernels.ops.api import segmented_glu, segmented_linear
-    from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
+    from doe_kernels.segments import GroupedIndices, TokenGroups, choose_path, mixed_width
 
     shape, dtype = case.shape, parse_dtype(case.dtype)
     H, I, M, k = shape.hidden, shape.inter, case.M, case.groups
@@ -385,7 +385,7 @@ def _build_mixed(case: MixedCase, device: torch.device):
     lists = [random_indices(I, kept_count(I, case.keep), generator=gen, dtype=torch.int32) for _ in range(k)]
     grouped = GroupedIndices(lists, I, device)
     items = [m % k for m in range(M)]
-    groups = RowGroups.build(items, k, device=device)
+    groups = TokenGroups.build(items, k, device=device)
     path = choose_path(grouped, groups, MIXED_PATHS.get(case.variant, "auto"))
     own = [torch.tensor([m for m in range(M) if m % k == g], device=device) for g in range(k)]
     staged = [idx.to(device) for idx in lists]

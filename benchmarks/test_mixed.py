@@ -8,7 +8,7 @@ with seeds 1..k). Variants, each one forward over the whole batch:
 - ``single``:     the batch on one expert (``doe.unplug_(model, expert)``): the bar; the goal is
                   mixed <= 1.10 x single.
 - ``mixed``:      ``doe.unplug_(model, {task: expert})`` installed beforehand; the timed call
-                  enters ``doe.mixed_batch(model, row_tasks)`` (building the row tables) and runs
+                  enters ``doe.mixed_batch(model, tasks)`` (building the row tables) and runs
                   one forward.
 - ``sequential``: the one-task-at-a-time runtime: for each task, ``doe.unplug_`` (an index swap)
                   and a forward over its requests (pre-split sub-batches).
@@ -37,7 +37,7 @@ from benchmarks.suites import GOAL_KEEP, MIXED_MODEL
 from benchmarks.models import ModelCfg, cpu_models, gpu_models, model_inputs, build_model, make_expert
 from doe.testing import gathered_wrappers
 from doe_kernels.env import synchronize
-from doe_kernels.segments import RowGroups, choose_path
+from doe_kernels.segments import TokenGroups, choose_path
 from doe_kernels.testing import rel_err
 
 TASKS = [1, 2, 4, 8]
@@ -112,14 +112,14 @@ def _calls(b: _Bundle, case: MixedCase, inputs: dict):
     model, k = b.model, case.tasks or 1
     names = [f"t{i}" for i in range(k)]
     mapping = dict(zip(names, b.experts))
-    row_tasks = [names[i % k] for i in range(case.batch)]
+    tasks = [names[i % k] for i in range(case.batch)]
     parts = [{key: (v[i::k] if isinstance(v, torch.Tensor) else v) for key, v in inputs.items()} for i in range(k)]
 
     def dense():
         return model(**inputs)
 
     def mixed():
-        with doe.mixed_batch(model, row_tasks):
+        with doe.mixed_batch(model, tasks):
             return model(**inputs)
 
     def sequential():
@@ -170,7 +170,7 @@ def test_mixed_forward(benchmark, case: MixedCase, bench_device, device_info):
         prepare()
     if case.variant == "mixed":  # what the first FFN block runs (choose_path)
         grouped = next(w.mixed[0] for w in gathered_wrappers(b.model) if w.mixed is not None)
-        rows = RowGroups.build([i % case.tasks for i in range(case.batch)], grouped.num_groups,
+        rows = TokenGroups.build([i % case.tasks for i in range(case.batch)], grouped.num_groups,
                                rows_per_item=case.seq)
         info["path"] = choose_path(grouped, rows)
     synchronize(dev)

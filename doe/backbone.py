@@ -61,13 +61,14 @@ def prompted_inputs(model: nn.Module, prompts: Sequence[Optional[torch.Tensor]],
                          f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}")
     tokens = model.get_input_embeddings()(input_ids)
     b, hidden = tokens.shape[0], tokens.shape[-1]
-    text_len = attention_mask.sum(1).long().cpu()
+    host_mask = attention_mask.cpu()  # the one device-to-host copy: lengths and layout are read from it
+    text_len = host_mask.sum(1).long()
     prompt_len = torch.tensor([0 if p is None else p.shape[0] for p in prompts])
     for r, p in enumerate(prompts):
         if p is not None and (p.dim() != 2 or p.shape[1] != hidden):
             raise ValueError(f"prompts[{r}]: expected shape (n_tokens, {hidden}), got {tuple(p.shape)}")
     lengths = prompt_len + text_len
-    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    right_padded = bool((host_mask[:, 1:] <= host_mask[:, :-1]).all())
     if right_padded and (prompts[0] is None or all(p is prompts[0] for p in prompts)):
         # one prompt for every row, right padding: [prompt; tokens] as they are (padding stays at the end)
         parts = [tokens] if prompts[0] is None else [_like(prompts[0], tokens).expand(b, -1, -1), tokens]
@@ -77,7 +78,9 @@ def prompted_inputs(model: nn.Module, prompts: Sequence[Optional[torch.Tensor]],
     embeds = tokens.new_zeros(b, int(lengths.max()), hidden)
     mask = torch.zeros(b, int(lengths.max()), dtype=torch.long, device=tokens.device)
     for r, p in enumerate(prompts):
-        text = tokens[r][attention_mask[r].bool()]
+        where = host_mask[r].nonzero().flatten()
+        contiguous = where.numel() and int(where[-1]) - int(where[0]) + 1 == where.numel()
+        text = tokens[r, int(where[0]): int(where[-1]) + 1] if contiguous else tokens[r][attention_mask[r].bool()]
         row = text if p is None else torch.cat([_like(p, tokens), text])
         embeds[r, : row.shape[0]] = row
         mask[r, : row.shape[0]] = 1

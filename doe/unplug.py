@@ -6,8 +6,8 @@
         model(**batch)
 
     doe.unplug_(model, {"a": expert_a, "b": expert_b})     # several experts resident
-    with doe.mixed_batch(model, ["a", "b", None, "a"]):     # one task (None: dense) per row
-        model(**batch)                                      # each row on its own expert
+    with doe.mixed_batch(model, ["a", "b", None, "a"]):     # one task (None: dense) per item
+        model(**batch)                                      # each item on its own expert
 
 Nothing is copied: the wrappers hold the original layers by reference and share their
 parameters, so ``state_dict``, ``named_parameters``, ``save_pretrained`` and
@@ -21,10 +21,9 @@ idempotent, so an operation interrupted anywhere (KeyboardInterrupt, an exceptio
 model that ``restore_`` gives back exactly, and that the next ``unplug_`` completes.
 
 Memory for speed (opt-in): ``unplug_(model, expert, compact=True)`` multiplies with compacted
-copies of each expert's kept FFN weights, made on the expert's first forward and kept (across
-switches and restores) while the expert lives, or until ``release_compact(model)``;
-``compact_memory(model)`` reports their bytes. Where gathering costs more than it saves (CPU),
-this runs as fast as a sliced copy of the model; the default stays zero-copy.
+copies of each expert's kept FFN weights, made on its first forward and kept while the expert
+lives or until ``release_compact(model)`` (``compact_memory(model)``: their bytes); on CPU,
+where gathering costs more than it saves, it runs as fast as a sliced copy of the model.
 
 Mixed batches: with a mapping installed, every FFN block holds the index lists of all its
 experts plus a dense list (every neuron) in one device buffer, and ``mixed_batch`` assigns the
@@ -32,15 +31,15 @@ rows of the forwards inside it; one launch per projection serves all rows (see
 ``doe_kernels.segments``). Nothing is switched per batch, and a forward outside ``mixed_batch``
 is refused (which expert would it run?). A single TaskExpert installs exactly as before.
 
-Threads: these functions take ``model_lock(model)``. ``unplugged`` holds it for its whole body,
-so ``with doe.unplugged(model, expert): model(...)`` is safe from any number of threads. Code
-that calls ``unplug_`` and then runs the model from several threads must hold the lock around
-both, or another thread may switch experts in between.
+Threads: these functions take ``model_lock(model)``; ``unplugged`` holds it for its body, so
+``with doe.unplugged(model, expert): model(...)`` is thread-safe. Code that calls ``unplug_`` and
+runs the model from several threads must hold the lock around both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
@@ -128,7 +127,7 @@ def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fing
         e.stage(device)
     grouped = [GroupedIndices([idx[i] for idx in lists] + [torch.arange(b.num_neurons, dtype=torch.int32)],
                               b.num_neurons, device, validated=True) for i, b in enumerate(blocks)]
-    hint = "several experts are resident: run the model inside doe.mixed_batch(model, row_tasks)"
+    hint = "several experts are resident: run the model inside doe.mixed_batch(model, tasks)"
     return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1, hint=hint))
 
 
@@ -435,39 +434,42 @@ def _put_back(model: nn.Module, previous: Optional[Installed]) -> None:
         unplug_(model, previous.target, backend=previous.backend, compact=previous.compact)
 
 
-def _row_groups(state: _State, row_tasks) -> list[int]:
-    """The group of each row: the position of its task among the installed experts, or the
-    dense group (the last) for None."""
-    if isinstance(row_tasks, (str, bytes)) or not isinstance(row_tasks, Sequence):
-        raise TypeError(f"row_tasks: expected one task name (or None for a dense row) per batch row, got "
-                        f"{type(row_tasks).__name__}")
-    if not row_tasks:
-        raise ValueError("row_tasks: expected at least one row, got none")
+def _item_groups(state: _State, tasks) -> list[int]:
+    """Each item's group: its task's place among the installed experts; None: dense (the last)."""
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks: expected one task name (or None for a dense item) per batch item, got "
+                        f"{type(tasks).__name__}")
+    if not tasks:
+        raise ValueError("tasks: expected at least one item, got none")
     slots = {name: g for g, name in enumerate(state.experts)}
-    for r, task in enumerate(row_tasks):
+    for r, task in enumerate(tasks):
         if task is not None and task not in slots:
-            raise ValueError(f"row_tasks: row {r}: unknown task {task!r}; installed: {list(slots)}")
-    return [len(slots) if task is None else slots[task] for task in row_tasks]
+            raise ValueError(f"tasks: item {r}: unknown task {task!r}; installed: {list(slots)}")
+    return [len(slots) if task is None else slots[task] for task in tasks]
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, row_tasks: Sequence[Optional[str]]):
-    """``with mixed_batch(model, row_tasks): model(**batch)`` runs row r of every forward inside
-    on the expert of task ``row_tasks[r]`` (None: the dense model), all rows in one pass.
+def mixed_batch(model: nn.Module, tasks: Optional[Sequence[Optional[str]]] = None, *,
+                row_tasks: Optional[Sequence[Optional[str]]] = None):
+    """``with mixed_batch(model, tasks): model(**batch)`` runs batch item r of every forward
+    inside on the expert of task ``tasks[r]`` (None: the dense model), all items in one pass.
 
     Needs ``unplug_(model, {task: expert, ...})`` first; touches no weight or module. The
-    batch must have ``len(row_tasks)`` rows (dim 0 of every FFN input, or, where a model
-    flattens tokens before its FFN as OPT does, rows in order); each row's tokens, padding
-    included, follow it; ``generate`` works the same (greedy, one sequence per row).
-    Holds the model's lock for its body. Bad names are refused before anything is set; a
-    batch of the wrong size is refused when the model is called (or, for a submodule called on
-    its own, at the first FFN), before it computes.
+    batch must have ``len(tasks)`` items (dim 0 of every FFN input, or, where a model flattens
+    tokens before its FFN as OPT does, items in order); each item's tokens, padding included,
+    follow it; ``generate`` works the same. Holds the model's lock for its body. Bad names
+    are refused before anything is set; a batch of the wrong size when the model is called
+    (or, for a submodule called on its own, at the first FFN), before it computes.
+    ``row_tasks=``: the earlier name of ``tasks`` (DeprecationWarning).
     """
     with model_lock(model):
         state = _find_state(model)[1]
         if state is None or state.experts is None:
             raise ValueError("mixed_batch needs several experts resident: unplug_(model, {task: expert, ...}) first")
-        groups = _row_groups(state, row_tasks)
+        if row_tasks is not None:
+            warnings.warn("mixed_batch(row_tasks=) is now tasks=", DeprecationWarning, stacklevel=3)
+            tasks = row_tasks if tasks is None else tasks
+        groups = _item_groups(state, tasks)
         batch = state.batch
         previous = batch.items
         batch.set(groups)

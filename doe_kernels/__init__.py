@@ -6,7 +6,7 @@
 
 Mixed batches (rows of several groups, each with its own kept neurons, in one launch):
 ``segmented_linear`` / ``segmented_glu`` with a ``GroupedIndices`` (the groups' lists) and a
-``RowGroups`` (each row's group); see ``doe_kernels.segments``.
+``TokenGroups`` (each row's group); see ``doe_kernels.segments``.
 
 Triton kernels on CUDA, the PyTorch reference (``doe_kernels.reference``) elsewhere. This
 package knows nothing about tasks; ``doe`` builds on it.
@@ -33,7 +33,7 @@ from doe_kernels.reference import (
     segmented_glu_ref,
     segmented_linear_ref,
 )
-from doe_kernels.segments import BatchGroups, GroupedIndices, RowGroups
+from doe_kernels.segments import BatchGroups, GroupedIndices, TokenGroups
 from doe_kernels.validation import validate_indices
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "GatheredGatedMLP",
     "GatheredLinear",
     "GroupedIndices",
-    "RowGroups",
+    "TokenGroups",
     "dtype_name",
     "env_flag",
     "gathered_glu",
@@ -68,3 +68,11 @@ __all__ = [
     "use_backend",
     "validate_indices",
 ]
+
+
+def __getattr__(name: str):
+    if name == "RowGroups":
+        from doe_kernels import segments
+
+        return segments.RowGroups
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -155,7 +155,7 @@ def segmented_linear_ref(
 ) -> torch.Tensor:
     """``gathered_linear_ref`` per group of rows (a loop; reads the tables on the host).
 
-    x: (..., K); table / rows_table: a ``GroupedIndices`` and a ``RowGroups`` table.
+    x: (..., K); table / rows_table: a ``GroupedIndices`` and a ``TokenGroups`` table.
     rows=True: out (..., width), row m's first k_g columns ``x[m] @ W[idx_g]^T + b[idx_g]``,
     the rest 0. rows=False: x (..., width), out (..., N) = ``x[m, :k_g] @ W[:, idx_g]^T + b``.
     """

@@ -4,13 +4,13 @@ A mixed batch multiplies each row (token) of x with the kept neurons of its own 
 
     GroupedIndices   per layer, the kept-neuron lists of G groups in one int32 device buffer
                      (built once, when the groups are installed)
-    RowGroups        per batch, the group of every row and the permutation that groups them
+    TokenGroups      per batch, the group of every row and the permutation that groups them
                      (built on the host from host data, copied as one small tensor; no sync)
 
 Both are plain tables a kernel reads with integer offsets (no pointer tables):
 
     GroupedIndices.table  (G + 1 + sum k_g,)  table[g]..table[g+1] is where group g's ids lie
-    RowGroups.table       (G + 1 + M,)        table[g]..table[g+1] is where group g's row ids lie
+    TokenGroups.table     (G + 1 + M,)        table[g]..table[g+1] is where group g's row ids lie
 
 A group may be empty (no rows, or k_g = 0 kept neurons). A group whose list holds every
 neuron (k_g == total) is a dense group: its rows run the full layer.
@@ -23,6 +23,7 @@ ignore, per row, the neurons outside its own list (``GroupedIndices.union``); se
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -31,7 +32,7 @@ import torch
 from doe_kernels.validation import validate_indices
 
 __all__ = [
-    "BatchGroups", "GroupedIndices", "RowGroups", "choose_path", "mixed_width", "PATHS", "UNION_CACHE", "UNION_MAX_M",
+    "BatchGroups", "GroupedIndices", "TokenGroups", "choose_path", "mixed_width", "PATHS", "UNION_CACHE", "UNION_MAX_M",
 ]
 
 #: Unions (device ids and membership) a ``GroupedIndices`` keeps, least recently used first
@@ -164,10 +165,10 @@ class GroupedIndices:
         return f"GroupedIndices(groups={self.num_groups}, counts={list(self.counts)}, total={self.total})"
 
 
-class RowGroups:
+class TokenGroups:
     """The group of every row of x, and the permutation that lists each group's rows together.
 
-    Built with ``RowGroups.build``. Attributes: ``table`` (see the module docstring; rows are
+    Built with ``TokenGroups.build``. Attributes: ``table`` (see the module docstring; rows are
     not moved, the kernels read and write them through it), ``counts`` (host tuple: rows per
     group), ``num_rows`` (M), ``num_groups``, ``active`` (host tuple of the groups with rows),
     ``max_rows`` (the largest group), ``row_groups`` ((M,) int32 device: the group of each row),
@@ -184,7 +185,7 @@ class RowGroups:
 
     @classmethod
     def build(cls, groups: Sequence[int], num_groups: int, *, rows_per_item: int = 1,
-              device=None) -> "RowGroups":
+              device=None) -> "TokenGroups":
         """Group the rows of a batch whose item i (``rows_per_item`` consecutive rows of x: the
         tokens of one sequence) belongs to group ``groups[i]``.
 
@@ -215,7 +216,7 @@ class RowGroups:
         return cls(table, counts, both[num_groups + 1 + perm.numel():])
 
     def __repr__(self) -> str:
-        return f"RowGroups(rows={self.num_rows}, counts={list(self.counts)})"
+        return f"TokenGroups(rows={self.num_rows}, counts={list(self.counts)})"
 
 
 class BatchGroups:
@@ -223,7 +224,7 @@ class BatchGroups:
     wrappers of one model, so that every FFN block of a forward sees one assignment.
 
     ``set(items)`` assigns (a host list of group ids, one per batch item, i.e. per sequence)
-    or clears (None). ``rows_for(x)`` gives the ``RowGroups`` of an FFN input x (..., K) of
+    or clears (None). ``rows_for(x)`` gives the ``TokenGroups`` of an FFN input x (..., K) of
     M = x.numel() // K rows, item-major: each item's rows (its tokens, padding included)
     follow it, M // len(items) of them. x is (B, ..., K) with B = len(items), or its rows
     flattened to (M, K) (OPT's FFN), M a multiple of len(items). The tables are built once
@@ -255,7 +256,7 @@ class BatchGroups:
                 raise ValueError(f"items: group {bad[0]} out of range, expected ids in [0, {self.num_groups})")
         self.items, self._rows, self.input_items = items, {}, None
 
-    def rows_for(self, x: torch.Tensor) -> RowGroups:
+    def rows_for(self, x: torch.Tensor) -> TokenGroups:
         items = self.items
         if items is None:
             hint = f"; {self.hint}" if self.hint else ""
@@ -268,7 +269,7 @@ class BatchGroups:
         key = (x.shape[:-1], x.device)
         rows = self._rows.get(key)
         if rows is None:
-            rows = RowGroups.build(items, self.num_groups, rows_per_item=per_item, device=x.device)
+            rows = TokenGroups.build(items, self.num_groups, rows_per_item=per_item, device=x.device)
             self._rows[key] = rows
         return rows
 
@@ -287,7 +288,7 @@ class BatchGroups:
         return m // n
 
 
-def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") -> str:
+def choose_path(grouped: GroupedIndices, groups: TokenGroups, path: str = "auto") -> str:
     """How to run a mixed batch (one of ``PATHS`` but "auto"): "single" when one group has
     rows; else "union" for decode-sized batches (M <= UNION_MAX_M) whose active groups'
     union is smaller than their lists together (fewer weight bytes read); else "segmented".
@@ -304,9 +305,17 @@ def choose_path(grouped: GroupedIndices, groups: RowGroups, path: str = "auto") 
     return "segmented"
 
 
-def mixed_width(grouped: GroupedIndices, groups: RowGroups, path: str) -> int:
+def mixed_width(grouped: GroupedIndices, groups: TokenGroups, path: str) -> int:
     """The width of h (the rows gather's output, the cols gather's input) on a resolved ``path``:
     the union's size ("union"), else the largest kept count among the groups with rows."""
     if path == "union":
         return grouped.union_size(groups.active)
     return grouped.width(groups.active)
+
+
+def __getattr__(name: str):
+    if name == "RowGroups":
+        warnings.warn("doe_kernels RowGroups is now TokenGroups; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return TokenGroups
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -175,7 +175,7 @@ def glu_args_ok(x, gate_weight, up_weight, gate_bias, up_bias, idx, total: int) 
 
 def check_segmented_args(x, weight, bias, grouped, groups, rows: bool, width: int, wname: str = "weight") -> None:
     """Metadata checks of the segmented ops: ``grouped`` (a ``GroupedIndices``) indexes
-    ``weight``'s gathered axis on its device, ``groups`` (a ``RowGroups``) has one group id
+    ``weight``'s gathered axis on its device, ``groups`` (a ``TokenGroups``) has one group id
     per row of x for the same groups, and x's last dimension is K (rows) or ``width`` (cols)."""
     _check_weight_and_input(x, weight, wname)
     n_out, n_in = weight.shape

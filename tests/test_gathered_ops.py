@@ -244,13 +244,13 @@ def test_public_names_stay_the_functions_once_the_kernels_are_imported():
     import doe_kernels
     import doe_kernels.ops
     from doe_kernels.ops import api
-    from doe_kernels.segments import GroupedIndices, RowGroups
+    from doe_kernels.segments import GroupedIndices, TokenGroups
 
     names = ("gathered_linear", "gathered_glu", "segmented_linear", "segmented_glu")
     x, w = rand(4, 16, dtype=torch.float32, seed=1), rand(24, 16, dtype=torch.float32, seed=2)
     idx = make_index(24, 6)
     grouped = GroupedIndices([make_index(24, 5, seed=1), make_index(24, 9, seed=2)], 24, DEVICE)
-    groups = RowGroups.build([0, 1], 2, rows_per_item=2, device=DEVICE)
+    groups = TokenGroups.build([0, 1], 2, rows_per_item=2, device=DEVICE)
     outs = [
         doe_kernels.ops.gathered_linear(x, w, rows=idx, backend="triton"),
         doe_kernels.ops.gathered_glu(x, w, w, rows=idx, backend="triton"),

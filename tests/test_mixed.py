@@ -1,4 +1,4 @@
-"""Mixed-task batches: ``doe.unplug_(model, {task: expert})`` + ``doe.mixed_batch(model, row_tasks)``.
+"""Mixed-task batches: ``doe.unplug_(model, {task: expert})`` + ``doe.mixed_batch(model, tasks)``.
 
 Every row of a mixed batch must equal that row run alone on its own expert: on a hand-sliced
 copy (doe.testing.sliced_copy, no gathered code) and on the model with that single expert
@@ -35,10 +35,10 @@ def row(inputs, r):
     return {k: v[r:r + 1] for k, v in inputs.items()}
 
 
-def alone_on_sliced(model, experts, inputs, row_tasks):
+def alone_on_sliced(model, experts, inputs, tasks):
     """Each row's logits, run alone on a hand-sliced copy of its expert (the model for dense rows)."""
     sliced = {name: sliced_copy(model, e.indices).eval() for name, e in experts.items()}
-    return [model_logits(sliced[t] if t is not None else model, row(inputs, r)) for r, t in enumerate(row_tasks)]
+    return [model_logits(sliced[t] if t is not None else model, row(inputs, r)) for r, t in enumerate(tasks)]
 
 
 def assert_rows(mixed, expected):
@@ -84,20 +84,37 @@ def test_mixed_batch_through_triton_kernels(family, seq):
         assert_rows(model_logits(model, inputs), expected)
 
 
-@pytest.mark.parametrize("row_tasks", [["b", "a", "b"], ["a", "a", "a"], [None, None, None], ["c", None, "c"]],
+@pytest.mark.parametrize("tasks", [["b", "a", "b"], ["a", "a", "a"], [None, None, None], ["c", None, "c"]],
                          ids=["empty-groups", "one-task", "all-dense", "one-expert-and-dense"])
-def test_edge_assignments(row_tasks):
+def test_edge_assignments(tasks):
     model = make_tiny("llama")
     experts = make_experts(model)
     inputs = sample_inputs(model, batch=3, seq=5)
-    expected = alone_on_sliced(model, experts, inputs, row_tasks)
-    with doe.unplugged(model, experts), doe.mixed_batch(model, row_tasks):
+    expected = alone_on_sliced(model, experts, inputs, tasks)
+    with doe.unplugged(model, experts), doe.mixed_batch(model, tasks):
         mixed = model_logits(model, inputs)
     assert_rows(mixed, expected)
-    if len(set(row_tasks)) == 1:  # one group: the single-expert (or dense) computation, bit for bit
-        task = row_tasks[0]
+    if len(set(tasks)) == 1:  # one group: the single-expert (or dense) computation, bit for bit
+        task = tasks[0]
         with doe.unplugged(model, experts[task]) if task else contextlib.nullcontext():
             assert torch.equal(mixed, model_logits(model, inputs))
+
+
+def test_earlier_names_of_the_batch_assignment_still_work_with_a_warning():
+    import doe_kernels
+    from doe_kernels.segments import TokenGroups
+
+    with pytest.warns(DeprecationWarning, match="TokenGroups"):
+        assert doe_kernels.RowGroups is TokenGroups
+    model = make_tiny("llama")
+    experts = make_experts(model)
+    inputs = sample_inputs(model, batch=2, seq=5)
+    expected = alone_on_sliced(model, experts, inputs, ["b", None])
+    with doe.unplugged(model, experts):
+        with pytest.warns(DeprecationWarning, match="row_tasks"):
+            with doe.mixed_batch(model, row_tasks=["b", None]):
+                mixed = model_logits(model, inputs)
+    assert_rows(mixed, expected)
 
 
 def test_a_one_entry_mapping_mixes_its_expert_with_dense_rows():
@@ -134,12 +151,12 @@ def test_bad_arguments_are_rejected_before_anything_changes():
     expected = alone_on_sliced(model, experts, inputs, ["a", "b", None])
     doe.unplug_(model, experts)
     wrappers = gathered_wrappers(model)
-    with pytest.raises(RuntimeError, match=r"BatchGroups.set\); .* doe\.mixed_batch\(model, row_tasks\)$"):
+    with pytest.raises(RuntimeError, match=r"BatchGroups.set\); .* doe\.mixed_batch\(model, tasks\)$"):
         model(**inputs)  # several experts and no row assignment
     for bad, err, match in [
-        (["a", "zzz", None], ValueError, r"row 1: unknown task 'zzz'; installed: \['a', 'b', 'c'\]"),
+        (["a", "zzz", None], ValueError, r"item 1: unknown task 'zzz'; installed: \['a', 'b', 'c'\]"),
         ("abc", TypeError, "one task name"),
-        ([], ValueError, "at least one row"),
+        ([], ValueError, "at least one item"),
     ]:
         with pytest.raises(err, match=match):
             with doe.mixed_batch(model, bad):

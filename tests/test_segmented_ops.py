@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from doe_kernels import dtype_name
 from doe_kernels.ops.api import segmented_glu, segmented_linear
 from doe_kernels.reference import ACTIVATIONS
-from doe_kernels.segments import UNION_CACHE, BatchGroups, GroupedIndices, RowGroups, choose_path, mixed_width
+from doe_kernels.segments import UNION_CACHE, BatchGroups, GroupedIndices, TokenGroups, choose_path, mixed_width
 from doe_kernels.testing import random_indices
 from kernel_utils import DEVICE, TOLERANCES, triton_runs
 
@@ -40,7 +40,7 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 def setup(items, lists=LISTS):
     grouped = GroupedIndices(lists, N, DEVICE)
-    groups = RowGroups.build(items, len(lists), rows_per_item=ROWS_PER_ITEM, device=DEVICE)
+    groups = TokenGroups.build(items, len(lists), rows_per_item=ROWS_PER_ITEM, device=DEVICE)
     return grouped, groups
 
 
@@ -111,7 +111,7 @@ def test_every_path_gives_the_same_result(backend):
     # a decode-sized batch: "auto" picks the union, which must agree with the segmented form
     items = [0, 1, 0, 2]
     grouped = GroupedIndices(LISTS, N, DEVICE)
-    groups = RowGroups.build(items, len(LISTS), device=DEVICE)
+    groups = TokenGroups.build(items, len(LISTS), device=DEVICE)
     assert choose_path(grouped, groups) == "union"
     x = rand(len(items), K, seed=1)
     w_up, b_up, w_down, b_down = rand(N, K, seed=2), rand(N, seed=3), rand(K, N, seed=4), rand(K, seed=5)
@@ -200,13 +200,13 @@ def test_metadata_is_checked_before_any_work():
     with pytest.raises(ValueError, match="groups index 70 neurons"):
         segmented_linear(x, rand(N + 1, K, seed=2), rows=grouped, groups=groups)
     with pytest.raises(ValueError, match="over 3 groups, the index lists over 5"):
-        segmented_linear(x, w, rows=grouped, groups=RowGroups.build([0, 1, 2], 3, device=DEVICE))
+        segmented_linear(x, w, rows=grouped, groups=TokenGroups.build([0, 1, 2], 3, device=DEVICE))
     with pytest.raises(ValueError, match="expected last dimension"):
         segmented_linear(x, rand(K, N, seed=3), cols=grouped, groups=groups, path="segmented")
     with pytest.raises(ValueError, match="exactly one of rows= or cols="):
         segmented_linear(x, w, groups=groups)
     with pytest.raises(ValueError, match=r"group 5 out of range, expected ids in \[0, 5\)"):
-        RowGroups.build([0, 5], 5)
+        TokenGroups.build([0, 5], 5)
     with pytest.raises(ValueError, match="duplicated index"):
         GroupedIndices([[1, 1]], N, DEVICE)
     with pytest.raises(ValueError, match="path: expected one of"):
@@ -234,7 +234,7 @@ def test_unions_are_built_for_the_union_path_only_and_stay_bounded():
     sets, paths = set(), []
     for i in range(4 * UNION_CACHE):
         items = torch.randint(0, 17, (8,), generator=gen).tolist()
-        groups = RowGroups.build(items, 17, device=DEVICE)
+        groups = TokenGroups.build(items, 17, device=DEVICE)
         sets.add(groups.active)
         paths.append(choose_path(grouped, groups))
         x = rand(8, K, seed=100 + i)
@@ -257,7 +257,7 @@ def test_choosing_segmented_builds_no_union():
     # disjoint lists: the union is as large as the lists together, so "auto" takes the segmented path
     lists = [torch.arange(0, 20), torch.arange(20, 50), torch.arange(50, N)]
     grouped = GroupedIndices(lists, N, DEVICE)
-    groups = RowGroups.build([0, 1, 2, 1], 3, device=DEVICE)
+    groups = TokenGroups.build([0, 1, 2, 1], 3, device=DEVICE)
     assert choose_path(grouped, groups) == "segmented"
     assert mixed_width(grouped, groups, "segmented") == 30 and mixed_width(grouped, groups, "union") == N
     assert not grouped._unions  # sizes come from the host; nothing was put on the device

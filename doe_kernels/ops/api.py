@@ -21,7 +21,7 @@ from doe_kernels.reference import (
     segmented_glu_ref,
     segmented_linear_ref,
 )
-from doe_kernels.segments import GroupedIndices, RowGroups, choose_path, mixed_width
+from doe_kernels.segments import GroupedIndices, TokenGroups, choose_path, mixed_width
 from doe_kernels.validation import check_glu_args, check_linear_args, check_segmented_args, check_segmented_glu_args
 
 __all__ = ["gathered_linear", "gathered_glu", "segmented_linear", "segmented_glu"]
@@ -95,13 +95,13 @@ def gathered_glu(
     return glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, rows, activation, resolve_backend(backend, x))
 
 
-def _row_mask(x: torch.Tensor, member: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+def _row_mask(x: torch.Tensor, member: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
     """x: (..., U) with each row's entries outside its own group's list set to 0."""
     x2 = x.reshape(-1, x.shape[-1])
     return (x2 * member.index_select(0, groups.row_groups)).reshape(x.shape)
 
 
-def segmented_linear_unchecked(x, weight, bias, grouped: GroupedIndices, groups: RowGroups, rows: bool, path: str,
+def segmented_linear_unchecked(x, weight, bias, grouped: GroupedIndices, groups: TokenGroups, rows: bool, path: str,
                                backend: str) -> torch.Tensor:
     """``segmented_linear`` after its checks: ``path`` resolved by ``choose_path``, ``backend``
     resolved ("triton" or "torch")."""
@@ -123,7 +123,7 @@ def segmented_linear_unchecked(x, weight, bias, grouped: GroupedIndices, groups:
 
 
 def segmented_glu_unchecked(x, gate_weight, up_weight, gate_bias, up_bias, grouped: GroupedIndices,
-                            groups: RowGroups, activation: str, path: str, backend: str) -> torch.Tensor:
+                            groups: TokenGroups, activation: str, path: str, backend: str) -> torch.Tensor:
     """``segmented_glu`` after its checks: ``activation`` canonical, ``path`` and ``backend``
     resolved."""
     if path == "single":
@@ -151,14 +151,14 @@ def segmented_linear(
     *,
     rows: Optional[GroupedIndices] = None,
     cols: Optional[GroupedIndices] = None,
-    groups: RowGroups,
+    groups: TokenGroups,
     path: str = "auto",
     backend: str = "auto",
 ) -> torch.Tensor:
     """``gathered_linear`` for a batch whose rows use different kept-neuron lists, in one launch.
 
     x: (..., K), M rows; weight: (N, K_full), any strides; bias: (N,) or None. groups: the
-    group of each of the M rows (``RowGroups``). Exactly one of
+    group of each of the M rows (``TokenGroups``). Exactly one of
       rows: ``GroupedIndices`` of the output neurons -> out (..., width), row m (group g)
             holding ``F.linear(x[m], weight[idx_g], bias[idx_g])`` in its first k_g columns;
       cols: ``GroupedIndices`` of the input neurons, x (..., width) as the rows form wrote it
@@ -185,7 +185,7 @@ def segmented_glu(
     up_weight: torch.Tensor,
     *,
     rows: GroupedIndices,
-    groups: RowGroups,
+    groups: TokenGroups,
     activation: str = "silu",
     gate_bias: Optional[torch.Tensor] = None,
     up_bias: Optional[torch.Tensor] = None,
@@ -194,7 +194,7 @@ def segmented_glu(
 ) -> torch.Tensor:
     """``gathered_glu`` for a batch whose rows use different kept-neuron lists, in one launch.
 
-    x: (..., K); gate_weight, up_weight: (N, K); rows: ``GroupedIndices``; groups: ``RowGroups``
+    x: (..., K); gate_weight, up_weight: (N, K); rows: ``GroupedIndices``; groups: ``TokenGroups``
     -> out (..., width) laid out as ``segmented_linear``'s rows form on the same path.
     """
     path = choose_path(rows, groups, path)

@@ -1,6 +1,6 @@
 """Segmented gathered linear: one launch for a batch whose rows use different kept-neuron lists.
 
-Rows of x belong to groups (``doe_kernels.segments.RowGroups``); group g keeps the neurons
+Rows of x belong to groups (``doe_kernels.segments.TokenGroups``); group g keeps the neurons
 ``idx_g`` (``GroupedIndices``). With ``rows(g)`` the rows of group g and k_g = len(idx_g):
 
     rows  y[m, :k_g] = x[m] @ W[idx_g]^T (+ b[idx_g]),  y[m, k_g:] = 0     y: (M, width)
@@ -135,7 +135,7 @@ def segmented_mm(
     """Launch the segmented GEMM on 2-D operands. Inputs are assumed checked.
 
     x: (M, K); w: (N_full, K_full), any strides; table: a ``GroupedIndices.table`` of G
-    groups; rows_table: a ``RowGroups.table`` of the same G groups over M rows.
+    groups; rows_table: a ``TokenGroups.table`` of the same G groups over M rows.
       rows=True:  K == K_full -> out (M, width), zero beyond each row's k_g
       rows=False: K == width  -> out (M, N_full)
     active: groups with rows; max_rows: rows of the largest group (tile-size bucket).
