@@ -10,7 +10,9 @@ does not depend on its neighbours. Read-outs by model kind:
 
 - encoder (BERT, ...): the base model's last hidden states, mean-pooled over the text tokens,
   through the row's linear head;
-- decoder (LLaMA, GPT-2, ...): the logits at the row's last text token, at its verbalizer tokens;
+- decoder (LLaMA, GPT-2, ...): the last hidden state at the row's last text token, through the
+  row's linear head (as ``LlamaForSequenceClassification``), or the next-token logits there at
+  its verbalizer tokens;
 - seq2seq (T5, ...): the first decoder step's logits at the verbalizer tokens.
 
 ``pooled_text`` gives the dense model's mean-pooled text states without a prompt (the router's
@@ -26,7 +28,7 @@ import torch.nn as nn
 
 from doe.models import model_kind
 
-__all__ = ["prompted_inputs", "classify", "pooled_text", "generation_inputs", "base_model"]
+__all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model"]
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -95,47 +97,77 @@ def _mean_over_text(hidden: torch.Tensor, prompt_len: torch.Tensor, text_len: to
     return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[nn.Module]] = None,
-             label_ids: Optional[Sequence[torch.Tensor]] = None) -> list:
+def _per_row(what: str, values, b: int) -> list:
+    if values is None:
+        return [None] * b
+    if len(values) != b:
+        raise ValueError(f"{what}: expected {b} {'heads' if 'head' in what else 'label id lists'}, got {len(values)}")
+    return list(values)
+
+
+def _by_reader(readers: Sequence, rows: Sequence[int]) -> list[tuple[object, list[int]]]:
+    """(reader, its rows) in order of first appearance: one call per head or verbalizer."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(id(readers[r]), (readers[r], []))[1].append(r)
+    return list(out.values())
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A decoder's next-token logits (..., V) from its last hidden states (..., H), as its forward
+    computes them (the output embedding, then any final soft-capping)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optional[nn.Module]]] = None,
+             label_ids: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list:
     """One forward over ``prompted_inputs``' batch; per row, its class logits (fp32, (C_r,)).
 
     Args:
         model: the backbone.
         inputs: ``prompted_inputs``' dict.
-        heads: per row, its linear head (encoders); rows may share a module.
-        label_ids: per row, (C_r,) verbalizer token ids (decoders and seq2seq).
+        heads: per row, its linear head (H -> C_r) or None; rows may share a module. Encoders
+            read the mean of the text's last hidden states, decoders the last text token's.
+        label_ids: per row, (C_r,) verbalizer token ids, for rows without a head (decoders:
+            the next-token logits at the last text token; seq2seq: at the first decoder step).
     """
     kind = model_kind(model)
     embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
     start, length = inputs["prompt_len"], inputs["text_len"]
     b = embeds.shape[0]
-    if kind == "encoder":
-        if heads is None or len(heads) != b:
-            raise ValueError(f"an encoder reads its rows through heads: expected {b}, got "
-                             f"{None if heads is None else len(heads)}")
-        pooled = _mean_over_text(base_model(model)(inputs_embeds=embeds, attention_mask=mask)[0], start, length)
-        out: list = [None] * b
-        groups: dict = {}
-        for r, head in enumerate(heads):
-            groups.setdefault(id(head), (head, []))[1].append(r)
-        for head, rows in groups.values():  # one call per head, so a batch of one task is one matmul
-            for r, logits in zip(rows, head(pooled[rows])):
-                out[r] = logits
-        return out
-    if label_ids is None or len(label_ids) != b:
-        raise ValueError(f"a {kind} reads its rows at verbalizer tokens: expected {b} label id lists, got "
-                         f"{None if label_ids is None else len(label_ids)}")
+    heads = _per_row(f"a {kind} reads its rows through heads", heads, b)
+    label_ids = _per_row(f"a {kind} reads its rows at verbalizer tokens", label_ids, b)
+    missing = [r for r in range(b) if heads[r] is None and (label_ids[r] is None or kind == "encoder")]
+    if missing:
+        want = "a head" if kind == "encoder" else "a head or verbalizer token ids"
+        raise ValueError(f"a {kind} reads each row through {want}; rows {missing} have none")
     if kind == "seq2seq":
+        if any(h is not None for h in heads):
+            raise ValueError("a seq2seq model reads its rows at verbalizer tokens; heads are for encoders and decoders")
         first = model.config.decoder_start_token_id or 0
         dec = torch.full((b, 1), first, dtype=torch.long, device=embeds.device)
         logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
-    else:
-        full = model(inputs_embeds=embeds, attention_mask=mask).logits
-        last = (start + length - 1).to(full.device)
-        logits = full[torch.arange(b, device=full.device), last]
-    if all(ids is label_ids[0] for ids in label_ids):  # one task: one gather
-        return list(logits[:, label_ids[0]].float())
-    return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
+        return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
+    if kind == "encoder":
+        states = _mean_over_text(base_model(model)(inputs_embeds=embeds, attention_mask=mask)[0], start, length)
+    else:  # the last text token's state; the vocabulary logits only where a verbalizer reads them
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]
+        states = hidden[torch.arange(b, device=hidden.device), (start + length - 1).to(hidden.device)]
+    out: list = [None] * b
+    with_head = [r for r in range(b) if heads[r] is not None]
+    for head, rows in _by_reader(heads, with_head):
+        for r, logits in zip(rows, head(states[rows].to(head.weight.dtype))):
+            out[r] = logits.float()
+    rest = [r for r in range(b) if heads[r] is None]
+    if rest:
+        vocab = lm_logits(model, states[rest])
+        for ids, rows in _by_reader(label_ids, rest):
+            picked = vocab[[rest.index(r) for r in rows]][:, ids].float()
+            for r, logits in zip(rows, picked):
+                out[r] = logits
+    return out
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -129,11 +130,12 @@ def _task(args):
         with _user_input("--train"):
             return local_task(name, files, labels=args.labels.split(","),
                               text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field,
-                              holdout=0.0 if args.eval_file else args.holdout)
+                              holdout=0.0 if args.eval_file else args.holdout, instruction=args.instruction or "")
     if not args.task:
         raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
     with _user_input("--task"):
-        return get_task(args.task)
+        spec = get_task(args.task)
+    return spec if args.instruction is None else dataclasses.replace(spec, instruction=args.instruction)
 
 
 def _load_data(spec, **limits):
@@ -163,7 +165,7 @@ def _cmd_localize(args) -> int:
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
-                                      show_progress=not args.quiet),
+                                      show_progress=not args.quiet, readout=args.readout),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,
@@ -231,7 +233,10 @@ def _cmd_eval(args) -> int:
             with _user_input("--eval-file"):
                 spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},
                                   labels=spec.labels, text_fields=spec.text_fields, label_field=spec.label_field,
-                                  metric=spec.metric, verbalizer=spec.verbalizer, description=spec.description)
+                                  metric=spec.metric, verbalizer=spec.verbalizer, description=spec.description,
+                                  instruction=spec.instruction)
+        if args.instruction is not None:
+            spec = dataclasses.replace(spec, instruction=args.instruction)
     tok, model = _load_model(args.model, args.device, experts)
     data = _load_data(spec, max_train=1, max_eval=args.max_eval)
     own = [e for e in experts if e.task == spec.name and e.dense_prompt is not None]
@@ -240,7 +245,7 @@ def _cmd_eval(args) -> int:
                          "dense baseline needs")
     dense = TaskModel(model, tok, spec, prompt=own[0].dense_prompt, head=own[0].dense_head)
     report = evaluate(model, tok, data, dense, experts, batch_size=args.batch_size,
-                      names=_row_names(args.experts, experts))
+                      names=_row_names(args.experts, experts), zero_shot=True)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
     return 0
 

@@ -28,6 +28,9 @@ def _add_task_args(p):
     p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
     p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
     p.add_argument("--label-field", default="label", help="label column (default: label)")
+    p.add_argument("--instruction", default=None,
+                   help="what to do with each text, put before it (in the chat template's user turn where the "
+                        "model has one), e.g. 'Classify the topic of this news item.'")
     p.add_argument("--max-train", type=int, help="subsample the training split (seeded, stratified)")
     p.add_argument("--max-eval", type=int, help="subsample the held-out split")
 
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retune-epochs", type=int, default=None,
                    help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")
     p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--readout", default="auto", choices=["auto", "head", "verbalizer"],
+                   help="how classes are read: a linear head on the last text token (decoders) or pooled text "
+                        "(encoders), or the next-token logits of the label words (decoders, seq2seq); auto: a head "
+                        "except on seq2seq models")
     p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler="localize")

@@ -95,6 +95,7 @@ def evaluate(
     batch_size: int = 32,
     max_eval: Optional[int] = None,
     names: Optional[Sequence[str]] = None,
+    zero_shot: bool = False,
 ) -> EvalReport:
     """Metric and latency on ``data.eval``: the dense prompt-tuned ``dense`` and each expert
     (with its own prompt and head if it carries them and is this task's, else ``dense``'s).
@@ -107,6 +108,8 @@ def evaluate(
         batch_size: examples per forward; latency is the median per batch.
         max_eval: score only the first ``max_eval`` held-out examples.
         names: one row name per expert (default: ``expert@KEEP``, plus the task if another's).
+        zero_shot: add a ``zero-shot`` row after dense (decoders and seq2seq models): no soft
+            prompt, no head, the task's instruction and its verbalizer tokens.
 
     Returns:
         An EvalReport: one row for dense, then one per expert, with speed-ups over dense.
@@ -119,6 +122,11 @@ def evaluate(
     report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device), examples=len(data.eval))
     metric, latency = score_task_model(dense, examples, batch_size)
     report.rows.append(EvalRow("dense", 1.0, metric, latency))
+    if zero_shot and dense.kind != "encoder":
+        untuned = TaskModel(model, tokenizer, data.spec, prompt=dense.prompt.detach()[:0], readout="verbalizer",
+                            max_length=dense.max_length)
+        zs_metric, ms = score_task_model(untuned, examples, batch_size)
+        report.rows.append(EvalRow("zero-shot", 1.0, zs_metric, ms, latency / ms))
     for i, expert in enumerate(experts):
         # An expert of another task is judged with this task's prompt and head: only its
         # neurons are borrowed.

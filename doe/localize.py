@@ -182,7 +182,8 @@ def find_expert(
     tuning = None
     if task_model is None:
         task_model = TaskModel(model, tokenizer, data.spec, num_tokens=config.prompt.num_tokens,
-                               max_length=config.prompt.max_length, seed=config.prompt.seed)
+                               max_length=config.prompt.max_length, seed=config.prompt.seed,
+                               readout=config.prompt.readout)
         tuning = prompt_tune(task_model, data, config.prompt)
     if tuning is None:
         tuning = PromptTuningResult(task_model.prompt.detach().cpu().clone(), task_model.head_state())
@@ -201,7 +202,7 @@ def find_expert(
     prompt, head = tuning.prompt, tuning.head
     if config.retune_epochs:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
-                            max_length=config.prompt.max_length)
+                            max_length=config.prompt.max_length, readout=task_model.readout)
         retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs,
                                            "head_lr": config.retune_head_lr})
         with unplugged(model, expert):

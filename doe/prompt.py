@@ -4,11 +4,14 @@
 
 - encoders (BERT, RoBERTa, DistilBERT, the packaged MiniLM): [prompt; text] -> last hidden
   state -> mean over text tokens -> a small linear head;
-- decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> next-token logits at
-  the last text token, read at one verbalizer token per label;
+- decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> the last text
+  token's hidden state -> a small linear head (``readout="head"``, the default), or the
+  next-token logits there at one verbalizer token per label (``readout="verbalizer"``);
 - T5: [prompt; text] into the encoder, the first decoder step's logits at the verbalizer tokens.
 
-Only the prompt (and head) train; ``prompt_tune`` checks that the backbone is bit-identical.
+A task's ``instruction`` goes before the text: inside the user turn of the tokenizer's chat
+template where it has one (the text then ends where the assistant's answer would start), else
+as a first paragraph. Only the prompt (and head) train; the backbone stays bit-identical.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from doe.backbone import classify, prompted_inputs
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
-__all__ = ["PromptTuningConfig", "TaskModel", "prompt_tune"]
+__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "prompt_tune"]
+
+READOUTS = ("head", "verbalizer")
 
 
 @dataclass
@@ -43,6 +48,7 @@ class PromptTuningConfig:
     weight_decay: float = 0.0
     seed: int = 0
     show_progress: bool = True
+    readout: str = "auto"  # "head", "verbalizer", or the model kind's default (TaskModel)
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "epochs", "batch_size", "max_length"):
@@ -55,15 +61,50 @@ class PromptTuningConfig:
                 raise ValueError(f"PromptTuningConfig.{name}: expected a positive learning rate, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"PromptTuningConfig.weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.readout not in ("auto",) + READOUTS:
+            raise ValueError(f"PromptTuningConfig.readout: expected one of auto, {', '.join(READOUTS)}, "
+                             f"got {self.readout!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def chat_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """The token ids that go before and after a text to put it in the user turn of
+    ``tokenizer``'s chat template after ``instruction`` (the assistant's turn opened after it);
+    None for a tokenizer without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\x00"
+    turn = [{"role": "user", "content": f"{instruction}\n\n{mark}" if instruction else mark}]
+    before, after = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True).split(mark)
+    pieces = [tokenizer(part, add_special_tokens=False)["input_ids"] if part else [] for part in (before, after)]
+    return pieces[0], pieces[1]
+
+
+def _readout(kind: str, readout: Optional[str], prompt, head) -> str:
+    if readout in (None, "auto"):
+        if head is not None or kind == "encoder":
+            return "head"
+        # a fresh decoder gets a head; one given a prompt alone was tuned with verbalizers
+        return "head" if prompt is None and kind == "decoder" else "verbalizer"
+    if readout not in READOUTS:
+        raise ValueError(f"readout: expected one of auto, {', '.join(READOUTS)}, got {readout!r}")
+    if (kind, readout) in (("encoder", "verbalizer"), ("seq2seq", "head")):
+        raise ValueError(f"readout {readout!r} does not apply to {kind} models: encoders read through a head, "
+                         "seq2seq models at verbalizer tokens")
+    if readout == "verbalizer" and head is not None:
+        raise ValueError("readout 'verbalizer' was given with a head; pass one or the other")
+    return readout
 
 
 class TaskModel(nn.Module):
     """A frozen backbone + soft prompt (+ head) that maps examples of one task to class logits.
 
     forward(input_ids (B, T), attention_mask (B, T)) -> (B, num_labels) logits.
+    readout: "head" or "verbalizer" (see the module docstring); None: a head where one is given,
+    else the model kind's default for a new prompt (a head, verbalizers for seq2seq), and
+    verbalizers for a decoder given a prompt without a head (how it was tuned).
     """
 
     def __init__(
@@ -77,13 +118,16 @@ class TaskModel(nn.Module):
         head: Optional[dict[str, torch.Tensor]] = None,
         max_length: int = 64,
         seed: int = 0,
+        readout: Optional[str] = None,
     ):
         super().__init__()
         self.kind = model_kind(model)
+        self.readout = _readout(self.kind, readout, prompt, head)
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_length = max_length
+        self._pieces = chat_pieces(tokenizer, spec.instruction) if spec.instruction else None
         embed = model.get_input_embeddings()
         hidden = embed.weight.shape[1]
         g = torch.Generator().manual_seed(seed)  # prompt and head init depend on ``seed`` only
@@ -96,7 +140,7 @@ class TaskModel(nn.Module):
         self.prompt = nn.Parameter(prompt.detach().float().clone().to(embed.weight.device))
         self.head: Optional[nn.Linear] = None
         self.register_buffer("label_token_ids", torch.empty(0, dtype=torch.long), persistent=False)
-        if self.kind == "encoder":
+        if self.readout == "head":
             self.head = nn.Linear(hidden, len(spec.labels))
             if head is not None:
                 self.head.load_state_dict({k: v.float() for k, v in head.items()})
@@ -111,8 +155,10 @@ class TaskModel(nn.Module):
     def _verbalizer_ids(self) -> torch.Tensor:
         words = self.spec.label_words
         ids = []
+        # after a chat template's assistant turn the answer starts a line, elsewhere a word
+        space = "" if self._pieces is not None else " "
         for word in words:
-            pieces = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            pieces = self.tokenizer(space + word, add_special_tokens=False)["input_ids"]
             if not pieces:
                 raise ValueError(f"verbalizer word {word!r} of task {self.spec.name!r} is empty after tokenizing")
             ids.append(pieces[0])
@@ -136,15 +182,30 @@ class TaskModel(nn.Module):
         return None if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
 
     def encode(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Tokenize a batch (right padding) on the model's device."""
+        """Tokenize a batch (right padding) on the model's device; ``max_length`` cuts the text,
+        not the instruction or the template around it."""
         texts = [e.text for e in examples]
         pairs = [e.text_pair for e in examples]
-        kwargs = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        instruction = self.spec.instruction
+        if instruction and self._pieces is None:  # no chat template: the instruction is a first paragraph
+            texts = [f"{instruction}\n\n{t}" for t in texts]
+        kwargs = dict(truncation=True, max_length=self.max_length)
+        if self._pieces is not None:
+            before, after = self._pieces
+            joined = [t if p is None else f"{t}\n{p}" for t, p in zip(texts, pairs)]
+            texts_ids = self.tokenizer(joined, add_special_tokens=False, **kwargs)["input_ids"]
+            rows = [before + ids + after for ids in texts_ids]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+            return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
         if any(p is not None for p in pairs):
-            batch = self.tokenizer(texts, [p or "" for p in pairs], **kwargs)
+            batch = self.tokenizer(texts, [p or "" for p in pairs], padding=True, return_tensors="pt", **kwargs)
         else:
-            batch = self.tokenizer(texts, **kwargs)
-        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+            batch = self.tokenizer(texts, padding=True, return_tensors="pt", **kwargs)
+        return {"input_ids": batch["input_ids"].to(self.device),
+                "attention_mask": batch["attention_mask"].to(self.device)}
 
     def full_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) text mask -> (B, n_prompt + T) with the prompt positions attended."""

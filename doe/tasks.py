@@ -112,6 +112,8 @@ class TaskSpec:
     train_split / eval_split: split names, optionally sliced ("train[:80%]").
     metric: one of METRICS; "f1" is binary with label id 1 as the positive class.
     verbalizer: one short word per label, the answer words for decoder LMs (default: labels).
+    instruction: what to do with the text, put before it (in the chat template's user turn
+    where the tokenizer has one; see ``doe.prompt``); "" for none.
     holdout: for data without an eval split, the fraction of the train split held out as the
     eval split (a stratified sample, the same rows on every load); 0 reads ``eval_split``.
     """
@@ -129,6 +131,7 @@ class TaskSpec:
     verbalizer: Optional[tuple[str, ...]] = None
     description: str = ""
     holdout: float = 0.0
+    instruction: str = ""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -181,8 +184,9 @@ class TaskSpec:
             v = getattr(self, k)
             if not isinstance(v, str) or not v:
                 raise ValueError(f"TaskSpec({self.name!r}).{k}: expected a non-empty split name, got {v!r}")
-        if not isinstance(self.description, str):
-            raise ValueError(f"TaskSpec({self.name!r}).description: expected a string")
+        for k in ("description", "instruction"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"TaskSpec({self.name!r}).{k}: expected a string, got {getattr(self, k)!r}")
 
     @property
     def num_labels(self) -> int:

@@ -473,14 +473,14 @@ def mixed_batch(model: nn.Module, tasks: Optional[Sequence[Optional[str]]] = Non
         batch = state.batch
         previous = batch.items
         batch.set(groups)
-        # A model that flattens tokens before its FFN (OPT) hides the batch size from the FFN:
-        # note it where the batch enters.
-        handle = None
+        # OPT flattens tokens before its FFN: note the batch size where it enters (model or base model).
+        handles = []
         try:
-            handle = model.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True)
+            for entry in dict.fromkeys([model, getattr(model, "base_model", model)]):
+                handles.append(entry.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True))
             yield model
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
             batch.set(previous)
 

@@ -49,7 +49,7 @@ def test_prompt_tuning_trains_only_prompt_and_head(family, sentiment, tokenizer)
     before = _backbone_copy(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     tm = TaskModel(model, tokenizer, sentiment.spec, num_tokens=4)
-    assert tm.kind == model_kind(model) and (tm.head is not None) == (tm.kind == "encoder")
+    assert tm.kind == model_kind(model) and (tm.head is not None) == (tm.kind != "seq2seq")  # decoders: a head
     prompt0 = tm.prompt.detach().clone()
     loss0 = _train_loss(tm, sentiment.train)
     result = prompt_tune(tm, sentiment, PromptTuningConfig(epochs=4, batch_size=16, lr=5e-2, head_lr=1e-2, **QUIET))
@@ -230,4 +230,4 @@ def test_task_model_rejects_bad_prompt_and_collapsing_verbalizer(sentiment, toke
         TaskModel(make_tiny("bert"), tokenizer, sentiment.spec, prompt=torch.zeros(4, 31))
     unk_only = tiny_tokenizer([])  # every label word is [UNK]
     with pytest.raises(ValueError, match="maps two labels to one token"):
-        TaskModel(make_tiny("gpt2"), unk_only, sentiment.spec)
+        TaskModel(make_tiny("gpt2"), unk_only, sentiment.spec, readout="verbalizer")
