@@ -92,14 +92,21 @@ class Case:
     keep: float
     dtype: str
     variant: str
+    groups: Optional[int] = None  # mixed-kernels: row m belongs to group m % groups
+
+    @property
+    def key(self) -> str:
+        """The row's key fields, as the id spells them."""
+        k = "" if self.groups is None else f"-k{self.groups}"
+        return f"{self.op}-{self.shape.name}-M{self.M}{k}-keep{self.keep:g}-{self.dtype}"
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.shape.name}-M{self.M}-keep{self.keep:g}-{self.dtype}-{self.variant}"
+        return f"{self.key}-{self.variant}"
 
     @property
     def group(self) -> str:
-        return f"{self.op}-{self.shape.name}-M{self.M}-keep{self.keep:g}-{self.dtype}"
+        return self.key if self.groups is None else f"mixed-{self.key}"
 
 
 def _sweep(shapes: list, keeps: list, dtypes: list):
@@ -190,6 +197,18 @@ def _nbytes(*ts: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def _linear_call(v: str, x, w, b, **gather) -> Callable[[], torch.Tensor]:
+    """Variant ``v`` of a linear op on ``x``: F.linear for dense and sliced weights, else the
+    gathered op on ``gather`` (``rows=`` or ``cols=``)."""
+    if v == "dense" or v in SLICED:
+        return lambda: F.linear(x, w, b)
+    if v == "gathered-torch":
+        return lambda: gathered_linear_ref(x, w, b, **gather)
+    if v in FORCED_PATHS:
+        return lambda: gathered_mm(x, w, bias=b, path=FORCED_PATHS[v], **gather)
+    return lambda: gathered_linear(x, w, b, backend="triton", **gather)
+
+
 def _build(case: Case, device: torch.device):
     """Returns (calls, check, meta): one zero-arg callable per rotated weight copy, a callable
     that returns (output, reference output) for gathered-triton (else None), and the
@@ -225,13 +244,7 @@ def _build(case: Case, device: torch.device):
             w_list, b_list = list(wset[:nw]), list(wset[nw:])
             if case.op == "up":
                 (w,), (b,) = w_list, b_list
-                if v == "dense" or v in SLICED:
-                    return lambda: F.linear(x, w, b)
-                if v == "gathered-torch":
-                    return lambda: gathered_linear_ref(x, w, b, rows=idx)
-                if v in FORCED_PATHS:
-                    return lambda: gathered_mm(x, w, rows=idx, bias=b, path=FORCED_PATHS[v])
-                return lambda: gathered_linear(x, w, b, rows=idx, backend="triton")
+                return _linear_call(v, x, w, b, rows=idx)
             wg, wu = w_list
             if v == "dense" or v in SLICED:
                 return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
@@ -269,13 +282,7 @@ def _build(case: Case, device: torch.device):
 
         def make_call(wset) -> Callable[[], torch.Tensor]:
             wc, bc = wset
-            if v == "dense" or v in SLICED:
-                return lambda: F.linear(x_in, wc, bc)
-            if v == "gathered-torch":
-                return lambda: gathered_linear_ref(x_in, wc, bc, cols=idx)
-            if v in FORCED_PATHS:
-                return lambda: gathered_mm(x_in, wc, cols=idx, bias=bc, path=FORCED_PATHS[v])
-            return lambda: gathered_linear(x_in, wc, bc, cols=idx, backend="triton")
+            return _linear_call(v, x_in, wc, bc, cols=idx)
 
         def check():
             return make_call(wsets[0])(), gathered_linear_ref(h, w.detach(), b, cols=idx)
@@ -346,19 +353,6 @@ MIXED_SWEEPS = {
 MIXED_PATHS = {"auto": "auto", "segmented": "segmented", "union": "union"}
 
 
-@dataclass(frozen=True)
-class MixedCase(Case):
-    groups: int = 1
-
-    @property
-    def group(self) -> str:
-        return f"mixed-{self.op}-{self.shape.name}-M{self.M}-k{self.groups}-keep{self.keep:g}-{self.dtype}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group.removeprefix('mixed-')}-{self.variant}"
-
-
 def _mixed_cases() -> list:
     shapes, Ms, ks, keeps, dtypes = MIXED_SWEEPS[harness.sweep_name()]
     out = []
@@ -368,12 +362,12 @@ def _mixed_cases() -> list:
                 if k > M:
                     continue
                 for variant in MIXED.variants:
-                    case = MixedCase(op, shape, M, keep, dtype, variant, groups=k)
+                    case = Case(op, shape, M, keep, dtype, variant, groups=k)
                     out.append(pytest.param(case, id=case.id))
     return out
 
 
-def _build_mixed(case: MixedCase, device: torch.device):
+def _build_mixed(case: Case, device: torch.device):
     """(calls, check, meta) as ``_build`` returns them, for a mixed batch."""
     from doe_kernels.ops.api import segmented_glu, segmented_linear
     from doe_kernels.segments import GroupedIndices, TokenGroups, choose_path, mixed_width
@@ -421,7 +415,7 @@ def _build_mixed(case: MixedCase, device: torch.device):
     def make_call(wset) -> Callable[[], object]:
         ww, bb = list(wset[:nw]), list(wset[nw:])
         if case.op == "glu":
-            (wg, wu), (bg, bu) = ww, bb
+            wg, wu = ww
             if v == "dense":
                 return lambda: act(F.linear(x, wg)) * F.linear(x, wu)
             if v == "single":
@@ -454,7 +448,7 @@ def _build_mixed(case: MixedCase, device: torch.device):
 
 
 @pytest.mark.parametrize("case", _mixed_cases())
-def test_mixed_gemm(benchmark, case: MixedCase, bench_device, device_info):
+def test_mixed_gemm(benchmark, case: Case, bench_device, device_info):
     torch.manual_seed(0)
     calls, check, meta = _build_mixed(case, bench_device)
     info = benchmark.extra_info

@@ -6,14 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from doe_kernels import (
-    GatheredGatedMLP,
-    GatheredLinear,
-    is_neuron_major,
-    linear_weight,
-    to_neuron_major_,
-    to_row_major_,
-)
+from doe_kernels import (GatheredGatedMLP, GatheredLinear, is_neuron_major, linear_weight, to_neuron_major_,
+                         to_row_major_)
 from kernel_utils import DEVICE, triton_runs
 
 BACKENDS = ["torch"] + (["triton"] if triton_runs() else [])

@@ -8,9 +8,14 @@ from typing import Optional
 from benchmarks.report.switch import render_switch
 from benchmarks.report.tables import Check, InfoColumn, Ratio, SuiteSpec, Table, fmt_ratio, generic_spec
 from benchmarks.suites import (GOAL_DECODE_ROOFLINE, GOAL_FRACTION, GOAL_IDEAL_FRACTION, GOAL_KEEP, GOAL_KERNEL_SLICED,
-                               GENERATE, GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, PAD, SWITCH)
+                               GENERATE, GOAL_MIXED, KERNELS, MIXED, MIXED_MODEL, MODEL, PAD, SWITCH, Suite)
 
 __all__ = ["SUITES", "spec_for"]
+
+
+def _spec(suite: Suite, **fields) -> SuiteSpec:
+    """The spec of ``suite``: its name, row keys and variants, and ``fields``."""
+    return SuiteSpec(name=suite.name, keys=list(suite.keys), variants=list(suite.variants), **fields)
 
 
 def _roofline_s(info: dict, times: dict) -> Optional[float]:
@@ -64,11 +69,9 @@ KERNELS_CHECKS = [
 
 GATHERED = ("gathered-triton", "gathered-torch")
 
-KERNELS_SPEC = SuiteSpec(
-    name=KERNELS.name,
+KERNELS_SPEC = _spec(
+    KERNELS,
     title="Gathered GEMM kernels",
-    keys=list(KERNELS.keys),
-    variants=list(KERNELS.variants),
     split_by=["dtype", "keep"],
     sort_by_appearance=["keep"],
     derived={"best sliced": _best_sliced_s, "roofline": _roofline_s},
@@ -164,12 +167,10 @@ def _model_summary(table: Table) -> list:
     return lines
 
 
-MODEL_SPEC = SuiteSpec(
-    name=MODEL.name,
+MODEL_SPEC = _spec(
+    MODEL,
     filename="models",
     title="Model forward with a task expert",
-    keys=list(MODEL.keys),
-    variants=list(MODEL.variants),
     split_by=["model", "dtype", "keep"],
     sort_by_appearance=["model", "dtype"],
     sort_descending=["keep"],
@@ -222,11 +223,9 @@ MODEL_SPEC = SuiteSpec(
 )
 
 
-SWITCH_SPEC = SuiteSpec(
-    name=SWITCH.name,
+SWITCH_SPEC = _spec(
+    SWITCH,
     title="Switching task experts",
-    keys=list(SWITCH.keys),
-    variants=list(SWITCH.variants),
     render=render_switch,
 )
 
@@ -238,10 +237,18 @@ def _several(field: str):
     return lambda keys: (keys.get(field) or 0) >= 2
 
 
-def _mixed_goals(mixed: str, sequential: str, field: str) -> dict:
-    """The checks and plot panels of a mixed-batch suite: variant ``mixed`` against ``single``
-    (the goal at keep GOAL_KEEP) and against ``sequential`` (for >= 2 ``field``)."""
+def _mixed_comparisons(mixed: str, sequential: str, field: str, sequential_note: str, path_note: str,
+                 others: tuple = ()) -> dict:
+    """The ratios, path column, checks and plot panels of a mixed-batch suite: variant ``mixed``
+    (and ``others``) against ``single``, ``mixed`` against ``sequential`` and ``dense``; goals at
+    keep GOAL_KEEP against single and, for >= 2 ``field``, against ``sequential``."""
     return dict(
+        ratios=[Ratio(f"{mixed}/single", (mixed,), ("single",),
+                      note="the mixed batch vs a single-expert batch of the same size"),
+                *(Ratio(f"{v}/single", (v,), ("single",)) for v in others),
+                Ratio(f"{mixed}/{sequential}", (mixed,), (sequential,), note=sequential_note),
+                Ratio(f"{mixed}/dense", (mixed,), ("dense",))],
+        info_columns=[InfoColumn("path", "path", note=path_note)],
         checks=[Check(f"<= {GOAL_MIXED:g}x single", f"{mixed}/single", "<=", GOAL_MIXED, when=_goal_keep,
                       note=f"goal at keep {GOAL_KEEP:g}: at most {GOAL_MIXED:g}x a single-expert batch of the same size"),
                 Check(f"beats {sequential}", f"{mixed}/{sequential}", "<=", 1.0, when=_several(field),
@@ -251,22 +258,13 @@ def _mixed_goals(mixed: str, sequential: str, field: str) -> dict:
     )
 
 
-MIXED_KERNELS_SPEC = SuiteSpec(
-    name=MIXED.name,
+MIXED_KERNELS_SPEC = _spec(
+    MIXED,
     title="Mixed-batch gathered GEMMs (rows of several groups in one launch)",
-    keys=list(MIXED.keys),
-    variants=list(MIXED.variants),
     split_by=["dtype", "keep", "op"],
     sort_by_appearance=["keep", "op"],
-    ratios=[
-        Ratio("auto/single", ("auto",), ("single",), note="the mixed batch vs a single-expert batch of the same size"),
-        Ratio("segmented/single", ("segmented",), ("single",)),
-        Ratio("union/single", ("union",), ("single",)),
-        Ratio("auto/per-group", ("auto",), ("per-group",), note="< 1: faster than one launch per group"),
-        Ratio("auto/dense", ("auto",), ("dense",)),
-    ],
-    info_columns=[InfoColumn("path", "path", note="what path='auto' chose")],
-    **_mixed_goals("auto", "per-group", "groups"),
+    **_mixed_comparisons("auto", "per-group", "groups", others=("segmented", "union"),
+                   sequential_note="< 1: faster than one launch per group", path_note="what path='auto' chose"),
     plot_x="M",
     plot_series=["groups", "shape"],
     plot_facet="op",
@@ -278,23 +276,16 @@ MIXED_KERNELS_SPEC = SuiteSpec(
     ],
 )
 
-MIXED_SPEC = SuiteSpec(
-    name=MIXED_MODEL.name,
+MIXED_SPEC = _spec(
+    MIXED_MODEL,
     filename="mixed",
     title="Mixed-task batches: one forward for requests of several tasks",
-    keys=list(MIXED_MODEL.keys),
-    variants=list(MIXED_MODEL.variants),
     split_by=["model", "dtype", "keep"],
     sort_by_appearance=["model", "dtype"],
     broadcast=["tasks"],
-    ratios=[
-        Ratio("mixed/single", ("mixed",), ("single",), note="the mixed batch vs a single-expert batch of the same size"),
-        Ratio("mixed/sequential", ("mixed",), ("sequential",),
-              note="< 1: faster than the one-task-at-a-time runtime (a switch and a forward per task)"),
-        Ratio("mixed/dense", ("mixed",), ("dense",)),
-    ],
-    info_columns=[InfoColumn("path", "path", note="the mixed path of the first FFN block (choose_path)")],
-    **_mixed_goals("mixed", "sequential", "tasks"),
+    **_mixed_comparisons("mixed", "sequential", "tasks",
+                   sequential_note="< 1: faster than the one-task-at-a-time runtime (a switch and a forward per task)",
+                   path_note="the mixed path of the first FFN block (choose_path)"),
     plot_x="batch",
     plot_series=["tasks", "seq"],
     plot_facet="model",
@@ -324,11 +315,9 @@ def _generate_summary(table: Table) -> list:
     return lines
 
 
-GENERATE_SPEC = SuiteSpec(
-    name=GENERATE.name,
+GENERATE_SPEC = _spec(
+    GENERATE,
     title="Greedy generation end to end (decode tokens/s)",
-    keys=list(GENERATE.keys),
-    variants=list(GENERATE.variants),
     split_by=["model", "dtype", "mode"],
     sort_by_appearance=["model", "dtype", "mode"],
     broadcast=["keep"],

@@ -297,68 +297,42 @@ def question_text(rng: random.Random, label: str) -> str:
     wh, whs = _pick(rng, _Q_WH), _pick(rng, _Q_WH_SHORT)
     modal = _pick(rng, _Q_MODALS)
     obj = _Q_OBJECT.get(s, s)
-    force_q = False
     if label == "question":
-        r = rng.randrange(13)
-        if r == 0:
-            core = f"did {s} {base}{tp}"
-        elif r == 1:
-            core = f"{wh} did {s} {base}{tp}"
-        elif r == 2:
-            core = f"will {s} {base}{tf}"
-        elif r == 3:
-            core = f"{modal} {s} {base}{tf}"
-        elif r == 4:
-            core = f"why didn't {s} {base}{tp}"
-        elif r == 5:
-            core = f"{s} {past}{tp}, didn't {pron}"
-        elif r == 6:
-            core = f"do you know {wh} {s} {past}{tp}"
-        elif r == 7:
-            core = f"do you think {s} will {base}{tf}"
-        elif r == 8:
-            core = f"is it true that {s} {past}{tp}"
-        elif r == 9:
-            core = f"so {s} {past}{tp}"          # a statement said as a question: only the "?" tells
-            force_q = True
-        elif r == 10:
-            core = f"any idea {wh} {s} {past}{tp}"
-        elif r == 11:
-            core = f"{wh} will {s} {base}{tf}"
-        else:
-            core = f"who told {obj} to {base}"
+        so = f"so {s} {past}{tp}"  # a statement said as a question: only the "?" tells
+        core = _pick(rng, [
+            f"did {s} {base}{tp}",
+            f"{wh} did {s} {base}{tp}",
+            f"will {s} {base}{tf}",
+            f"{modal} {s} {base}{tf}",
+            f"why didn't {s} {base}{tp}",
+            f"{s} {past}{tp}, didn't {pron}",
+            f"do you know {wh} {s} {past}{tp}",
+            f"do you think {s} will {base}{tf}",
+            f"is it true that {s} {past}{tp}",
+            so,
+            f"any idea {wh} {s} {past}{tp}",
+            f"{wh} will {s} {base}{tf}",
+            f"who told {obj} to {base}",
+        ])
         p = rng.random()
-        end = "?" if force_q or p < 0.6 else ("" if p < 0.85 else ".")
+        end = "?" if core is so or p < 0.6 else ("" if p < 0.85 else ".")
     else:
-        r = rng.randrange(14)
-        if r == 0:
-            core = f"{s} {past}{tp}"
-        elif r == 1:
-            core = f"{s} will {base}{tf}"
-        elif r == 2:
-            core = f"{s} didn't {base}{tp}"
-        elif r == 3:
-            core = f"{s} {modal} {base}{tf}"
-        elif r == 4:
-            core = f"I wonder {wh} {s} {past}{tp}"
-        elif r == 5:
-            core = f"nobody knows {wh} {s} {past}{tp}"
-        elif r == 6:
-            core = f"she asked me {wh} {s} {past}{tp}"
-        elif r == 7:
-            core = f"I'm not sure whether {s} {past}{tp}"
-        elif r == 8:
-            core = f"that's {whs} {s} {past}{tp}"
-        elif r == 9:
-            core = f"it's true that {s} {past}{tp}"
-        elif r == 10:
-            core = f"only after lunch did {s} {base}"     # inversion, but a statement
-        elif r == 11:
-            core = f"he asked \"did {s} {base}?\" and nobody answered"
-        elif r == 12:
-            core = f"I can't remember {wh} {s} {past}{tp}"
-        else:
-            core = f"whoever told {obj} to {base} was right"
+        core = _pick(rng, [
+            f"{s} {past}{tp}",
+            f"{s} will {base}{tf}",
+            f"{s} didn't {base}{tp}",
+            f"{s} {modal} {base}{tf}",
+            f"I wonder {wh} {s} {past}{tp}",
+            f"nobody knows {wh} {s} {past}{tp}",
+            f"she asked me {wh} {s} {past}{tp}",
+            f"I'm not sure whether {s} {past}{tp}",
+            f"that's {whs} {s} {past}{tp}",
+            f"it's true that {s} {past}{tp}",
+            f"only after lunch did {s} {base}",     # inversion, but a statement
+            f"he asked \"did {s} {base}?\" and nobody answered",
+            f"I can't remember {wh} {s} {past}{tp}",
+            f"whoever told {obj} to {base} was right",
+        ])
         p = rng.random()
         end = "." if p < 0.65 else ("" if p < 0.9 else "!")
     core = core.replace("  ", " ")
