@@ -9,9 +9,9 @@ loop only queues requests and awaits their answers. Needs ``pip install -e ".[se
 
 from doe.serve.app import check_positions, create_app
 from doe.serve.config import ServeConfig
-from doe.serve.server import run_server
+from doe.serve.server import bind, run_server
 
-__all__ = ["ServeConfig", "check_positions", "create_app", "run_server"]
+__all__ = ["ServeConfig", "bind", "check_positions", "create_app", "run_server"]
 
 
 def __getattr__(name: str):

@@ -8,14 +8,20 @@
 
 Errors are JSON ``{"kind": ..., "detail": ...}``:
 
-- 400 malformed JSON; 415 a body that is not ``application/json``;
-- 422 a body that does not fit the schema (missing or extra fields, wrong types, an empty text,
-  no task on a server without a router, decoding settings out of range);
+- 400 malformed JSON (also: not UTF-8, or nested deeper than the parser goes); 415 a body that
+  is not ``application/json``, empty or not;
+- 422 a body that does not fit the schema (missing or extra fields, wrong types, with no
+  coercion: ``"5"`` is not an integer nor ``true`` an id; an empty text, a lone surrogate in a
+  text, no task on a server without a router, decoding settings out of range);
+- 408 a body not complete ``body_timeout_s`` after its head, or a head not complete
+  ``header_timeout_s`` after the connection opened or its previous answer (then closed);
 - 404 an unknown task (the body lists ``tasks``), or /v1/generate on a model that is not a decoder;
 - 413 a text over ``max_length`` tokens, a list over ``max_items`` items, a body over
   ``max_body_bytes``;
 - 503 the queue is full (with Retry-After) or the server is shutting down;
 - 500 a forward raised: the items of that batch fail, the model is restored, the rest go on.
+
+A list is refused whole when one item is bad; the error names that item's index.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         return server.error(ApiError(413, "too_large", f"request body of {size}+ bytes; this server takes at most "
                                      f"{config.max_body_bytes} (--max-body-bytes)"))
 
-    app.add_middleware(LimitBody, limit=config.max_body_bytes, refuse=too_large)
+    app.add_middleware(LimitBody, limit=config.max_body_bytes, refuse=too_large, timeout=config.body_timeout_s)
     app.add_middleware(CountRequests, metrics=metrics)
 
     add_error_handlers(app, server, too_large)

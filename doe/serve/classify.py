@@ -27,13 +27,16 @@ def add_classify(app: FastAPI, server: ServerState) -> None:
     async def classify(request: Request,
                        body: Annotated[Union[ClassifyItem, Annotated[list[ClassifyItem], Field(min_length=1)]],
                                        Body()]):
+        """Classify one item, or a list answered in its order. A list is all or nothing: one bad
+        item (schema, unknown task, too long) refuses the whole list, before any of it is
+        queued, with an error that names the item's index (``loc`` or ``item N:``)."""
         t0 = time.perf_counter()
         items = body if isinstance(body, list) else [body]
         if len(items) > config.max_items:
             raise ApiError(413, "too_large", f"{len(items)} items in one request; this server takes at most "
                            f"{config.max_items} (--max-items)")
-        for item in items:
-            server.check_task(item.task, routable=True)
+        for n, item in enumerate(items):
+            server.check_task(item.task, routable=True, item=n if isinstance(body, list) else None)
         counts = server.count_tokens([i.text for i in items], [i.text_pair for i in items])
         loop = asyncio.get_running_loop()
         jobs = [Job(loop, request=RuntimeRequest(i.text, i.text_pair, i.task, id=n), key=batcher.key_of(i.task),

@@ -22,7 +22,11 @@ class ServeConfig:
     items in one request body (more: 413). max_new_tokens: the largest ``max_new_tokens`` a
     generate request may ask for. max_body_bytes: request body size (more: 413, unread).
     retry_after_s: the Retry-After of a 503. shutdown_timeout_s: how long a graceful shutdown
-    waits for in-flight requests.
+    waits for in-flight requests. header_timeout_s: how long a connection may take to send a
+    request's head, from its opening or the previous answer (then 408 if part of one came, and
+    the connection is closed). body_timeout_s: how long after its head a body may take to arrive
+    (then 408, and the connection is closed). keep_alive_timeout_s: how long an idle connection
+    is kept open between requests.
     """
 
     max_batch: int = 32
@@ -35,6 +39,9 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
     shutdown_timeout_s: float = 30.0
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 5.0
     max_tokens: InitVar[Optional[int]] = None
 
     def __post_init__(self, max_tokens: Optional[int] = None) -> None:
@@ -49,12 +56,14 @@ class ServeConfig:
                      "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}): expected an integer >= 1, got {value!r}")
-        for name in ("max_wait_ms", "shutdown_timeout_s"):
+                raise ValueError(f"{name} ({_flag(name)}): expected an integer >= 1, got {value!r}")
+        for name, positive in (("max_wait_ms", False), ("shutdown_timeout_s", False), ("header_timeout_s", True),
+                               ("body_timeout_s", True), ("keep_alive_timeout_s", True)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                     and value >= 0):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}): expected a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} ({_flag(name)}): expected a number {'>' if positive else '>='} 0, "
+                                 f"got {value!r}")
         if self.token_budget < self.max_length:
             raise ValueError(f"token_budget (--token-budget): expected >= max_length ({self.max_length}) so that "
                              f"one text of the largest accepted size fits a batch, got {self.token_budget}")
@@ -64,6 +73,11 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _flag(name: str) -> str:
+    """The ``doe serve`` flag of a setting (seconds go without their unit: ``--retry-after``)."""
+    return "--" + name.removesuffix("_s").replace("_", "-")
 
 
 def _max_tokens(self) -> int:

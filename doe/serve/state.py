@@ -47,13 +47,15 @@ class ServerState:
         return JSONResponse({"kind": exc.kind, "detail": exc.detail, **exc.extra}, status_code=exc.status,
                             headers=exc.headers)
 
-    def check_task(self, task: Optional[str], *, routable: bool) -> None:
+    def check_task(self, task: Optional[str], *, routable: bool, item: Optional[int] = None) -> None:
+        """422 no task and no router, 404 an unknown task; ``item``: the index that prefixes the detail."""
+        where = "" if item is None else f"item {item}: "
         if task is None:
             if routable and self.runtime.router is None:
-                raise ApiError(422, "invalid_request", f"no 'task' given and this server has no router; give one "
-                               f"of {self.tasks}", tasks=self.tasks)
+                raise ApiError(422, "invalid_request", f"{where}no 'task' given and this server has no router; give "
+                               f"one of {self.tasks}", tasks=self.tasks)
         elif task not in self.experts:
-            raise ApiError(404, "unknown_task", f"unknown task {task!r}; this server serves {self.tasks}",
+            raise ApiError(404, "unknown_task", f"{where}unknown task {task!r}; this server serves {self.tasks}",
                            tasks=self.tasks)
 
     def count_tokens(self, texts: Sequence[str], pairs: Sequence[Optional[str]]) -> list[int]:
