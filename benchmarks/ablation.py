@@ -4,6 +4,7 @@ changed at a time.
     python -m benchmarks.ablation [--model smollm2] [--task offline_topic] [--keeps 0.35,0.2]
                                       [--scopes layer,global] [--targets logit,log_prob]
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
+                                      [--readout auto|head|verbalizer]
 
 Per seed, one prompt tuning on the dense model; per attribution target one scoring pass; per
 keep ratio and allocation scope one localization, evaluated four ways: as localized or with the
@@ -23,7 +24,7 @@ import torch
 
 
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs: int,
-        seeds: list, scopes: tuple = ("layer",), targets: tuple = ("logit",)) -> list:
+        seeds: list, scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto") -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
@@ -42,8 +43,9 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
     rows = []
     for seed in seeds:
         t0 = time.time()
-        cfg = PromptTuningConfig(seed=seed, show_progress=False)
-        tm = TaskModel(model, tok, data.spec, num_tokens=cfg.num_tokens, max_length=cfg.max_length, seed=seed)
+        cfg = PromptTuningConfig(seed=seed, show_progress=False, readout=readout)
+        tm = TaskModel(model, tok, data.spec, num_tokens=cfg.num_tokens, max_length=cfg.max_length, seed=seed,
+                       readout=readout)
         prompt_tune(tm, data, cfg)
         dense = acc(tm)
         rows.append(dict(seed=seed, keep=1.0, variant="dense", acc=dense))
@@ -61,7 +63,7 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                         rows.append(dict(seed=seed, keep=keep, variant=prefix, acc=acc(tm)))
                         if retune_epochs:
                             rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(),
-                                           head=tm.head_state(), max_length=cfg.max_length)
+                                           head=tm.head_state(), max_length=cfg.max_length, readout=tm.readout)
                             prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=retune_epochs, head_lr=1e-2,
                                                                      show_progress=False))
                             rows.append(dict(seed=seed, keep=keep, variant=f"{prefix} + re-tuned", acc=acc(rt)))
@@ -97,12 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--scopes", default="layer", help="comma list of layer, global")
     ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
+    ap.add_argument("--readout", default="auto", choices=["auto", "head", "verbalizer"])
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = run(args.model, args.task, [float(k) for k in args.keeps.split(",")], args.max_train, args.max_eval,
                args.retune_epochs, [int(s) for s in args.seeds.split(",")], tuple(args.scopes.split(",")),
-               tuple(args.targets.split(",")))
-    print(table(rows, args.model, args.task))
+               tuple(args.targets.split(",")), args.readout)
+    print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 
 

@@ -3,7 +3,8 @@
 For every FFN intermediate neuron (the input of the down projection, h: (B, T, I)):
 
     attribution     mean |h * d(gold logit)/dh|             (the DoE paper's score; with
-                    target="log_prob", d(log p(gold))/dh: the gold label against the others)
+                    target="log_prob", d(log p(gold))/dh: the gold label against the others;
+                    generation tasks: d(log-likelihood of the completion)/dh, teacher-forced)
     activation      mean |h|
     gradient        mean |d(gold logit)/dh|
     integrated_gradients   mean |h * avg_a d(gold logit)/dh (a * h)|, a in (0, 1], per layer
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn as nn
 
 from doe import progress
 from doe.architectures import find_ffn_blocks
@@ -136,13 +136,6 @@ def _token_mask(task_model: TaskModel, attention_mask: torch.Tensor, h: torch.Te
     return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
 
 
-def _gold(logits: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
-    """Sum over the batch of the gold label's logit or log-probability; logits: (B, C)."""
-    if target == "log_prob":
-        logits = torch.log_softmax(logits.float(), dim=-1)
-    return logits.gather(1, labels[:, None]).sum()
-
-
 def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], config: AttributionConfig) -> NeuronScores:
     """Score every FFN neuron of ``task_model.model`` on ``data`` (train split of a TaskData)."""
     examples = list(data.train if isinstance(data, TaskData) else data)
@@ -153,6 +146,8 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
     blocks = find_ffn_blocks(task_model.model)
     sums = [torch.zeros(b.num_neurons, dtype=torch.float32) for b in blocks]
     counts = [0.0] * len(blocks)
+    if config.method == "skill" and task_model.spec.is_generation:
+        raise ValueError("score_neurons: method 'skill' predicts class labels; a generation task has none")
     if config.method == "random":
         g = torch.Generator().manual_seed(config.seed)
         return NeuronScores([torch.rand(b.num_neurons, generator=g) for b in blocks], [1.0] * len(blocks), "random")
@@ -167,15 +162,16 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
         for start in bar:
             batch = examples[start : start + config.batch_size]
             enc = task_model.encode(batch)
-            labels = torch.tensor([e.label for e in batch], device=task_model.device)
-            labels_all += labels.tolist()
+            labels_all += [e.label for e in batch]
             if config.method == "integrated_gradients":
-                _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts)
+                _integrated_gradients(task_model, blocks, enc, batch, config, sums, counts)
                 continue
             with torch.set_grad_enabled(config.method in _NEEDS_GRAD), _capture_down_inputs(blocks) as hs:
-                logits = task_model(**enc)
-                grads = (torch.autograd.grad(_gold(logits, labels, config.target), hs) if config.method in _NEEDS_GRAD
-                         else [None] * len(hs))
+                if config.method in _NEEDS_GRAD:
+                    grads = torch.autograd.grad(task_model.objective(enc, batch, config.target), hs)
+                else:
+                    task_model(**enc)
+                    grads = [None] * len(hs)
             for i, (h, dh) in enumerate(zip(hs, grads)):
                 mask = _token_mask(task_model, enc["attention_mask"], h)
                 if config.method == "skill":
@@ -212,7 +208,7 @@ def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_s
     return [(s / max(c, 1.0)).float() for s, c in zip(sums, counts)]
 
 
-def _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts) -> None:
+def _integrated_gradients(task_model, blocks, enc, examples, config, sums, counts) -> None:
     """Per layer: h * mean over alpha in {1/steps, ..., 1} of d(gold)/dh at alpha * h."""
     with torch.no_grad(), _capture_down_inputs(blocks) as hs:
         task_model(**enc)
@@ -223,8 +219,7 @@ def _integrated_gradients(task_model, blocks, enc, labels, config, sums, counts)
         for k in range(1, steps + 1):
             scale = {"layer": i, "alpha": k / steps}
             with torch.enable_grad(), _capture_down_inputs(blocks, scale) as hs:
-                logits = task_model(**enc)
-                (dh,) = torch.autograd.grad(_gold(logits, labels, config.target), [hs[i]])
+                (dh,) = torch.autograd.grad(task_model.objective(enc, examples, config.target), [hs[i]])
             total += dh.float()
         value = (base[i].float() * total / steps).abs()
         mask = _token_mask(task_model, enc["attention_mask"], base[i]).float()

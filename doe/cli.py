@@ -121,16 +121,21 @@ def _task(args):
     from doe.tasks import get_task, local_task
 
     if args.train:
-        if not args.labels:
+        generation = args.task_type == "generation"
+        if generation and args.labels:
+            raise UsageError("--labels: a generation task has none (it reads --prompt-field and --completion-field)")
+        if not generation and not args.labels:
             raise UsageError("--train needs --labels (comma-separated label names in id order)")
         files = {"train": args.train, **({"validation": args.eval_file} if args.eval_file else {})}
         name = getattr(args, "task_name", None) or args.task or _default_task_name(args.train)
         if not args.eval_file and not 0 < args.holdout < 1:
             raise UsageError(f"--holdout: expected a fraction in (0, 1) of --train to evaluate on, got {args.holdout}")
+        fields = (dict(text_fields=(args.prompt_field,), label_field=args.completion_field, task_type="generation")
+                  if generation else dict(labels=args.labels.split(","), text_fields=tuple(args.text_fields.split(",")),
+                                          label_field=args.label_field))
         with _user_input("--train"):
-            return local_task(name, files, labels=args.labels.split(","),
-                              text_fields=tuple(args.text_fields.split(",")), label_field=args.label_field,
-                              holdout=0.0 if args.eval_file else args.holdout, instruction=args.instruction or "")
+            return local_task(name, files, holdout=0.0 if args.eval_file else args.holdout,
+                              instruction=args.instruction or "", **fields)
     if not args.task:
         raise UsageError("give --task NAME (see `doe tasks`) or --train FILE --labels a,b")
     with _user_input("--task"):
@@ -234,7 +239,7 @@ def _cmd_eval(args) -> int:
                 spec = local_task(spec.name, {"train": args.eval_file, "validation": args.eval_file},
                                   labels=spec.labels, text_fields=spec.text_fields, label_field=spec.label_field,
                                   metric=spec.metric, verbalizer=spec.verbalizer, description=spec.description,
-                                  instruction=spec.instruction)
+                                  instruction=spec.instruction, task_type=spec.task_type)
         if args.instruction is not None:
             spec = dataclasses.replace(spec, instruction=args.instruction)
     tok, model = _load_model(args.model, args.device, experts)
@@ -322,15 +327,15 @@ def _cmd_serve(args) -> int:
         raise UsageError(f"`doe serve` needs {', '.join(missing)}: pip install -e \".[serve]\"")
     from doe.router import TaskRouter
     from doe.runtime import check_experts
-    from doe.serve import ServeConfig, check_positions, create_app, run_server
-    from doe.serve.server import bind
+    from doe.serve import ServeConfig, bind, check_positions, create_app, run_server
 
     with _user_input("option"):  # ServeConfig validates every value
         config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token_budget=args.token_budget,
                              max_length=_max_length(args), max_queue=args.max_queue, max_items=args.max_items,
                              max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
-                             retry_after_s=args.retry_after,
-                             shutdown_timeout_s=args.shutdown_timeout)
+                             retry_after_s=args.retry_after, shutdown_timeout_s=args.shutdown_timeout,
+                             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                             keep_alive_timeout_s=args.keep_alive_timeout)
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
     if not 0 <= args.port <= 65535:
@@ -365,7 +370,7 @@ def _cmd_serve(args) -> int:
         banner = (f"model {model_source(model) or args.model}, tasks {', '.join(e.task for e in experts)}"
                   f"{', router' if router else ''}")
         return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
-                          banner=banner)
+                          banner=banner, config=config)
     finally:
         sock.close()
 

@@ -26,6 +26,12 @@ def _add_task_args(p):
                    help="with --train and no --eval-file: the fraction of --train held out to evaluate on "
                    "(stratified, the same rows every time; default 0.2)")
     p.add_argument("--labels", help="label names in id order, comma-separated (with --train)")
+    p.add_argument("--task-type", default="classification", choices=["classification", "generation"],
+                   help="with --train: classification (texts and labels) or generation (prompt and completion "
+                        "pairs; see --prompt-field and --completion-field)")
+    p.add_argument("--prompt-field", default="prompt", help="with --task-type generation: the prompt column")
+    p.add_argument("--completion-field", default="completion",
+                   help="with --task-type generation: the completion column")
     p.add_argument("--text-fields", default="text", help="text column(s), comma-separated (default: text)")
     p.add_argument("--label-field", default="label", help="label column (default: label)")
     p.add_argument("--instruction", default=None,
@@ -143,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of a 503 (default 1)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests (default 30)")
+    p.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a connection may take to send a request's head, from its opening or the previous "
+                   "answer; then it is closed, with 408 if part of a head came (default 30)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body may take to arrive after its head; then 408 and the connection "
+                   "is closed (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle connection is kept open between requests (default 5)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level; info and debug log every request (default warning)")
     p.add_argument("--threads", type=int, default=None,

@@ -1,7 +1,10 @@
-"""Evaluation: the task metric and latency of the dense prompt-tuned model vs its experts."""
+"""Evaluation: the task metric and latency of the dense prompt-tuned model vs its experts
+(generation tasks: per-token NLL of held-out completions, perplexity, and the exact match and
+ROUGE-L of greedy generations)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,11 +16,12 @@ import torch.nn as nn
 from doe.expert import TaskExpert
 from doe.models import eval_mode
 from doe.prompt import TaskModel
-from doe.tasks import Example, TaskData, compute_metric
+from doe.metrics import compute_metric, exact_match, rouge_l
+from doe.tasks import Example, TaskData
 from doe.unplug import unplugged
 from doe_kernels.env import synchronize
 
-__all__ = ["EvalRow", "EvalReport", "evaluate", "score_task_model"]
+__all__ = ["EvalRow", "EvalReport", "evaluate", "score_generation", "score_task_model"]
 
 
 @dataclass
@@ -29,6 +33,7 @@ class EvalRow:
     metric: float
     latency_ms: float  # median per batch
     speedup: float = 1.0  # dense latency / this latency
+    extra: dict = field(default_factory=dict)  # generation tasks: perplexity, exact_match, rouge_l
 
 
 @dataclass
@@ -49,13 +54,18 @@ class EvalReport:
         raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
 
     def to_markdown(self) -> str:
-        lines = [
-            f"task {self.task} · {self.examples} held-out examples · metric {self.metric_name} · "
-            f"batch {self.batch_size} · {self.device}",
-            "",
-            f"| model | keep | {self.metric_name} | latency ms/batch | speed-up |",
-            "|---|---:|---:|---:|---:|",
-        ]
+        lines = [f"task {self.task} · {self.examples} held-out examples · metric {self.metric_name} · "
+                 f"batch {self.batch_size} · {self.device}", ""]
+        if self.rows and self.rows[0].extra:  # a generation task
+            lines += ["| model | keep | NLL/token | perplexity | exact match | ROUGE-L | latency ms/batch | speed-up |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in self.rows:
+                x = r.extra
+                lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {r.metric:.3f} | {x['perplexity']:.2f} | "
+                             f"{100 * x['exact_match']:.1f} | {100 * x['rouge_l']:.1f} | {r.latency_ms:.2f} | "
+                             f"{r.speedup:.2f}x |")
+            return "\n".join(lines)
+        lines += [f"| model | keep | {self.metric_name} | latency ms/batch | speed-up |", "|---|---:|---:|---:|---:|"]
         for r in self.rows:
             lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {100 * r.metric:.1f} | {r.latency_ms:.2f} | {r.speedup:.2f}x |")
         return "\n".join(lines)
@@ -66,23 +76,51 @@ class EvalReport:
                 "batch_size": self.batch_size, "device": self.device, "rows": [asdict(r) for r in self.rows]}
 
 
-def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
-    """(metric, median ms per batch) of ``task_model`` on ``examples``."""
-    preds: list[int] = []
-    times: list[float] = []
+def _timed_forwards(task_model: TaskModel, examples: Sequence[Example], batch_size: int):
+    """Per batch of ``examples``: (its encoded inputs, the forward's output); and the median ms
+    of the forwards (after one warm-up: Triton compiles on the first call)."""
+    outputs, times = [], []
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     with torch.inference_mode(), eval_mode(task_model):
-        task_model(**task_model.encode(batches[0]))  # warm-up (Triton compiles on first call)
+        task_model(**task_model.encode(batches[0]))
         for batch in batches:
             enc = task_model.encode(batch)
             synchronize(task_model.device)
             t0 = time.perf_counter()
-            logits = task_model(**enc)
+            out = task_model(**enc)
             synchronize(task_model.device)
             times.append(time.perf_counter() - t0)
-            preds += logits.argmax(-1).tolist()
-    metric = compute_metric(task_model.spec.metric, preds, [e.label for e in examples])
-    return metric, 1000 * statistics.median(times)
+            outputs.append((enc, out))
+    return outputs, 1000 * statistics.median(times)
+
+
+def score_task_model(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float]:
+    """(metric, median ms per batch) of ``task_model`` on ``examples``."""
+    outputs, ms = _timed_forwards(task_model, examples, batch_size)
+    preds = [p for _, logits in outputs for p in logits.argmax(-1).tolist()]
+    return compute_metric(task_model.spec.metric, preds, [e.label for e in examples]), ms
+
+
+def score_generation(task_model, examples: Sequence[Example], batch_size: int = 32) -> tuple[float, float, dict]:
+    """(per-token NLL of the completions, median ms per teacher-forced batch, extra) of a
+    ``GenerativeTaskModel`` on ``examples``; extra: perplexity, and the mean exact match and
+    ROUGE-L F1 of greedy generations (one prompt at a time, up to the longest completion)."""
+    from doe.generation import GenerateParams, generate
+
+    outputs, ms = _timed_forwards(task_model, examples, batch_size)
+    total = -sum(float(logp.sum()) for _, logp in outputs)
+    count = sum(int((enc["labels"] >= 0).sum()) for enc, _ in outputs)
+    longest = max(len(task_model.completion_ids(e.completion)) for e in examples)
+    soft = task_model.prompt.detach()
+    em = rl = 0.0
+    for e in examples:
+        out = generate(task_model.model, task_model.tokenizer, GenerateParams(e.text, max_new_tokens=longest),
+                       soft_prompt=soft if soft.shape[0] else None, prompt_ids=task_model.prompt_ids(e.text))
+        em += exact_match(out.text, e.completion)
+        rl += rouge_l(out.text, e.completion)
+    nll = total / max(count, 1)
+    extra = {"perplexity": math.exp(min(nll, 50.0)), "exact_match": em / len(examples), "rouge_l": rl / len(examples)}
+    return nll, ms, extra
 
 
 def evaluate(
@@ -119,10 +157,22 @@ def evaluate(
         raise ValueError(f"evaluate: task {data.spec.name!r} has no evaluation examples")
     if names is not None and len(names) != len(experts):
         raise ValueError(f"evaluate: expected one name per expert ({len(experts)}), got {len(names)}")
-    report = EvalReport(data.spec.name, data.spec.metric, batch_size, str(dense.device), examples=len(data.eval))
-    metric, latency = score_task_model(dense, examples, batch_size)
-    report.rows.append(EvalRow("dense", 1.0, metric, latency))
-    if zero_shot and dense.kind != "encoder":
+    generative = data.spec.is_generation
+    report = EvalReport(data.spec.name, "nll" if generative else data.spec.metric, batch_size, str(dense.device),
+                        examples=len(data.eval))
+
+    def score(task_model):
+        if generative:
+            return score_generation(task_model, examples, batch_size)
+        return (*score_task_model(task_model, examples, batch_size), {})
+
+    metric, latency, extra = score(dense)
+    report.rows.append(EvalRow("dense", 1.0, metric, latency, extra=extra))
+    if zero_shot and generative:
+        metric, ms, extra = score(TaskModel(model, tokenizer, data.spec, prompt=dense.prompt.detach()[:0],
+                                            max_length=dense.max_length))
+        report.rows.append(EvalRow("zero-shot", 1.0, metric, ms, latency / ms, extra=extra))
+    elif zero_shot and dense.kind != "encoder":
         untuned = TaskModel(model, tokenizer, data.spec, prompt=dense.prompt.detach()[:0], readout="verbalizer",
                             max_length=dense.max_length)
         zs_metric, ms = score_task_model(untuned, examples, batch_size)
@@ -135,8 +185,8 @@ def evaluate(
         head = expert.head if own and expert.head is not None else dense.head_state()
         task_model = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head, max_length=dense.max_length)
         with unplugged(model, expert):
-            metric, ms = score_task_model(task_model, examples, batch_size)
+            metric, ms, extra = score(task_model)
         name = names[i] if names is not None else (
             f"expert@{expert.keep_ratio:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else ""))
-        report.rows.append(EvalRow(name, expert.keep_ratio, metric, ms, latency / ms))
+        report.rows.append(EvalRow(name, expert.keep_ratio, metric, ms, latency / ms, extra=extra))
     return report

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,7 +72,7 @@ def _streamer(on_token: Callable[[int], None]):
 
 
 def generate(model: nn.Module, tokenizer, params: GenerateParams, *, soft_prompt: Optional[torch.Tensor] = None,
-             on_token: Optional[Callable[[int], None]] = None,
+             prompt_ids: Optional[Sequence[int]] = None, on_token: Optional[Callable[[int], None]] = None,
              should_stop: Callable[[], bool] = lambda: False) -> Generation:
     """Continue ``params.prompt`` with the model as it is now (dense or unplugged).
 
@@ -80,11 +80,16 @@ def generate(model: nn.Module, tokenizer, params: GenerateParams, *, soft_prompt
         model, tokenizer: a decoder LM (``*ForCausalLM``) and its tokenizer.
         params: prompt and decoding settings.
         soft_prompt: (n_tokens, hidden) embeddings put before the prompt's tokens.
+        prompt_ids: the prompt's tokens as a task lays them out (``GenerativeTaskModel.prompt_ids``);
+            default: the tokenizer's tokens of ``params.prompt``.
         on_token: called with each new token id as it is produced.
         should_stop: polled after every step; True ends generation ("cancelled").
     """
     device = next(model.parameters()).device
-    ids = tokenizer(params.prompt, return_tensors="pt")["input_ids"].to(device)
+    if prompt_ids is not None:
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    else:
+        ids = tokenizer(params.prompt, return_tensors="pt")["input_ids"].to(device)
     eos = model.generation_config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     options = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, stopping_criteria=_stopping(should_stop))

@@ -107,6 +107,13 @@ class TaskModel(nn.Module):
     verbalizers for a decoder given a prompt without a head (how it was tuned).
     """
 
+    def __new__(cls, model=None, tokenizer=None, spec=None, **kwargs):
+        if cls is TaskModel and isinstance(spec, TaskSpec) and spec.is_generation:
+            from doe.generative import GenerativeTaskModel  # a generation task's TaskModel
+
+            cls = GenerativeTaskModel
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
@@ -122,7 +129,7 @@ class TaskModel(nn.Module):
     ):
         super().__init__()
         self.kind = model_kind(model)
-        self.readout = _readout(self.kind, readout, prompt, head)
+        self.readout = "generation" if spec.is_generation else _readout(self.kind, readout, prompt, head)
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -149,7 +156,7 @@ class TaskModel(nn.Module):
                     self.head.weight.normal_(0.0, hidden**-0.5, generator=g)
                     self.head.bias.zero_()
             self.head.to(embed.weight.device)
-        else:
+        elif self.readout == "verbalizer":
             self.label_token_ids = self._verbalizer_ids().to(embed.weight.device)
 
     def _verbalizer_ids(self) -> torch.Tensor:
@@ -219,6 +226,20 @@ class TaskModel(nn.Module):
             return torch.stack(classify(self.model, inputs, heads=[self.head] * b))
         return torch.stack(classify(self.model, inputs, label_ids=[self.label_token_ids] * b))
 
+    def loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        """The training loss of a batch: cross-entropy of the gold labels."""
+        labels = torch.tensor([e.label for e in examples], device=self.device)
+        return F.cross_entropy(self(**self.encode(examples)), labels)
+
+    def objective(self, inputs: dict, examples: Sequence[Example], target: str = "logit") -> torch.Tensor:
+        """What attribution differentiates, summed over the batch: the gold label's logit, or its
+        log-probability (``target="log_prob"``). inputs: ``encode(examples)``."""
+        logits = self(**inputs)
+        if target == "log_prob":
+            logits = torch.log_softmax(logits.float(), dim=-1)
+        labels = torch.tensor([e.label for e in examples], device=logits.device)
+        return logits.gather(1, labels[:, None]).sum()
+
     @torch.no_grad()
     def predict(self, examples: Sequence[Example], batch_size: int = 32) -> list[int]:
         out: list[int] = []
@@ -269,8 +290,7 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
                            enabled=config.show_progress)
         for _ in range(config.epochs):
             for batch in _batches(examples, config.batch_size, rng):
-                labels = torch.tensor([e.label for e in batch], device=task_model.device)
-                loss = F.cross_entropy(task_model(**task_model.encode(batch)), labels)
+                loss = task_model.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -38,7 +38,7 @@ from doe.locking import model_lock
 from doe.models import eval_mode, model_kind
 from doe.mixed import mixed_classify
 from doe.prompt import TaskModel
-from doe.requests import Request, Result, text_tokens
+from doe.requests import Counts, Recent, Request, Result, text_tokens
 from doe.router import TaskRouter
 from doe.tasks import Example, TaskSpec, get_task
 from doe.unplug import (
@@ -164,9 +164,9 @@ class UnplugAndPlay:
         self._entries: dict[str, _Entry] = {}
         self.on_switch = on_switch
         self._log_lock = threading.Lock()  # the log is written by the serving thread, read by others
-        self.records: deque[Result] = _Recent(maxlen=history)
-        self.switches: deque[float] = _Recent(maxlen=history)
-        self._counts = _Counts()
+        self.records: deque[Result] = Recent(maxlen=history)
+        self.switches: deque[float] = Recent(maxlen=history)
+        self._counts = Counts()
 
     # ------------------------------------------------------------------ registry
 
@@ -253,11 +253,10 @@ class UnplugAndPlay:
     def generate(self, params: Union[GenerateParams, str], *, task: Optional[str] = None,
                  on_token: Optional[Callable[[int], None]] = None,
                  should_stop: Callable[[], bool] = lambda: False) -> Generation:
-        """Continue ``params.prompt`` (a decoder LM): on ``task``'s expert after its soft prompt,
-        or on the dense model without one (``task`` None). A plain string is a greedy
-        ``GenerateParams``. on_token: called with each new token id; should_stop: polled after
-        every step (True ends it, "cancelled"). With ``restore_when_idle`` the model is left as
-        it was found."""
+        """Continue ``params.prompt`` (a str: greedy) with a decoder LM: on ``task``'s expert after
+        its soft prompt (a generation task's prompt laid out as tuned), or dense (``task`` None).
+        on_token: called with each new token id; should_stop: polled after every step (True:
+        "cancelled"). With ``restore_when_idle`` the model is left as it was found."""
         if isinstance(params, str):
             params = GenerateParams(params)
         if self.kind != "decoder":
@@ -268,15 +267,22 @@ class UnplugAndPlay:
             entry = self._entries.get(task)
             if entry is None:
                 raise ValueError(f"unknown task {task!r}; this runtime serves {self.tasks}")
-        expert = None if entry is None else entry.expert
-        if expert is not None:
-            soft = expert.prompt_and_head()[0]
-        else:
-            soft = None if entry is None else entry.on_dense.prompt.detach()
         with self._left_as_found():
-            self._switch(expert)
-            return generate(self.model, self.tokenizer, params, soft_prompt=soft, on_token=on_token,
-                            should_stop=should_stop)
+            return self._generate(entry, entry is not None and entry.expert is not None, params, on_token,
+                                  should_stop)[0]
+
+    def _generate(self, entry: Optional[_Entry], use_expert: bool, params: GenerateParams, on_token=None,
+                  should_stop: Callable[[], bool] = lambda: False) -> tuple[Generation, float]:
+        """(the generation, the switch's ms) of one prompt on ``entry``'s expert or the dense model."""
+        tm = None if entry is None else (entry.on_expert if use_expert else entry.on_dense)
+        soft = None if tm is None else tm.prompt.detach()
+        ids = tm.prompt_ids(params.prompt) if tm is not None and entry.spec.is_generation else None
+        resident = self._resident() if self.mixed else None
+        switch_ms = self._switch(resident if self.mixed else entry.expert if use_expert else None)
+        with contextlib.nullcontext() if resident is None else mixed_batch(self.model, [
+                entry.spec.name if use_expert else None]):
+            return generate(self.model, self.tokenizer, params, soft_prompt=soft, prompt_ids=ids, on_token=on_token,
+                            should_stop=should_stop), switch_ms
 
     # ------------------------------------------------------------------ serving
 
@@ -420,10 +426,23 @@ class UnplugAndPlay:
             entry = self._entries[who.task]
             use_expert = entry.expert is not None and (not who.routed or who.confidence >= self.threshold)
             rows.append(_Row(i, r, entry, use_expert))
-        for group in self._batches(rows):
+        for group in self._batches([row for row in rows if not row.entry.spec.is_generation]):
             for i, res in self._run_group(group, meta):
                 out[i] = res
+        for row in rows:  # generation tasks: one prompt at a time
+            if row.entry.spec.is_generation:
+                out[row.index] = self._run_generation(row, meta)
         return out
+
+    def _run_generation(self, row: _Row, meta: list[_Identity]) -> Result:
+        t0 = time.perf_counter()
+        try:
+            params = GenerateParams(row.request.text, row.request.max_new_tokens or GenerateParams.max_new_tokens)
+            g, switch_ms = self._generate(row.entry, row.use_expert, params)
+        except Exception as exc:  # the request fails, the runtime stays usable
+            return self._result(row, meta, batch_size=1, error=f"{type(exc).__name__}: {exc}")
+        return self._result(row, meta, batch_size=1, text=g.text, finish_reason=g.finish_reason,
+                            latency_ms=1000 * (time.perf_counter() - t0), switch_ms=switch_ms)
 
     def _batches(self, rows: list[_Row]):
         """Consecutive rows, at most ``max_batch`` a batch: one task on one model at a time, or in
@@ -457,7 +476,7 @@ class UnplugAndPlay:
         with self._log_lock:
             self.records.clear()
             self.switches.clear()
-            self._counts = _Counts()
+            self._counts = Counts()
 
     def summary(self) -> dict:
         """Counts of every request and switch since ``reset_log``; latencies and switch times
@@ -479,22 +498,3 @@ class UnplugAndPlay:
             "ms_per_request": {k: statistics.median(v) for k, v in sorted(by_expert.items())},
             "compact_weight_bytes": self.compact_weight_bytes,
         }
-
-
-class _Recent(deque):
-    """A bounded log that also slices (``records[-5:]``), as the list it replaced did."""
-
-    def __getitem__(self, i):
-        return list(self)[i] if isinstance(i, slice) else super().__getitem__(i)
-
-
-class _Counts:
-    """Running totals of a runtime's log (the log itself keeps only the recent entries)."""
-
-    def __init__(self):
-        self.requests = self.errors = self.routed = self.switches = 0
-
-    def add(self, results: Sequence[Result]) -> None:
-        self.requests += len(results)
-        self.errors += sum(r.error is not None for r in results)
-        self.routed += sum(bool(r.routed) for r in results)

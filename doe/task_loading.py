@@ -108,6 +108,8 @@ def _get_split(spec: TaskSpec, raw: Any, split: str):
 
 
 def _label_ids(spec: TaskSpec, values: Sequence[Any], split: str) -> list[int]:
+    if spec.is_generation:  # one class: samples and hold-outs are plain seeded draws
+        return [0] * len(values)
     lookup = {name: i for i, name in enumerate(spec.labels)}
     folded: dict[str, int] = {}
     for i, name in enumerate(spec.labels):
@@ -210,6 +212,12 @@ def _examples(spec: TaskSpec, ds: Any, split: str, k: Optional[int], seed: int) 
                 raise ValueError(f"task {spec.name!r}, split {split!r}, row {keep[row]}: field {f!r} is empty")
             fields.append(t if isinstance(t, str) else str(t))
         out.append(Example(text=fields[0], label=y, text_pair=fields[1] if len(fields) == 2 else None))
+    if spec.is_generation:
+        for row, (example, completion) in enumerate(zip(out, ds[spec.completion_field])):
+            if not isinstance(completion, str) or not completion.strip():
+                raise ValueError(f"task {spec.name!r}, split {split!r}, row {keep[row]}: completion field "
+                                 f"{spec.completion_field!r}: expected a non-empty text, got {completion!r}")
+            example.completion = completion
     return out
 
 

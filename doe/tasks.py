@@ -21,22 +21,21 @@ A split name may carry a slice, as in ``datasets``: ``train_split="train[:80%]"`
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import numpy as np
+from doe.metrics import GENERATION_METRICS, METRICS, compute_metric  # noqa: F401  (compute_metric: its earlier home)
 
 __all__ = [
-    "METRICS",
     "OFFLINE_TASKS",
+    "TASK_TYPES",
     "TASKS",
     "Example",
     "TaskData",
     "TaskSpec",
-    "compute_metric",
+    "generation_task",
     "get_task",
     "load_task",
     "local_task",
@@ -46,8 +45,8 @@ __all__ = [
     "task_for",
 ]
 
-METRICS = ("accuracy", "matthews_corrcoef", "f1", "macro_f1")
 LOCAL_BUILDERS = ("json", "csv", "parquet")
+TASK_TYPES = ("classification", "generation")
 _SUFFIX_FORMAT = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 OFFLINE_DIR = Path(__file__).resolve().parent / "data" / "offline"
 
@@ -114,6 +113,9 @@ class TaskSpec:
     verbalizer: one short word per label, the answer words for decoder LMs (default: labels).
     instruction: what to do with the text, put before it (in the chat template's user turn
     where the tokenizer has one; see ``doe.prompt``); "" for none.
+    task_type: "classification", or "generation": (prompt, completion) pairs, the prompt read
+    from the one text field and the completion from ``label_field`` (``generation_task``); no
+    labels, a metric of ``GENERATION_METRICS`` (default "nll").
     holdout: for data without an eval split, the fraction of the train split held out as the
     eval split (a stratified sample, the same rows on every load); 0 reads ``eval_split``.
     """
@@ -132,13 +134,18 @@ class TaskSpec:
     description: str = ""
     holdout: float = 0.0
     instruction: str = ""
+    task_type: str = "classification"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"TaskSpec.name: expected a non-empty string, got {self.name!r}")
         set_("labels", _str_tuple(self.labels, f"TaskSpec({self.name!r}).labels"))
-        if len(self.labels) < 2:
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"TaskSpec({self.name!r}).task_type: expected one of {TASK_TYPES}, got {self.task_type!r}")
+        if self.is_generation:
+            self._check_generation()
+        elif len(self.labels) < 2:
             raise ValueError(f"TaskSpec({self.name!r}).labels: a classification task needs at least 2 labels, "
                              f"got {self.labels}")
         if len(set(self.labels)) != len(self.labels):
@@ -156,9 +163,9 @@ class TaskSpec:
             raise ValueError(f"TaskSpec({self.name!r}): label_field {self.label_field!r} is also a text field")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise ValueError(f"TaskSpec({self.name!r}).holdout: expected a fraction in [0, 1), got {self.holdout!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"TaskSpec({self.name!r}).metric: unknown metric {self.metric!r}; "
-                             f"known: {', '.join(METRICS)}")
+        if self.metric not in (GENERATION_METRICS if self.is_generation else METRICS):
+            raise ValueError(f"TaskSpec({self.name!r}).metric: unknown metric {self.metric!r} for a {self.task_type} "
+                             f"task; known: {', '.join(GENERATION_METRICS if self.is_generation else METRICS)}")
         if self.metric == "f1" and len(self.labels) != 2:
             raise ValueError(f"TaskSpec({self.name!r}): metric 'f1' is binary (positive = label 1) but the task "
                              f"has {len(self.labels)} labels; use 'macro_f1'")
@@ -188,6 +195,29 @@ class TaskSpec:
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"TaskSpec({self.name!r}).{k}: expected a string, got {getattr(self, k)!r}")
 
+    def _check_generation(self) -> None:
+        if self.labels or self.verbalizer is not None:
+            raise ValueError(f"TaskSpec({self.name!r}): a generation task has no labels or verbalizer, got labels "
+                             f"{self.labels} and verbalizer {self.verbalizer}")
+        if len(self.text_fields) != 1:
+            raise ValueError(f"TaskSpec({self.name!r}): a generation task reads one prompt field, got text_fields "
+                             f"{self.text_fields}")
+        if self.metric == "accuracy":  # the field's default
+            object.__setattr__(self, "metric", "nll")
+
+    @property
+    def is_generation(self) -> bool:
+        return self.task_type == "generation"
+
+    @property
+    def prompt_field(self) -> str:
+        return self.text_fields[0]
+
+    @property
+    def completion_field(self) -> str:
+        """A generation task's completion column (its ``label_field``)."""
+        return self.label_field
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)
@@ -205,9 +235,13 @@ class TaskSpec:
 
 @dataclass
 class Example:
+    """One text (and pair) with its label id; for a generation task, a prompt (``text``) and its
+    ``completion`` (label 0)."""
+
     text: str
     label: int
     text_pair: Optional[str] = None
+    completion: Optional[str] = None
 
 
 @dataclass
@@ -310,7 +344,7 @@ def local_task(
     name: str,
     data_files: Union[str, os.PathLike, Sequence, Mapping],
     *,
-    labels: Sequence[str],
+    labels: Sequence[str] = (),
     text_fields: Union[str, Sequence[str]] = ("text",),
     label_field: str = "label",
     format: Optional[str] = None,
@@ -339,6 +373,14 @@ def local_task(
             raise TypeError(f"local_task: {k!r} is set by local_task itself")
     return TaskSpec(name=name, labels=tuple(labels), text_fields=_str_tuple(text_fields, "text_fields"),
                     label_field=label_field, dataset=format, data_files=_absolute(files), **kw)
+
+
+def generation_task(name: str, data_files: Union[str, os.PathLike, Sequence, Mapping], *,
+                    prompt_field: str = "prompt", completion_field: str = "completion", **kw: Any) -> TaskSpec:
+    """Describe a generation task in local files of (prompt, completion) rows: ``local_task``
+    with ``task_type="generation"`` (kw: its other arguments, e.g. instruction, holdout)."""
+    return local_task(name, data_files, text_fields=(prompt_field,), label_field=completion_field,
+                      task_type="generation", **kw)
 
 
 # Hub tasks: GLUE's label order is the one of its ClassLabel features; IMDB and AG News have
@@ -404,69 +446,3 @@ def load_task(
     from doe.task_loading import read_task  # datasets and friends load on first use
 
     return read_task(spec, max_train=max_train, max_eval=max_eval, seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_int_array(x: Any, what: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    if a.ndim != 1:
-        a = a.reshape(-1)
-    if a.size and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
-        if np.issubdtype(a.dtype, np.floating) and np.all(np.mod(a, 1) == 0):
-            a = a.astype(np.int64)
-        else:
-            raise ValueError(f"compute_metric: {what} must be integer label ids, got dtype {a.dtype}")
-    return a.astype(np.int64)
-
-
-def _f1(tp: int, fp: int, fn: int) -> float:
-    denom = 2 * tp + fp + fn
-    return 2 * tp / denom if denom else 0.0
-
-
-def compute_metric(metric: str, predictions: Sequence[int], labels: Sequence[int]) -> float:
-    """accuracy; matthews_corrcoef (multi-class form, 0.0 when undefined, as sklearn);
-    f1 (binary, positive = 1; 0.0 when there is no positive in either, as sklearn);
-    macro_f1 (mean F1 over the labels present in predictions or labels)."""
-    if metric not in METRICS:
-        raise ValueError(f"compute_metric: unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    p = _as_int_array(predictions, "predictions")
-    y = _as_int_array(labels, "labels")
-    if p.shape != y.shape:
-        raise ValueError(f"compute_metric: {len(p)} predictions for {len(y)} labels")
-    if p.size == 0:
-        raise ValueError("compute_metric: no examples")
-    if metric == "accuracy":
-        return float(np.mean(p == y))
-    if metric == "f1":
-        bad = sorted(set(np.unique(np.concatenate([p, y])).tolist()) - {0, 1})
-        if bad:
-            raise ValueError(f"compute_metric: 'f1' is binary (ids 0 and 1), got ids {bad}; use 'macro_f1'")
-        tp = int(np.sum((p == 1) & (y == 1)))
-        fp = int(np.sum((p == 1) & (y == 0)))
-        fn = int(np.sum((p == 0) & (y == 1)))
-        return float(_f1(tp, fp, fn))
-    classes = np.unique(np.concatenate([p, y]))
-    if metric == "macro_f1":
-        scores = [_f1(int(np.sum((p == c) & (y == c))), int(np.sum((p == c) & (y != c))),
-                      int(np.sum((p != c) & (y == c)))) for c in classes]
-        return float(np.mean(scores))
-    # Matthews correlation, multi-class (Gorodkin 2004), as sklearn computes it
-    idx = {c: i for i, c in enumerate(classes.tolist())}
-    k = len(classes)
-    cm = np.zeros((k, k), dtype=np.float64)
-    np.add.at(cm, ([idx[v] for v in y.tolist()], [idx[v] for v in p.tolist()]), 1)
-    t_sum, p_sum = cm.sum(axis=1), cm.sum(axis=0)
-    n_correct, n = np.trace(cm), cm.sum()
-    cov_ytyp = n_correct * n - np.dot(t_sum, p_sum)
-    cov_ypyp = n * n - np.dot(p_sum, p_sum)
-    cov_ytyt = n * n - np.dot(t_sum, t_sum)
-    if cov_ypyp * cov_ytyt == 0:
-        return 0.0
-    return float(cov_ytyp / math.sqrt(cov_ytyt * cov_ypyp))
