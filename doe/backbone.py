@@ -163,8 +163,9 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
     rest = [r for r in range(b) if heads[r] is None]
     if rest:
         vocab = lm_logits(model, states[rest])
+        place = {r: i for i, r in enumerate(rest)}
         for ids, rows in _by_reader(label_ids, rest):
-            picked = vocab[[rest.index(r) for r in rows]][:, ids].float()
+            picked = vocab[[place[r] for r in rows]][:, ids].float()
             for r, logits in zip(rows, picked):
                 out[r] = logits
     return out

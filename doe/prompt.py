@@ -69,7 +69,7 @@ class PromptTuningConfig:
         return asdict(self)
 
 
-def chat_pieces(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+def chat_pieces(tokenizer, instruction: str) -> Optional[tuple[list[int], list[int]]]:
     """The token ids that go before and after a text to put it in the user turn of
     ``tokenizer``'s chat template after ``instruction`` (the assistant's turn opened after it);
     None for a tokenizer without a template."""
