@@ -4,7 +4,12 @@ changed at a time.
     python -m benchmarks.ablation [--model smollm2] [--task offline_topic] [--keeps 0.35,0.2]
                                       [--scopes layer,global] [--targets logit,log_prob]
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
-                                      [--readout auto|head|verbalizer]
+                                      [--readout auto|head|verbalizer] [--random-at 0.2]
+
+--task takes a registered task or a published data set (benchmarks.published: reuters_r8).
+--retune-epochs takes a comma list; the first value re-tunes every variant, each further value
+re-tunes the compensated one again from the dense prompt. --random-at adds, at those keep
+ratios, randomly chosen neurons put through the same steps (compensated, re-tuned).
 
 Per seed, one prompt tuning on the dense model; per attribution target one scoring pass; per
 keep ratio and allocation scope one localization, evaluated four ways: as localized or with the
@@ -23,17 +28,27 @@ import time
 import torch
 
 
-def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs: int,
-        seeds: list, scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto") -> list:
+def resolve_task(task: str):
+    """A registered task's spec, or a published data set's (benchmarks.published)."""
+    from benchmarks.published import PUBLISHED, published_task
+    from doe.tasks import get_task
+
+    return published_task(task) if task in PUBLISHED else get_task(task)
+
+
+def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs, seeds: list,
+        scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=()) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
     from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
-    from doe.tasks import get_task, load_task
+    from doe.tasks import load_task
     from doe.unplug import unplugged
 
+    retunes = [retune_epochs] if isinstance(retune_epochs, int) else list(retune_epochs)
+    retunes = [e for e in retunes if e]
     tok, model = load_model(model_name)
-    data = load_task(get_task(task), max_train=max_train, max_eval=max_eval)
+    data = load_task(resolve_task(task), max_train=max_train, max_eval=max_eval)
     gold = [e.label for e in data.eval]
 
     def acc(tm):
@@ -51,24 +66,39 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
         rows.append(dict(seed=seed, keep=1.0, variant="dense", acc=dense))
         means = mean_down_inputs(tm, data.train)
         print(f"seed {seed}: dense {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+        def retuned(expert, epochs):
+            rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(), head=tm.head_state(),
+                           max_length=cfg.max_length, readout=tm.readout)
+            with unplugged(model, expert):
+                prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=epochs, head_lr=1e-2, show_progress=False))
+                return acc(rt)
+
+        def variants(expert, prefix, extra_retunes, full_only=False):
+            comp = expert.with_offsets(compensation_offsets(model, expert, means))
+            for name, e in ((" + compensated", comp),) if full_only else (("", expert), (" + compensated", comp)):
+                if not full_only:
+                    with unplugged(model, e):
+                        yield f"{prefix}{name}", acc(tm)
+                for i, epochs in enumerate(retunes[:1] + (extra_retunes if name else [])):
+                    label = " + re-tuned" if i == 0 else f" + re-tuned {epochs} epochs"
+                    yield f"{prefix}{name}{label}", retuned(e, epochs)
+
+        def record(keep, pairs):
+            for variant, a in pairs:
+                rows.append(dict(seed=seed, keep=keep, variant=variant, acc=a))
+                print(f"  keep {keep} {variant}: {a:.3f}", flush=True)
+
         for target in targets:
             scores = score_neurons(tm, data, AttributionConfig(seed=seed, target=target, show_progress=False))
             for keep, scope in itertools.product(keeps, scopes):
                 expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope=scope),
                                   task=data.spec.name)
-                comp = expert.with_offsets(compensation_offsets(model, expert, means))
-                for name, e in (("", expert), (" + compensated", comp)):
-                    prefix = f"{scope}/{target}{name}"
-                    with unplugged(model, e):
-                        rows.append(dict(seed=seed, keep=keep, variant=prefix, acc=acc(tm)))
-                        if retune_epochs:
-                            rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(),
-                                           head=tm.head_state(), max_length=cfg.max_length, readout=tm.readout)
-                            prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=retune_epochs, head_lr=1e-2,
-                                                                     show_progress=False))
-                            rows.append(dict(seed=seed, keep=keep, variant=f"{prefix} + re-tuned", acc=acc(rt)))
-                    print(f"  keep {keep} {prefix}: " + ", ".join(
-                        f"{r['acc']:.3f}" for r in rows[-(2 if retune_epochs else 1):]), flush=True)
+                record(keep, variants(expert, f"{scope}/{target}", retunes[1:]))
+        for keep in random_at:
+            scores = score_neurons(tm, data, AttributionConfig(method="random", seed=seed, show_progress=False))
+            expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope="layer"), task=data.spec.name)
+            record(keep, variants(expert, "random", retunes[1:], full_only=True))
     return rows
 
 
@@ -95,16 +125,18 @@ def main(argv=None) -> int:
     ap.add_argument("--keeps", default="0.35,0.2")
     ap.add_argument("--max-train", type=int, default=200)
     ap.add_argument("--max-eval", type=int, default=200)
-    ap.add_argument("--retune-epochs", type=int, default=2)
+    ap.add_argument("--retune-epochs", default="2", help="comma list (see above); 0 skips re-tuning")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--scopes", default="layer", help="comma list of layer, global")
     ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
     ap.add_argument("--readout", default="auto", choices=["auto", "head", "verbalizer"])
+    ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = run(args.model, args.task, [float(k) for k in args.keeps.split(",")], args.max_train, args.max_eval,
-               args.retune_epochs, [int(s) for s in args.seeds.split(",")], tuple(args.scopes.split(",")),
-               tuple(args.targets.split(",")), args.readout)
+               [int(e) for e in args.retune_epochs.split(",")], [int(s) for s in args.seeds.split(",")],
+               tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
+               [float(k) for k in args.random_at.split(",") if k])
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

@@ -5,6 +5,7 @@ token to a callback if asked, with a task's soft prompt prepended (``doe.backbon
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -20,7 +21,9 @@ __all__ = ["GenerateParams", "Generation", "generate"]
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """temperature 0: greedy. top_k 0 and top_p 1: no truncation of the sampled distribution."""
+    """temperature 0: greedy. top_k 0 and top_p 1: no truncation of the sampled distribution.
+    stop: strings that end the generation where they first appear (not part of the text; the
+    continuous-batching engine, ``doe.engine``, applies them)."""
 
     prompt: str
     max_new_tokens: int = 32
@@ -28,6 +31,28 @@ class GenerateParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str):
+            return ValueError(f"GenerateParams.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.prompt, str):
+            raise bad("prompt", "a string")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise bad("temperature", "a finite number >= 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "an int >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "None or an int")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "non-empty strings")
+        object.__setattr__(self, "stop", stop)
 
 
 @dataclass

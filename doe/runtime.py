@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from doe.expert import TaskExpert, model_fingerprint
-from doe.generation import GenerateParams, Generation, generate
+from doe.generation import GenerateParams, Generation
 from doe.locking import model_lock
 from doe.models import eval_mode, model_kind
 from doe.mixed import mixed_classify
@@ -251,38 +251,19 @@ class UnplugAndPlay:
     # ------------------------------------------------------------------ generation
 
     def generate(self, params: Union[GenerateParams, str], *, task: Optional[str] = None,
-                 on_token: Optional[Callable[[int], None]] = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> Generation:
+                 on_token: Optional[Callable[[int], None]] = None, should_stop: Callable[[], bool] = lambda: False,
+                 on_text: Optional[Callable[[str], None]] = None) -> Generation:
         """Continue ``params.prompt`` (a str: greedy) with a decoder LM: on ``task``'s expert after
         its soft prompt (a generation task's prompt laid out as tuned), or dense (``task`` None).
-        on_token: called with each new token id; should_stop: polled after every step (True:
-        "cancelled"). With ``restore_when_idle`` the model is left as it was found."""
-        if isinstance(params, str):
-            params = GenerateParams(params)
-        if self.kind != "decoder":
-            raise ValueError(f"generate needs a decoder LM; this runtime's model is {self.kind} "
-                             f"({getattr(self.model.config, 'model_type', '?')})")
-        entry = None
-        if task is not None:
-            entry = self._entries.get(task)
-            if entry is None:
-                raise ValueError(f"unknown task {task!r}; this runtime serves {self.tasks}")
-        with self._left_as_found():
-            return self._generate(entry, entry is not None and entry.expert is not None, params, on_token,
-                                  should_stop)[0]
+        on_token / on_text: called with each new token id / piece of text; should_stop: polled
+        every step (True: "cancelled"). The continuous-batching engine (``doe.engine``) runs it;
+        with ``restore_when_idle`` the model is left as it was found."""
+        from doe.engine import GenerationEngine
 
-    def _generate(self, entry: Optional[_Entry], use_expert: bool, params: GenerateParams, on_token=None,
-                  should_stop: Callable[[], bool] = lambda: False) -> tuple[Generation, float]:
-        """(the generation, the switch's ms) of one prompt on ``entry``'s expert or the dense model."""
-        tm = None if entry is None else (entry.on_expert if use_expert else entry.on_dense)
-        soft = None if tm is None else tm.prompt.detach()
-        ids = tm.prompt_ids(params.prompt) if tm is not None and entry.spec.is_generation else None
-        resident = self._resident() if self.mixed else None
-        switch_ms = self._switch(resident if self.mixed else entry.expert if use_expert else None)
-        with contextlib.nullcontext() if resident is None else mixed_batch(self.model, [
-                entry.spec.name if use_expert else None]):
-            return generate(self.model, self.tokenizer, params, soft_prompt=soft, prompt_ids=ids, on_token=on_token,
-                            should_stop=should_stop), switch_ms
+        engine = GenerationEngine(self, max_batch=1)
+        handle = engine.submit(GenerateParams(params) if isinstance(params, str) else params, task=task,
+                               on_text=on_text, on_token=on_token, should_stop=should_stop)
+        return engine.run([handle])[0].result()
 
     # ------------------------------------------------------------------ serving
 
@@ -429,20 +410,28 @@ class UnplugAndPlay:
         for group in self._batches([row for row in rows if not row.entry.spec.is_generation]):
             for i, res in self._run_group(group, meta):
                 out[i] = res
-        for row in rows:  # generation tasks: one prompt at a time
-            if row.entry.spec.is_generation:
-                out[row.index] = self._run_generation(row, meta)
+        generations = [row for row in rows if row.entry.spec.is_generation]
+        if generations:
+            for i, res in self._run_generations(generations, meta):
+                out[i] = res
         return out
 
-    def _run_generation(self, row: _Row, meta: list[_Identity]) -> Result:
-        t0 = time.perf_counter()
-        try:
-            params = GenerateParams(row.request.text, row.request.max_new_tokens or GenerateParams.max_new_tokens)
-            g, switch_ms = self._generate(row.entry, row.use_expert, params)
-        except Exception as exc:  # the request fails, the runtime stays usable
-            return self._result(row, meta, batch_size=1, error=f"{type(exc).__name__}: {exc}")
-        return self._result(row, meta, batch_size=1, text=g.text, finish_reason=g.finish_reason,
-                            latency_ms=1000 * (time.perf_counter() - t0), switch_ms=switch_ms)
+    def _run_generations(self, rows: list[_Row], meta: list[_Identity]) -> list[tuple[int, Result]]:
+        """Generation rows, continuously batched (``doe.engine``), ``max_batch`` at a time."""
+        from doe.engine import GenerationEngine
+
+        engine = GenerationEngine(self, max_batch=self.max_batch, max_queue=len(rows))
+        handles = []
+        for row in rows:
+            r = row.request
+            params = GenerateParams(r.text, r.max_new_tokens or GenerateParams.max_new_tokens)
+            handles.append(engine.submit(params, task=row.entry.spec.name, use_expert=row.use_expert))
+        out = []
+        for row, h in zip(rows, engine.run(handles)):
+            fields = dict(error=h.error) if h.error else dict(text=h.text, finish_reason=h.finish_reason)
+            out.append((row.index, self._result(row, meta, batch_size=min(len(rows), self.max_batch),
+                                                latency_ms=1000 * (h.finished - h.submitted), **fields)))
+        return out
 
     def _batches(self, rows: list[_Row]):
         """Consecutive rows, at most ``max_batch`` a batch: one task on one model at a time, or in
