@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from doe.backbone import generation_inputs
-from doe.generation import GenerateParams, Generation
+from doe.generation import GenerateParams, Generation, choose_tokens, sendable
 from doe.locking import model_lock
 from doe.unplug import mixed_batch
 
@@ -59,10 +59,11 @@ class GenerationHandle:
     params: GenerateParams
     task: Optional[str]
     use_expert: bool
-    prompt_ids: list[int]
+    prompt_ids: Optional[list[int]]  # None until admitted (laid out by the engine's thread)
     on_text: Optional[Callable[[str], None]] = None
     on_token: Optional[Callable[[int], None]] = None
     should_stop: Optional[Callable[[], bool]] = None  # polled every step; True ends it ("cancelled")
+    on_done: Optional[Callable[["GenerationHandle"], None]] = None  # called once, when done
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: Optional[str] = None  # "stop", "length" or "cancelled"
@@ -76,6 +77,7 @@ class GenerationHandle:
     _sent: int = 0  # characters of text passed to on_text
     _full: str = ""  # the decoded tokens, before any stop string cut
     _soft: Optional[torch.Tensor] = None  # (P, hidden) the task's soft prompt
+    _layout: Optional[Callable[[str], list[int]]] = None  # the task's prompt layout, else the tokenizer
 
     @property
     def expert(self) -> Optional[str]:
@@ -84,12 +86,18 @@ class GenerationHandle:
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        """The prompt's tokens (its soft prompt not included); 0 before admission."""
+        return len(self.prompt_ids or ())
+
+    @property
+    def prefill(self) -> int:
+        """Positions of the prefill: soft prompt and prompt tokens."""
+        return (0 if self._soft is None else int(self._soft.shape[0])) + self.prompt_tokens
 
     @property
     def reserved(self) -> int:
-        """Cache slots this row may reach: soft prompt, prompt and every new token."""
-        return self.prompt_tokens + self.params.max_new_tokens
+        """Cache slots this row may reach: its prefill and every new token."""
+        return self.prefill + self.params.max_new_tokens
 
     def cancel(self) -> None:
         """Stop at the next step (``finish_reason`` "cancelled")."""
@@ -172,6 +180,7 @@ class GenerationEngine:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self._positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         # transformers renamed the cache argument and output from past_key_values to cache
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -189,12 +198,14 @@ class GenerationEngine:
     def submit(self, params: GenerateParams, *, task: Optional[str] = None, use_expert: Optional[bool] = None,
                prompt_ids: Optional[Sequence[int]] = None,
                on_text: Optional[Callable[[str], None]] = None, on_token: Optional[Callable[[int], None]] = None,
-               should_stop: Optional[Callable[[], bool]] = None) -> GenerationHandle:
+               should_stop: Optional[Callable[[], bool]] = None,
+               on_done: Optional[Callable[[GenerationHandle], None]] = None) -> GenerationHandle:
         """Queue one generation: on ``task``'s expert after its soft prompt (a generation task's
         prompt laid out as tuned), or dense (task None, or ``use_expert=False``: the task's
         dense prompt). prompt_ids: the prompt's tokens as given (default: ``params.prompt``
-        laid out by the task, or tokenized as is). Raises ValueError for an unknown task,
-        EngineFull when the queue is full, EngineStopped once stopping."""
+        laid out by the task, or tokenized as is, on the engine's thread when admitted). Raises
+        ValueError for an unknown task, EngineFull when the queue is full, EngineStopped once
+        stopping; a prompt longer than the model's positions fails the handle when admitted."""
         entry = None
         if task is not None:
             entry = self.runtime._entries.get(task)
@@ -202,16 +213,12 @@ class GenerationEngine:
                 raise ValueError(f"unknown task {task!r}; this runtime serves {self.runtime.tasks}")
         expert = entry is not None and entry.expert is not None and use_expert is not False
         tm = None if entry is None else entry.on_expert if expert else entry.on_dense
-        if prompt_ids is None:
-            if tm is not None and entry.spec.is_generation:
-                prompt_ids = tm.prompt_ids(params.prompt)
-            else:
-                prompt_ids = self.tokenizer(params.prompt)["input_ids"]
-        ids = [int(t) for t in prompt_ids]
-        if not ids and tm is None:
+        ids = None if prompt_ids is None else [int(t) for t in prompt_ids]
+        if ids is not None and not ids and tm is None:
             raise ValueError("the prompt has no tokens and no task prompt comes before it")
-        handle = GenerationHandle(params, task, expert, ids, on_text, on_token, should_stop,
-                                  _soft=None if tm is None else tm.prompt.detach())
+        layout = tm.prompt_ids if tm is not None and entry.spec.is_generation else None
+        handle = GenerationHandle(params, task, expert, ids, on_text, on_token, should_stop, on_done,
+                                  _soft=None if tm is None else tm.prompt.detach(), _layout=layout)
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is stopping")
@@ -309,15 +316,34 @@ class GenerationEngine:
                 if head.cancelled:
                     self._finish(self._queue.popleft(), "cancelled")
                     continue
-                size = head.prompt_tokens + (0 if head._soft is None else head._soft.shape[0])
+                if not self._prepare(head):
+                    self._queue.popleft()
+                    continue
                 fits_kv = (self.kv_budget is None or not (self._rows or out)
-                           or (len(self._rows) + len(out) + 1) * max(longest, head.reserved + size) <= self.kv_budget)
-                if not fits_kv or (out and tokens + size > self.prefill_budget):
+                           or (len(self._rows) + len(out) + 1) * max(longest, head.reserved) <= self.kv_budget)
+                if not fits_kv or (out and tokens + head.prefill > self.prefill_budget):
                     break
                 out.append(self._queue.popleft())
-                tokens += size
-                longest = max(longest, head.reserved + size)
+                tokens += head.prefill
+                longest = max(longest, head.reserved)
         return out
+
+    def _prepare(self, h: GenerationHandle) -> bool:
+        """Lay out the prompt's tokens (under the model's lock: the tokenizer is shared); False
+        (and the handle failed) when there are none or they do not fit the model."""
+        if h.prompt_ids is None:
+            try:
+                h.prompt_ids = (h._layout(h.params.prompt) if h._layout is not None
+                                else self.tokenizer(h.params.prompt)["input_ids"])
+            except Exception as exc:
+                return self._finish(h, None, error=f"{type(exc).__name__}: {exc}") and False
+        if not h.prefill:
+            return self._finish(h, None, error="the prompt has no tokens") and False
+        if self.max_positions is not None and h.reserved > self.max_positions:
+            return self._finish(h, None, error=f"context_length_exceeded: {h.prefill} prompt positions + "
+                                f"{h.params.max_new_tokens} new tokens = {h.reserved}, but the model has "
+                                f"{self.max_positions}") and False
+        return True
 
     def _tasks(self, rows: Sequence[_Row]):
         if self.runtime._resident() is None:
@@ -345,7 +371,7 @@ class GenerationEngine:
             self._finish(handle, None, error=f"{type(exc).__name__}: {exc}")
             return
         row.length = int(inputs["attention_mask"].shape[1])
-        token = self._choose(out.logits[:, -1], [row])[0]
+        token = choose_tokens(out.logits[:, -1], [handle.params], [row.generator])[0]
         if self._emit(row, token):
             return
         mask = torch.ones(1, row.length, dtype=torch.long, device=self._device())
@@ -373,7 +399,7 @@ class GenerationEngine:
         self._past, self._mask = _out_cache(out), mask
         for r in rows:
             r.length += 1
-        tokens = self._choose(out.logits[:, -1], rows)
+        tokens = choose_tokens(out.logits[:, -1], [r.handle.params for r in rows], [r.generator for r in rows])
         keep = [i for i, (r, t) in enumerate(zip(rows, tokens)) if not self._emit(r, t)]
         if self.on_step is not None:
             self.on_step(len(rows), self.kv_used)
@@ -402,29 +428,6 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ tokens
 
-    def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-        """(B, V) next-token logits -> one token per row: greedy, or sampled with the row's
-        temperature, top-k and top-p from the row's own generator."""
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, r in enumerate(rows):
-            p = r.handle.params
-            if p.temperature <= 0:
-                out.append(int(greedy[i]))
-                continue
-            scores = logits[i].float() / p.temperature
-            if p.top_k > 0:
-                kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=True)
-                cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-                drop = cum - torch.softmax(sorted_scores, -1) >= p.top_p  # keep the smallest set reaching top_p
-                scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-            probs = torch.softmax(scores, -1)
-            out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
-        return out
-
     def _emit(self, row: _Row, token: int) -> bool:
         """Record ``token`` for ``row``; True when the row is finished."""
         h = row.handle
@@ -451,25 +454,9 @@ class GenerationEngine:
         if h.cancelled or (h.should_stop is not None and h.should_stop()):
             h.text = h._full
             return self._finish(h, "cancelled")
-        self._send(h, self._safe(h))
+        self._send(h, sendable(h._full, h._sent, h.params.stop))
         row.pending = token
         return False
-
-    @staticmethod
-    def _safe(h: GenerationHandle) -> int:
-        """How much of the decoded text can be sent: not an incomplete character at the end, nor
-        an end that could still grow into a stop string."""
-        text = h._full
-        end = len(text)
-        while end > h._sent and text[end - 1] == "\ufffd":
-            end -= 1
-        hold = 0
-        for s in h.params.stop:
-            for n in range(min(len(s) - 1, end), 0, -1):
-                if text.endswith(s[:n], 0, end):
-                    hold = max(hold, n)
-                    break
-        return max(end - hold, h._sent)
 
     def _send(self, h: GenerationHandle, end: int) -> None:
         if end > h._sent:
@@ -485,6 +472,8 @@ class GenerationEngine:
             self._send(h, len(h.text))
         h.finished = time.perf_counter()
         h.done.set()
+        if h.on_done is not None:
+            h.on_done(h)
         return True
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from doe.backbone import generation_inputs
 from doe.locking import model_lock
 
-__all__ = ["GenerateParams", "Generation", "generate"]
+__all__ = ["GenerateParams", "Generation", "generate", "choose_tokens", "sendable"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,41 @@ def generate(model: nn.Module, tokenizer, params: GenerateParams, *, soft_prompt
         reason = "length"
     return Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), int(ids.shape[1]), reason,
                       1000 * (time.perf_counter() - t0))
+
+
+def choose_tokens(logits: torch.Tensor, params: Sequence[GenerateParams],
+                  generators: Sequence[Optional[torch.Generator]]) -> list[int]:
+    """(B, V) next-token logits -> one token per row: greedy where the row's temperature is 0,
+    else sampled after temperature, top-k and top-p (in that order) from the row's generator."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature <= 0:
+            out.append(int(greedy[i]))
+            continue
+        scores = logits[i].float() / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(ordered, -1)
+            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set that reaches top_p
+            scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+        out.append(int(torch.multinomial(torch.softmax(scores, -1), 1, generator=g)))
+    return out
+
+
+def sendable(text: str, sent: int, stops: Sequence[str]) -> int:
+    """How much of ``text`` can be streamed (``sent`` characters already were): not an
+    incomplete character at the end, nor an end that could still grow into a stop string."""
+    end = len(text)
+    while end > sent and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, end), 0, -1):
+            if text.endswith(s[:n], 0, end):
+                hold = max(hold, n)
+                break
+    return max(end - hold, sent)
