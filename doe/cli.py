@@ -320,59 +320,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    missing = [name for name, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
-                                         ("prometheus-client", "prometheus_client"))
-               if importlib.util.find_spec(module) is None]
-    if missing:
-        raise UsageError(f"`doe serve` needs {', '.join(missing)}: pip install -e \".[serve]\"")
-    from doe.router import TaskRouter
-    from doe.runtime import check_experts
-    from doe.serve import ServeConfig, bind, check_positions, create_app, run_server
+    from doe.cli_serve import serve
 
-    with _user_input("option"):  # ServeConfig validates every value
-        config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token_budget=args.token_budget,
-                             max_length=_max_length(args), max_queue=args.max_queue, max_items=args.max_items,
-                             max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
-                             retry_after_s=args.retry_after, shutdown_timeout_s=args.shutdown_timeout,
-                             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                             keep_alive_timeout_s=args.keep_alive_timeout)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise UsageError(f"--threshold: expected a confidence in [0, 1], got {args.threshold}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads: expected >= 1, got {args.threads}")
-    _check_compact_mixed(args)
-    _check_device(args.device)
-    experts = _load_experts(args.experts)
-    with _user_input("--experts"):
-        check_experts(experts)
-    with _user_input("--router", (ValueError, FileNotFoundError)):
-        router = TaskRouter.from_pretrained(args.router) if args.router else None
-        check_experts(experts, router)
-    try:  # bound before the model loads: a busy port fails now, and port 0 picks a free one
-        sock = bind(args.host, args.port)
-    except OSError as exc:
-        raise UsageError(f"--host/--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from exc
-    try:
-        if args.threads is not None:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        tok, model = _load_model(args.model, args.device, experts)
-        with _user_input("--max-length"):
-            check_positions(model, experts, config)
-        with _user_input("--experts"):
-            app = create_app(model, tok, experts, router=router, threshold=args.threshold, config=config,
-                             runtime_options={"compact": args.compact_weights, "mixed": args.mixed})
-        from doe.models import model_source
-
-        banner = (f"model {model_source(model) or args.model}, tasks {', '.join(e.task for e in experts)}"
-                  f"{', router' if router else ''}")
-        return run_server(app, sock=sock, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout,
-                          banner=banner, config=config)
-    finally:
-        sock.close()
+    return serve(args)
 
 
 def _cmd_router_fit(args) -> int:

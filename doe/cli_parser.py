@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="request body size; larger bodies get 413 unread (default 1 MiB)")
     p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="the largest max_new_tokens a /v1/generate request may ask (default 256)")
+                   help="the largest max_new_tokens (/v1/generate) or max_tokens (OpenAI API) a request may ask (default 256)")
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of a 503 (default 1)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests (default 30)")
@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed", action="store_true",
                    help="as for `doe run`: requests of different tasks share a batch, one forward with every expert "
                    "resident (default: batches of one task)")
+    p.add_argument("--expert-dir", help="a folder whose expert folders POST /v1/experts may load at run time "
+                   "(default: no loading at run time)")
+    p.add_argument("--kv-budget", type=int, default=None,
+                   help="decoders: the most cache positions the decode batch may hold (rows x its longest row's "
+                   "prompt and new tokens); generations that do not fit wait their turn (default: no limit)")
+    p.add_argument("--model-id", help="the base model's id in the OpenAI API (default: --model)")
     p.set_defaults(handler="serve")
 
     p = sub.add_parser("router", help="build a task router (for requests without a task name)",

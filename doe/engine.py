@@ -157,11 +157,12 @@ class GenerationEngine:
     (rows x the longest row's prompt plus new tokens; None: no limit). prefill_budget: prompt
     tokens prefilled per step (a longer prompt alone). max_queue: requests waiting; more raise
     EngineFull. on_step: called after every decode step with (rows, cache slots in use).
+    restore_when_idle: the worker thread puts the dense model back whenever it runs out of work.
     """
 
     def __init__(self, runtime, *, max_batch: int = 16, kv_budget: Optional[int] = None,
                  prefill_budget: int = 1024, max_queue: int = 256,
-                 on_step: Optional[Callable[[int, int], None]] = None):
+                 on_step: Optional[Callable[[int, int], None]] = None, restore_when_idle: bool = False):
         if runtime.kind != "decoder":
             raise ValueError(f"generate needs a decoder LM; this runtime's model is {runtime.kind} "
                              f"({getattr(runtime.model.config, 'model_type', '?')})")
@@ -176,7 +177,7 @@ class GenerationEngine:
         self.runtime, self.model, self.tokenizer = runtime, runtime.model, runtime.tokenizer
         self.max_batch, self.kv_budget, self.prefill_budget, self.max_queue = (max_batch, kv_budget, prefill_budget,
                                                                                max_queue)
-        self.on_step = on_step
+        self.on_step, self.restore_when_idle = on_step, restore_when_idle
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self._positions = "position_ids" in inspect.signature(self.model.forward).parameters
@@ -272,10 +273,16 @@ class GenerationEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._rows:
-                    if self._stopping:
-                        return
-                    self._cond.wait()
+                idle = not self._queue and not self._rows
+                if idle and self._stopping:
+                    return
+            if idle:
+                if self.restore_when_idle:  # outside the condition: step() takes the model's lock first
+                    self.runtime.switch(None)
+                with self._cond:
+                    while not self._queue and not self._rows and not self._stopping:
+                        self._cond.wait()
+                continue
             self.step()
 
     def run(self, handles: Sequence[GenerationHandle]) -> Sequence[GenerationHandle]:

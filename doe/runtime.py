@@ -192,6 +192,16 @@ class UnplugAndPlay:
             self._entries[spec.name] = _Entry(spec, expert, on_expert, on_dense)
         return expert
 
+    def remove_expert(self, task: str) -> None:
+        """Unregister ``task``; the dense model is put back first if any expert is installed.
+        Waits for the model's lock, so a forward in flight finishes first."""
+        with model_lock(self.model):
+            if task not in self._entries:
+                raise ValueError(f"unknown task {task!r}; this runtime serves {self.tasks}")
+            if is_unplugged(self.model):
+                self._switch(None)
+            del self._entries[task]
+
     def add_task(self, spec: Union[TaskSpec, str], prompt: torch.Tensor,
                  head: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Register a task that always runs on the dense model."""

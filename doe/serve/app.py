@@ -3,6 +3,9 @@
     POST /v1/classify   one item or a list -> label, probability, task, routed, expert, latency
     POST /v1/generate   decoder models: greedy or sampled continuation, streamed as SSE if asked
     GET  /v1/experts    resident experts (task, keep ratio, fingerprint), the installed one(s), the model
+    POST /v1/experts    load an expert folder from --expert-dir; DELETE /v1/experts/{name} unloads one
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions: the OpenAI API (decoders;
+                        ``doe.serve.openai_api``), its errors in OpenAI's shape
     GET  /health        200 while the worker runs and the server takes work, else 503
     GET  /metrics       Prometheus text format
 
@@ -30,22 +33,26 @@ import asyncio
 import contextlib
 import copy
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from doe.engine import GenerationEngine
 from doe.expert import TaskExpert
-from doe.models import model_kind
+from doe.models import model_kind, model_source
 from doe.router import TaskRouter
 from doe.runtime import UnplugAndPlay, check_experts
 from doe.serve.batcher import Batcher
 from doe.serve.classify import add_classify
 from doe.serve.config import ServeConfig
 from doe.serve.errors import add_error_handlers
+from doe.serve.experts_api import add_expert_admin
 from doe.serve.generate import add_generate
 from doe.serve.info import add_info
+from doe.serve.openai_api import add_openai
 from doe.serve.metrics import Metrics
 from doe.serve.middleware import CountRequests, LimitBody
 from doe.serve.schemas import ApiError
@@ -69,18 +76,26 @@ def check_positions(model: nn.Module, experts: Sequence[TaskExpert], config: Ser
 
 def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, router: Optional[TaskRouter] = None,
                threshold: float = 0.5, config: Optional[ServeConfig] = None,
-               runtime_options: Optional[dict] = None) -> FastAPI:
+               runtime_options: Optional[dict] = None, model_id: Optional[str] = None,
+               expert_dir: Optional[Union[str, Path]] = None) -> FastAPI:
     """The app serving ``experts`` on ``model``. Experts and router are checked here (ValueError).
 
     Args:
-        model, tokenizer: the backbone (an encoder, or a decoder LM for /v1/generate).
-        experts: one per task, each carrying its prompt (and head).
+        model, tokenizer: the backbone (an encoder, or a decoder LM for generation and the
+            OpenAI API, which batches generations continuously: ``doe.engine``).
+        experts: one per task, each carrying its prompt (and head); none is fine on a decoder
+            (the base model serves, and ``expert_dir`` may bring experts later).
         router, threshold: identify requests that name no task (see ``UnplugAndPlay``).
         config: batching, limits and shutdown settings.
         runtime_options: more keyword arguments for ``UnplugAndPlay``.
+        model_id: the base model's id in the OpenAI API (default: the model's source name).
+        expert_dir: the folder POST /v1/experts may load expert folders from (None: off).
     """
     config = config or ServeConfig()
-    check_experts(experts, router)
+    if experts or router is not None or model_kind(model) != "decoder":
+        check_experts(experts, router)
+    if expert_dir is not None and not Path(expert_dir).is_dir():
+        raise ValueError(f"expert_dir: expected a folder of expert folders, got {str(expert_dir)!r}")
     check_positions(model, experts, config)
     metrics = Metrics()
     runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
@@ -88,17 +103,31 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
                             **(runtime_options or {}))
     served = {e.task: runtime.add_expert(e) for e in experts}
     batcher = Batcher(runtime, config, metrics, group_by_task=not (runtime_options or {}).get("mixed"))
+    engine = None
+    if runtime.kind == "decoder" and not runtime.compact:
+        engine = GenerationEngine(runtime, max_batch=config.max_batch, kv_budget=config.kv_budget,
+                                  max_queue=config.max_queue, on_step=metrics.observe_step, restore_when_idle=True)
+        metrics.kv_budget.set(config.kv_budget or 0)
+        metrics.generation_queue_depth.set_function(lambda: engine.queued)
+    name = model_id or Path(model_source(model) or getattr(model.config, "model_type", None) or "base").name
     server = ServerState(runtime, batcher, metrics, config, served, runtime.kind, runtime.fingerprint,
                          getattr(getattr(model, "config", None), "model_type", None), threshold,
-                         copy.deepcopy(tokenizer))
+                         copy.deepcopy(tokenizer), engine=engine, model_id=name,
+                         expert_dir=None if expert_dir is None else Path(expert_dir).resolve())
+    for task in [None, *served]:
+        server.served(task)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(batcher.warm_up)
         batcher.start()
+        if engine is not None:
+            engine.start()
         try:
             yield
         finally:
+            if engine is not None:
+                await asyncio.to_thread(engine.stop, config.shutdown_timeout_s)
             ended = await asyncio.to_thread(batcher.stop, config.shutdown_timeout_s)
             print(f"doe serve: stopped; {batcher.admitted} items admitted, {batcher.answered} answered, "
                   f"{batcher.dropped} dropped (their clients went away)"
@@ -121,6 +150,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     add_classify(app, server)
     add_generate(app, server)
     add_info(app, server)
+    add_expert_admin(app, server)
+    add_openai(app, server)
     return app
 
 

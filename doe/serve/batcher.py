@@ -84,6 +84,7 @@ class Batcher:
         self.runtime, self.config, self.metrics = runtime, config, metrics
         self.group_by_task = group_by_task
         self._queue: list[Job] = []
+        self._current: list[Job] = []  # the batch the worker runs now
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -103,6 +104,12 @@ class Batcher:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def busy(self, task: str) -> int:
+        """Items naming ``task`` queued or running."""
+        with self._cond:
+            jobs = self._queue + self._current
+        return sum(j.request is not None and j.request.task == task for j in jobs)
 
     def warm_up(self) -> None:
         """One forward per task and back to the original model, before the worker starts (the
@@ -183,6 +190,7 @@ class Batcher:
                 if full or left <= 0 or self._stopping:
                     taken = {id(j) for j in batch}
                     self._queue[:] = [j for j in self._queue if id(j) not in taken]
+                    self._current = batch
                     return batch
                 self._cond.wait(left)
 
@@ -206,6 +214,8 @@ class Batcher:
                     job.resolve(InferenceFailed(f"{type(exc).__name__}: {exc}"))
                 self.restore()
             self.answered += len(batch)
+            with self._cond:
+                self._current = []
             if not self._queue:
                 self.restore()
         self.restore()

@@ -26,7 +26,9 @@ class ServeConfig:
     request's head, from its opening or the previous answer (then 408 if part of one came, and
     the connection is closed). body_timeout_s: how long after its head a body may take to arrive
     (then 408, and the connection is closed). keep_alive_timeout_s: how long an idle connection
-    is kept open between requests.
+    is kept open between requests. kv_budget: the most cache positions the decode batch of a
+    decoder may hold (rows x its longest row's prompt and new tokens; None: no limit beyond
+    max_batch rows): a generation that does not fit waits its turn.
     """
 
     max_batch: int = 32
@@ -42,6 +44,7 @@ class ServeConfig:
     header_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
     keep_alive_timeout_s: float = 5.0
+    kv_budget: Optional[int] = None
     max_tokens: InitVar[Optional[int]] = None
 
     def __post_init__(self, max_tokens: Optional[int] = None) -> None:
@@ -64,6 +67,9 @@ class ServeConfig:
                     math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name} ({_flag(name)}): expected a number {'>' if positive else '>='} 0, "
                                  f"got {value!r}")
+        if self.kv_budget is not None and (isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, int)
+                                           or self.kv_budget < 1):
+            raise ValueError(f"kv_budget (--kv-budget): expected None or an integer >= 1, got {self.kv_budget!r}")
         if self.token_budget < self.max_length:
             raise ValueError(f"token_budget (--token-budget): expected >= max_length ({self.max_length}) so that "
                              f"one text of the largest accepted size fits a batch, got {self.token_budget}")

@@ -15,7 +15,34 @@ from doe.serve.middleware import BodyTimeout, BodyTooLarge
 from doe.serve.schemas import ApiError, describe
 from doe.serve.state import DISCONNECTED, ServerState
 
-__all__ = ["add_error_handlers"]
+__all__ = ["add_error_handlers", "openai_error", "OPENAI_PATHS"]
+
+OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
+                 415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_error(server: ServerState, exc: ApiError) -> JSONResponse:
+    """``exc`` in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` (a schema
+    error is a 400, as OpenAI answers one)."""
+    server.metrics.errors.labels(kind=exc.kind).inc()
+    detail, param = exc.detail, exc.extra.get("param")
+    if isinstance(detail, list):  # schema errors: [{loc, msg, type}]
+        first = detail[0] if detail else {}
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        param = param or (".".join(loc) or None)
+        if first.get("type") == "extra_forbidden":
+            detail = f"Unrecognized request argument supplied: {param}"
+        else:
+            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in detail)
+    status = 400 if exc.status == 422 else exc.status
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": str(detail), "type": kind, "param": param, "code": exc.kind}}
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.rstrip("/") in OPENAI_PATHS
 
 
 def add_error_handlers(app: FastAPI, server: ServerState, too_large: Callable[[int], JSONResponse]) -> None:
@@ -24,21 +51,24 @@ def add_error_handlers(app: FastAPI, server: ServerState, too_large: Callable[[i
     sending)."""
     metrics = server.metrics
 
+    def render(request: Request, exc: ApiError) -> JSONResponse:
+        return openai_error(server, exc) if _is_openai(request) else server.error(exc)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return server.error(exc)
+        return render(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not (media == "application/json" or media.startswith("application/") and media.endswith("+json")):
-            return server.error(ApiError(415, "unsupported_media_type", "expected Content-Type: application/json, "
+            return render(request, ApiError(415, "unsupported_media_type", "expected Content-Type: application/json, "
                                          f"got {media or 'none'}"))
         if any(e.get("type") == "json_invalid" for e in errors):
-            return server.error(ApiError(400, "malformed_json", f"the body is not valid JSON: "
+            return render(request, ApiError(400, "malformed_json", f"the body is not valid JSON: "
                                          f"{errors[0].get('ctx', {}).get('error', errors[0].get('msg'))}"))
-        return server.error(ApiError(422, "invalid_request", readable(errors, exc.body)))
+        return render(request, ApiError(422, "invalid_request", readable(errors, exc.body)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -49,16 +79,16 @@ def add_error_handlers(app: FastAPI, server: ServerState, too_large: Callable[[i
         if isinstance(cause, BodyTooLarge):
             return too_large(cause.args[0])
         if isinstance(cause, BodyTimeout):
-            return server.error(ApiError(408, "request_timeout", str(cause), headers={"Connection": "close"}))
+            return render(request, ApiError(408, "request_timeout", str(cause), headers={"Connection": "close"}))
         if isinstance(cause, UnicodeDecodeError):
-            return server.error(ApiError(400, "malformed_json", f"the body is not valid JSON: expected UTF-8 text, "
+            return render(request, ApiError(400, "malformed_json", f"the body is not valid JSON: expected UTF-8 text, "
                                          f"got the byte 0x{cause.object[cause.start]:02x} at position {cause.start}"))
         if isinstance(cause, RecursionError):
-            return server.error(ApiError(400, "malformed_json", "the body is not valid JSON for this server: expected "
+            return render(request, ApiError(400, "malformed_json", "the body is not valid JSON for this server: expected "
                                          f"arrays and objects nested at most about {sys.getrecursionlimit()} levels "
                                          "deep (its parser's limit), got deeper nesting"))
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return server.error(ApiError(exc.status_code, kind, exc.detail, headers=getattr(exc, "headers", None)))
+        return render(request, ApiError(exc.status_code, kind, exc.detail, headers=getattr(exc, "headers", None)))
 
 
 def readable(errors: list[dict], body: Any) -> list[dict]:

@@ -1,4 +1,5 @@
-"""POST /v1/generate: decoder models continue a prompt, greedy or sampled, streamed as SSE if asked."""
+"""POST /v1/generate: decoder models continue a prompt, greedy or sampled, streamed as SSE if
+asked; the continuous-batching engine runs it next to every other generation."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from doe.generation import GenerateParams, Generation
-from doe.serve.batcher import Job
+from doe.generation import GenerateParams
 from doe.serve.schemas import ERROR_RESPONSES, ApiError, GenerateRequest, GenerateResult
-from doe.serve.state import DISCONNECTED, ServerState, await_answers, disconnected, failed
+from doe.serve.state import DISCONNECTED, ServerState, disconnected
+from doe.serve.streams import GenerationStream, start_generations
 
-__all__ = ["add_generate"]
+__all__ = ["add_generate", "wait_or_leave"]
+
+
+async def wait_or_leave(request: Request, stream: GenerationStream):
+    """The finished handle, or None when the client went away first (the generation is cancelled)."""
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({stream.done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if stream.done.done():
+        return stream.done.result()
+    stream.cancel()
+    stream.server.metrics.errors.labels(kind="disconnected").inc()
+    return None
 
 
 def add_generate(app: FastAPI, server: ServerState) -> None:
@@ -31,62 +46,55 @@ def add_generate(app: FastAPI, server: ServerState) -> None:
         if body.max_new_tokens > config.max_new_tokens:
             raise ApiError(422, "invalid_request", f"max_new_tokens: expected at most {config.max_new_tokens} "
                            f"(--max-new-tokens), got {body.max_new_tokens}")
-        prompt_tokens = server.count_tokens([body.prompt], [None])[0]
+        server.count_tokens([body.prompt], [None])
         params = GenerateParams(body.prompt, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-
-        def run() -> Generation:
-            push = (lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)) if body.stream else None
-            return server.runtime.generate(params, task=body.task, on_token=push, should_stop=lambda: job.cancelled)
-
-        job = Job(loop, call=run, tokens=prompt_tokens)
-        server.submit([job])
+        ids = None if body.task is not None else server.loop_tokenizer(body.prompt)["input_ids"]
+        stream = start_generations(server, [(params, body.task, ids)])[0]
         served_by = body.task or "dense"
 
-        def result(g: Generation) -> GenerateResult:
-            metrics.generated_tokens.labels(task=served_by).inc(len(g.token_ids))
+        def result(h) -> GenerateResult:
+            if h.error is not None:
+                raise ApiError(500, "inference_error", h.error)
             metrics.latency.labels(task=served_by).observe(time.perf_counter() - t0)
-            return GenerateResult(text=g.text, token_ids=g.token_ids, task=body.task, expert=served_by,
-                                  prompt_tokens=g.prompt_tokens, finish_reason=g.finish_reason,
+            return GenerateResult(text=h.text, token_ids=h.token_ids, task=body.task, expert=served_by,
+                                  prompt_tokens=h.prompt_tokens, finish_reason=h.finish_reason,
                                   latency_ms=1000 * (time.perf_counter() - t0),
-                                  queue_ms=1000 * max(job.started - job.enqueued, 0.0))
+                                  queue_ms=1000 * max((h.started or h.finished) - h.submitted, 0.0))
 
         if body.stream:
-            return StreamingResponse(_sse(request, job, tokens, result), media_type="text/event-stream")
-        answers = await await_answers(server, request, [job])
-        if answers is None:
+            return StreamingResponse(_sse(request, stream, result), media_type="text/event-stream")
+        h = await wait_or_leave(request, stream)
+        if h is None:
             return Response(status_code=DISCONNECTED)
-        failed(answers)
-        return result(answers[0])
+        return result(h)
 
-    async def _sse(request: Request, job: Job, tokens: asyncio.Queue, result):
+    async def _sse(request: Request, stream: GenerationStream, result):
         """One ``data:`` event per token, then a final one with ``done`` (or an ``error`` event)."""
         ids: list[int] = []
         text = ""
         gone = asyncio.ensure_future(disconnected(request))
         try:
-            while not (job.future.done() and tokens.empty()):
-                getter = asyncio.ensure_future(tokens.get())
-                await asyncio.wait({getter, job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            while not (stream.done.done() and stream.tokens.empty()):
+                getter = asyncio.ensure_future(stream.tokens.get())
+                await asyncio.wait({getter, stream.done, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if gone.done():
                     getter.cancel()
                     return
                 if not getter.done():
-                    getter.cancel()  # the answer came; the loop takes the tokens still queued
+                    getter.cancel()  # the end came; the loop takes the tokens still queued
                     continue
                 ids.append(getter.result())
                 new = server.loop_tokenizer.decode(ids, skip_special_tokens=True)
                 yield f"data: {json.dumps({'token_id': ids[-1], 'text': new[len(text):]})}\n\n"
                 text = new
-            answer = job.future.result()
-            if isinstance(answer, Exception):
+            h = stream.done.result()
+            if h.error is not None:
                 metrics.errors.labels(kind="inference_error").inc()
-                yield f"event: error\ndata: {json.dumps({'kind': 'inference_error', 'detail': str(answer)})}\n\n"
+                yield f"event: error\ndata: {json.dumps({'kind': 'inference_error', 'detail': h.error})}\n\n"
                 return
-            yield f"data: {json.dumps({'done': True, **result(answer).model_dump()})}\n\n"
+            yield f"data: {json.dumps({'done': True, **result(h).model_dump()})}\n\n"
         finally:
             gone.cancel()
-            if not job.future.done():  # the client went away: stop generating
-                job.cancelled = True
+            if not stream.done.done():  # the client went away: stop generating
+                stream.cancel()
                 metrics.errors.labels(kind="disconnected").inc()

@@ -37,7 +37,31 @@ class Metrics:
         self.switches = Counter("doe_switches", "Expert switches (install, swap or restore)", registry=r)
         self.switch_seconds = Histogram("doe_switch_seconds", "Time of one expert switch",
                                         buckets=_SWITCH_BUCKETS, registry=r)
-        self.generated_tokens = Counter("doe_generated_tokens", "Tokens generated, by task", ["task"], registry=r)
+        self.generated_tokens = Counter("doe_generated_tokens", "Tokens generated, by task (the expert's, or the "
+                                        "base model's id for dense)", ["task"], registry=r)
+        # generation through the continuous-batching engine, by expert (the base model's id for dense)
+        self.generations = Counter("doe_generation_requests", "Generations finished, by expert", ["expert"],
+                                   registry=r)
+        self.prompt_tokens = Counter("doe_prompt_tokens", "Prompt tokens of finished generations, by expert",
+                                     ["expert"], registry=r)
+        self.first_token = Histogram("doe_time_to_first_token_seconds", "Receipt to first generated token",
+                                     ["expert"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("doe_inter_token_latency_seconds", "Time between two tokens of one generation",
+                                     ["expert"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.generation_queue = Histogram("doe_generation_queue_seconds", "Receipt to admission into the batch",
+                                          ["expert"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_rows = Histogram("doe_decode_batch_rows", "Rows per decode step (batch occupancy)",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.kv_slots = Gauge("doe_kv_cache_slots", "Cache positions held by the decode batch (rows x longest row)",
+                              registry=r)
+        self.kv_budget = Gauge("doe_kv_cache_budget", "The most cache positions the batch may hold (0: no limit)",
+                               registry=r)
+        self.generation_queue_depth = Gauge("doe_generation_queue_depth", "Generations waiting for admission",
+                                            registry=r)
+
+    def observe_step(self, rows: int, slots: int) -> None:
+        self.decode_rows.observe(rows)
+        self.kv_slots.set(slots)
 
     def observe_switch(self, ms: float) -> None:
         self.switches.inc()

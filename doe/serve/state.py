@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from fastapi import Request
@@ -37,6 +39,11 @@ class ServerState:
     model_type: Optional[str]
     threshold: float
     loop_tokenizer: Any  # a tokenizer of the loop's own: a fast tokenizer's padding state is not thread-safe
+    engine: Any = None  # doe.engine.GenerationEngine on a decoder, else None
+    model_id: str = "base"  # the base model's name in the OpenAI API
+    expert_dir: Optional[Path] = None  # where POST /v1/experts may load from (None: off)
+    created: dict = field(default_factory=dict)  # model id -> unix time it was loaded
+    removing: set = field(default_factory=set)  # experts being unloaded: new requests get 404
 
     @property
     def tasks(self) -> list[str]:
@@ -54,7 +61,7 @@ class ServerState:
             if routable and self.runtime.router is None:
                 raise ApiError(422, "invalid_request", f"{where}no 'task' given and this server has no router; give "
                                f"one of {self.tasks}", tasks=self.tasks)
-        elif task not in self.experts:
+        elif task not in self.experts or task in self.removing:
             raise ApiError(404, "unknown_task", f"{where}unknown task {task!r}; this server serves {self.tasks}",
                            tasks=self.tasks)
 
@@ -72,6 +79,10 @@ class ServerState:
                 raise ApiError(413, "too_large", f"item {i}: {n} tokens; this server takes at most {limit} tokens "
                                "per text (--max-length)")
         return counts
+
+    def served(self, task: Optional[str]) -> None:
+        """Note when a model id (the base model, or an expert) became available."""
+        self.created.setdefault(self.model_id if task is None else task, int(time.time()))
 
     def submit(self, jobs: list[Job]) -> None:
         try:
