@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--scopes", default="layer", help="comma list of layer, global")
     ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
-    ap.add_argument("--readout", default="auto", choices=["auto", "head", "verbalizer"])
+    ap.add_argument("--readout", default="auto", choices=["auto", "head", "mean", "verbalizer"])
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
     args = ap.parse_args(argv)
     torch.manual_seed(0)

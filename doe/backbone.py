@@ -129,7 +129,8 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         model: the backbone.
         inputs: ``prompted_inputs``' dict.
         heads: per row, its linear head (H -> C_r) or None; rows may share a module. Encoders
-            read the mean of the text's last hidden states, decoders the last text token's.
+            read the mean of the text's last hidden states, decoders the last text token's, or
+            the mean where the head's ``pooling`` attribute is "mean".
         label_ids: per row, (C_r,) verbalizer token ids, for rows without a head (decoders:
             the next-token logits at the last text token; seq2seq: at the first decoder step).
     """
@@ -155,6 +156,10 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
     else:  # the last text token's state; the vocabulary logits only where a verbalizer reads them
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]
         states = hidden[torch.arange(b, device=hidden.device), (start + length - 1).to(hidden.device)]
+        pooled = [r for r in range(b) if getattr(heads[r], "pooling", None) == "mean"]
+        if pooled:  # heads that read the mean of the text's states, as encoders do
+            states = states.clone()
+            states[pooled] = _mean_over_text(hidden[pooled], start[pooled], length[pooled]).to(states.dtype)
     out: list = [None] * b
     with_head = [r for r in range(b) if heads[r] is not None]
     for head, rows in _by_reader(heads, with_head):

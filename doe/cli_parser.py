@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retune-epochs", type=int, default=None,
                    help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")
     p.add_argument("--prompt-tokens", type=int, default=8)
-    p.add_argument("--readout", default="auto", choices=["auto", "head", "verbalizer"],
-                   help="how classes are read: a linear head on the last text token (decoders) or pooled text "
-                        "(encoders), or the next-token logits of the label words (decoders, seq2seq); auto: a head "
-                        "except on seq2seq models")
+    p.add_argument("--readout", default="auto", choices=["auto", "head", "mean", "verbalizer"],
+                   help="how classes are read: a linear head on the last text token (head, decoders) or on the "
+                        "mean of the text's states (mean; what encoders always do), or the next-token logits of the "
+                        "label words (verbalizer: decoders, seq2seq); auto: a head except on seq2seq models")
     p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler="localize")

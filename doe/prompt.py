@@ -5,8 +5,9 @@
 - encoders (BERT, RoBERTa, DistilBERT, the packaged MiniLM): [prompt; text] -> last hidden
   state -> mean over text tokens -> a small linear head;
 - decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> the last text
-  token's hidden state -> a small linear head (``readout="head"``, the default), or the
-  next-token logits there at one verbalizer token per label (``readout="verbalizer"``);
+  token's hidden state -> a small linear head (``readout="head"``), or the mean of the text's
+  hidden states -> a head (``readout="mean"``), or the next-token logits at the last text token
+  at one verbalizer token per label (``readout="verbalizer"``);
 - T5: [prompt; text] into the encoder, the first decoder step's logits at the verbalizer tokens.
 
 A task's ``instruction`` goes before the text: inside the user turn of the tokenizer's chat
@@ -32,7 +33,8 @@ from doe.tasks import Example, TaskData, TaskSpec
 
 __all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "prompt_tune"]
 
-READOUTS = ("head", "verbalizer")
+READOUTS = ("head", "mean", "verbalizer")
+_MEAN_MARK = "pooling_mean"  # a head state's key that says the head reads the mean of the text
 
 
 @dataclass
@@ -84,13 +86,17 @@ def chat_pieces(tokenizer, instruction: str) -> Optional[tuple[list[int], list[i
 
 def _readout(kind: str, readout: Optional[str], prompt, head) -> str:
     if readout in (None, "auto"):
+        if head is not None and _MEAN_MARK in head and kind == "decoder":
+            return "mean"
         if head is not None or kind == "encoder":
             return "head"
         # a fresh decoder gets a head; one given a prompt alone was tuned with verbalizers
         return "head" if prompt is None and kind == "decoder" else "verbalizer"
     if readout not in READOUTS:
         raise ValueError(f"readout: expected one of auto, {', '.join(READOUTS)}, got {readout!r}")
-    if (kind, readout) in (("encoder", "verbalizer"), ("seq2seq", "head")):
+    if kind == "encoder" and readout == "mean":
+        return "head"  # an encoder's head reads the mean already
+    if (kind, readout) in (("encoder", "verbalizer"), ("seq2seq", "head"), ("seq2seq", "mean")):
         raise ValueError(f"readout {readout!r} does not apply to {kind} models: encoders read through a head, "
                          "seq2seq models at verbalizer tokens")
     if readout == "verbalizer" and head is not None:
@@ -147,10 +153,12 @@ class TaskModel(nn.Module):
         self.prompt = nn.Parameter(prompt.detach().float().clone().to(embed.weight.device))
         self.head: Optional[nn.Linear] = None
         self.register_buffer("label_token_ids", torch.empty(0, dtype=torch.long), persistent=False)
-        if self.readout == "head":
+        if self.readout in ("head", "mean"):
             self.head = nn.Linear(hidden, len(spec.labels))
+            if self.readout == "mean":
+                self.head.pooling = "mean"  # read by doe.backbone.classify
             if head is not None:
-                self.head.load_state_dict({k: v.float() for k, v in head.items()})
+                self.head.load_state_dict({k: v.float() for k, v in head.items() if k != _MEAN_MARK})
             else:
                 with torch.no_grad():
                     self.head.weight.normal_(0.0, hidden**-0.5, generator=g)
@@ -186,7 +194,11 @@ class TaskModel(nn.Module):
         return [self.prompt] + (list(self.head.parameters()) if self.head is not None else [])
 
     def head_state(self) -> Optional[dict[str, torch.Tensor]]:
-        return None if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        """The head's weights (a "mean" head marks itself, so that it is read back the same way)."""
+        if self.head is None:
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        return {**state, _MEAN_MARK: torch.ones(1)} if self.readout == "mean" else state
 
     def encode(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Tokenize a batch (right padding) on the model's device; ``max_length`` cuts the text,

@@ -48,6 +48,34 @@ def test_decoder_rows_read_through_heads_or_verbalizers_as_each_alone(family):
         torch.testing.assert_close(got[r], want.float(), atol=1e-5, rtol=1e-5, msg=lambda m: f"row {r}: {m}")
 
 
+@torch.no_grad()
+def test_mean_heads_read_the_mean_of_the_text_next_to_last_token_heads_and_round_trip(tmp_path):
+    model = make_tiny("llama")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(3, HIDDEN, generator=g), torch.randn(2, HIDDEN, generator=g)]
+    lengths = [6, 3]
+    ids = torch.randint(4, model.config.vocab_size, (2, 6), generator=g)
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    mean_head, last_head = nn.Linear(HIDDEN, 2), nn.Linear(HIDDEN, 3)
+    mean_head.pooling = "mean"
+    got = classify(model, prompted_inputs(model, prompts, ids, mask), heads=[mean_head, last_head])
+    for r, head in enumerate([mean_head, last_head]):
+        tokens = model.get_input_embeddings()(ids[r : r + 1, : lengths[r]])
+        hidden = model(inputs_embeds=torch.cat([prompts[r][None], tokens], 1), output_hidden_states=True
+                       ).hidden_states[-1][0]
+        state = hidden[prompts[r].shape[0]:].mean(0) if r == 0 else hidden[-1]  # the text's positions only
+        torch.testing.assert_close(got[r], head(state).float(), atol=1e-5, rtol=1e-5)
+    # the head state marks a mean head, so a TaskModel (and an expert file) reads it back the same way
+    tok = tiny_tokenizer([], SPEC.label_words)
+    tm = TaskModel(model, tok, SPEC, readout="mean")
+    state = tm.head_state()
+    again = TaskModel(model, tok, SPEC, prompt=tm.prompt.detach(), head=state)
+    assert again.readout == "mean" and again.head.pooling == "mean"
+    batch = tm.encode([Example("a b c", 0), Example("d", 1)])
+    torch.testing.assert_close(again(**batch), tm(**batch))
+    assert TaskModel(make_tiny("bert"), tok, SPEC, readout="mean").readout == "head"  # encoders read the mean
+
+
 def test_readout_defaults_and_refusals():
     tok = tiny_tokenizer([], SPEC.label_words)
     llama = make_tiny("llama")
@@ -62,7 +90,7 @@ def test_readout_defaults_and_refusals():
         (make_tiny("bert"), "verbalizer", {}, "does not apply to encoder models"),
         (make_tiny("t5"), "head", {}, "does not apply to seq2seq models"),
         (llama, "verbalizer", {"head": {"weight": torch.zeros(2, HIDDEN), "bias": torch.zeros(2)}}, "one or the other"),
-        (llama, "logits", {}, "expected one of auto, head, verbalizer, got 'logits'"),
+        (llama, "logits", {}, "expected one of auto, head, mean, verbalizer, got 'logits'"),
     ]:
         with pytest.raises(ValueError, match=match):
             TaskModel(model, tok, SPEC, readout=readout, **kw)
