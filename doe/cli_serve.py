@@ -39,13 +39,14 @@ def serve(args) -> int:
     cli._check_device(args.device)
     if args.expert_dir is not None and not Path(args.expert_dir).is_dir():
         raise UsageError(f"--expert-dir: expected a folder of expert folders, got {args.expert_dir!r}")
-    experts = cli._load_experts(args.experts)
+    experts = cli._load_experts(args.experts) if args.experts or args.expert_dir is None else []
     if experts or args.expert_dir is None:  # with --expert-dir a decoder may start with none
         with _user_input("--experts"):
             check_experts(experts)
     with _user_input("--router", (ValueError, FileNotFoundError)):
         router = TaskRouter.from_pretrained(args.router) if args.router else None
-        check_experts(experts, router)
+        if router is not None:
+            check_experts(experts, router)
     try:  # bound before the model loads: a busy port fails now, and port 0 picks a free one
         sock = bind(args.host, args.port)
     except OSError as exc:
