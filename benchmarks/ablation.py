@@ -4,7 +4,8 @@ changed at a time.
     python -m benchmarks.ablation [--model smollm2] [--task offline_topic] [--keeps 0.35,0.2]
                                       [--scopes layer,global] [--targets logit,log_prob]
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
-                                      [--readout auto|head|verbalizer] [--random-at 0.2]
+                                      [--readout auto|head|mean|verbalizer] [--random-at 0.2]
+                                      [--retune-compensated-only]
 
 --task takes a registered task or a published data set (benchmarks.published: reuters_r8).
 --retune-epochs takes a comma list; the first value re-tunes every variant, each further value
@@ -37,7 +38,8 @@ def resolve_task(task: str):
 
 
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs, seeds: list,
-        scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=()) -> list:
+        scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=(),
+        retune_compensated_only: bool = False) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
@@ -80,6 +82,8 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                 if not full_only:
                     with unplugged(model, e):
                         yield f"{prefix}{name}", acc(tm)
+                if retune_compensated_only and not name:
+                    continue
                 for i, epochs in enumerate(retunes[:1] + (extra_retunes if name else [])):
                     label = " + re-tuned" if i == 0 else f" + re-tuned {epochs} epochs"
                     yield f"{prefix}{name}{label}", retuned(e, epochs)
@@ -131,12 +135,14 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
     ap.add_argument("--readout", default="auto", choices=["auto", "head", "mean", "verbalizer"])
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
+    ap.add_argument("--retune-compensated-only", action="store_true",
+                    help="re-tune only the compensated experts (the other rows as localized)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = run(args.model, args.task, [float(k) for k in args.keeps.split(",")], args.max_train, args.max_eval,
                [int(e) for e in args.retune_epochs.split(",")], [int(s) for s in args.seeds.split(",")],
                tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
-               [float(k) for k in args.random_at.split(",") if k])
+               [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only)
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

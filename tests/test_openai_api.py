@@ -248,3 +248,16 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_stops_its_generation(
     assert handle == 0  # the generation stopped when its client left, well before 40 tokens
     tokens = [line for line in metrics.splitlines() if line.startswith('doe_generated_tokens_total{task="a"}')]
     assert tokens and float(tokens[0].split()[-1]) < 40
+
+
+def test_serve_refuses_bad_generation_flags_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    from doe.cli import main
+
+    monkeypatch.setattr("doe.cli._load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv, message in [
+        (["--kv-budget", "0"], "kv_budget (--kv-budget): expected None or an integer >= 1, got 0"),
+        (["--expert-dir", str(tmp_path / "missing")], "--expert-dir: expected a folder of expert folders"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "--port", "0", *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
