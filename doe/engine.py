@@ -22,6 +22,7 @@ step, where ``mixed_batch`` needs each row's expert before the forward.
 from __future__ import annotations
 
 import contextlib
+import logging
 import inspect
 import threading
 import time
@@ -35,6 +36,8 @@ from doe.backbone import generation_inputs
 from doe.generation import GenerateParams, Generation, choose_tokens, sendable
 from doe.locking import model_lock
 from doe.unplug import mixed_batch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GenerationEngine", "GenerationHandle", "EngineFull", "EngineStopped", "generate_all"]
 
@@ -75,6 +78,7 @@ class GenerationHandle:
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     _sent: int = 0  # characters of text passed to on_text
+    _sent_text: str = ""
     _full: str = ""  # the decoded tokens, before any stop string cut
     _soft: Optional[torch.Tensor] = None  # (P, hidden) the task's soft prompt
     _layout: Optional[Callable[[str], list[int]]] = None  # the task's prompt layout, else the tokenizer
@@ -180,12 +184,15 @@ class GenerationEngine:
         self.on_step, self.restore_when_idle = on_step, restore_when_idle
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self._positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"GenerationEngine needs a model whose forward takes position_ids (rows are left-padded "
+                             f"to different lengths); {type(self.model).__name__} does not")
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         # transformers renamed the cache argument and output from past_key_values to cache
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._queue: deque[GenerationHandle] = deque()
+        self._admitting: list[GenerationHandle] = []
         self._rows: list[_Row] = []
         self._past = None  # the batch's transformers cache, left-padded to the longest row
         self._mask: Optional[torch.Tensor] = None  # (B, L) 1 where a row has a cache entry
@@ -223,6 +230,8 @@ class GenerationEngine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine is stopping")
+            if self._thread is not None and not self._thread.is_alive():
+                raise EngineStopped("the generation worker stopped")
             if len(self._queue) >= self.max_queue:
                 raise EngineFull(f"the queue holds {len(self._queue)} of {self.max_queue} requests")
             self._queue.append(handle)
@@ -232,7 +241,7 @@ class GenerationEngine:
     def busy(self, task: str) -> int:
         """Requests of ``task`` queued or running."""
         with self._cond:
-            return (sum(h.task == task for h in self._queue)
+            return (sum(h.task == task for h in self._queue) + sum(h.task == task for h in self._admitting)
                     + sum(r.handle.task == task for r in self._rows))
 
     @property
@@ -278,7 +287,10 @@ class GenerationEngine:
                     return
             if idle:
                 if self.restore_when_idle:  # outside the condition: step() takes the model's lock first
-                    self.runtime.switch(None)
+                    try:
+                        self.runtime.switch(None)
+                    except Exception:  # the next step installs what it needs; the worker goes on
+                        log.exception("generation worker: restoring the dense model failed")
                 with self._cond:
                     while not self._queue and not self._rows and not self._stopping:
                         self._cond.wait()
@@ -300,22 +312,31 @@ class GenerationEngine:
     def step(self) -> None:
         """Admit what fits, decode one token for every row, retire the finished rows."""
         with model_lock(self.model), torch.inference_mode():
-            rt = self.runtime
-            rt._switch(rt._resident())
+            admitted: list[GenerationHandle] = []
             try:
-                for handle in self._admit():
+                rt = self.runtime
+                rt._switch(rt._resident())
+                admitted = self._admit()
+                for handle in admitted:
                     self._prefill(handle)
                 if self._rows:
                     self._decode()
             except Exception as exc:  # the rows fail, the engine stays usable
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+                error = f"{type(exc).__name__}: {exc}"
+                for h in admitted:
+                    self._finish(h, None, error=error)
+                self._fail_all(error)
+            finally:
+                with self._cond:
+                    self._admitting = []
         self.steps += 1
 
     def _admit(self) -> list[GenerationHandle]:
-        out = []
+        out = self._admitting = []  # counted by busy() until they are rows
         with self._cond:
-            while self._queue and self._queue[0].cancelled:
-                self._finish(self._queue.popleft(), "cancelled")
+            for h in [h for h in self._queue if h.cancelled]:
+                self._queue.remove(h)
+                self._finish(h, "cancelled")
             tokens = 0
             longest = max((r.handle.reserved for r in self._rows), default=0)
             while self._queue and len(self._rows) + len(out) < self.max_batch:
@@ -399,8 +420,7 @@ class GenerationEngine:
         ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
         inputs = {"input_ids": ids, "attention_mask": mask, self._cache_arg: self._past, "use_cache": True}
-        if self._positions:
-            inputs["position_ids"] = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=device)
+        inputs["position_ids"] = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=device)
         with self._tasks(rows):
             out = self.model(**inputs)
         self._past, self._mask = _out_cache(out), mask
@@ -426,7 +446,7 @@ class GenerationEngine:
                              for k, v in _layers(self._past)])
 
     def _fail_all(self, error: str) -> None:
-        for r in self._rows:
+        for r in self._rows:  # rows that finished earlier in the step keep their result (_finish)
             self._finish(r.handle, None, error=error)
         self._rows, self._past, self._mask = [], None, None
 
@@ -466,13 +486,15 @@ class GenerationEngine:
         return False
 
     def _send(self, h: GenerationHandle, end: int) -> None:
-        if end > h._sent:
+        if end > h._sent and h._full.startswith(h._sent_text):  # decoding more tokens may rewrite earlier text
             piece = h._full[h._sent: end]
-            h._sent = end
+            h._sent, h._sent_text = end, h._full[:end]
             if h.on_text is not None:
                 h.on_text(piece)
 
     def _finish(self, h: GenerationHandle, reason: Optional[str], error: Optional[str] = None) -> bool:
+        if h.done.is_set():
+            return True
         h.finish_reason, h.error = reason, error
         if error is None:
             h._full = h.text

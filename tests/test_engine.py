@@ -215,3 +215,23 @@ def test_generate_all_and_process_batch_generation_requests(setup):
                           for p, t, n in zip(PROMPTS, TASKS, NEW) if t is not None])
     want = [g.text for g, (_, t) in zip(got, pairs) if t is not None]
     assert [r.text for r in results] == want and all(r.error is None for r in results)
+
+
+def test_a_step_that_fails_while_admitting_finishes_every_admitted_request(setup, monkeypatch):
+    model, tok, experts, rt = setup
+    engine = GenerationEngine(rt, max_batch=4)
+    first = engine.submit(GenerateParams(PROMPTS[0], 1), task="a")  # done in its prefill
+    engine.step()
+    joining = [engine.submit(GenerateParams(p, 6), task=t) for p, t in zip(PROMPTS[1:3], TASKS[1:3])]
+    seen = []
+
+    def admitted_then_fail(*args, **kwargs):
+        seen.append(engine.busy("b"))
+        raise RuntimeError("sampling broke")
+
+    monkeypatch.setattr("doe.engine.choose_tokens", admitted_then_fail)
+    engine.step()
+    assert seen == [1]  # a request being prefilled counts as busy
+    assert all(h.done.is_set() and "sampling broke" in h.error for h in joining)
+    assert first.error is None and first.finish_reason in ("stop", "length")  # an earlier result stays
+    assert engine.queued == engine.running == 0

@@ -47,7 +47,7 @@ from doe.router import TaskRouter
 from doe.runtime import UnplugAndPlay, check_experts
 from doe.serve.batcher import Batcher
 from doe.serve.classify import add_classify
-from doe.serve.config import ServeConfig
+from doe.serve.config import ServeConfig, check_positions
 from doe.serve.errors import add_error_handlers
 from doe.serve.experts_api import add_expert_admin
 from doe.serve.generate import add_generate
@@ -59,19 +59,6 @@ from doe.serve.schemas import ApiError
 from doe.serve.state import ServerState
 
 __all__ = ["create_app", "check_positions"]
-
-
-def check_positions(model: nn.Module, experts: Sequence[TaskExpert], config: ServeConfig) -> None:
-    """Raise ValueError when the longest accepted input (soft prompt + ``max_length``, plus
-    ``max_new_tokens`` on a decoder) does not fit the model's position table."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    prompts = [int(p.shape[0]) for e in experts for p in (e.prompt, e.dense_prompt) if p is not None]
-    decoder = model_kind(model) == "decoder"
-    longest = max(prompts, default=0) + config.max_length + (config.max_new_tokens if decoder else 0)
-    if limit is not None and longest > limit:
-        raise ValueError(f"{max(prompts, default=0)} soft prompt tokens + max_length {config.max_length}"
-                         f"{f' + max_new_tokens {config.max_new_tokens}' if decoder else ''} = {longest} positions, "
-                         f"but the model has {limit}")
 
 
 def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, router: Optional[TaskRouter] = None,

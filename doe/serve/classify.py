@@ -37,6 +37,10 @@ def add_classify(app: FastAPI, server: ServerState) -> None:
                            f"{config.max_items} (--max-items)")
         for n, item in enumerate(items):
             server.check_task(item.task, routable=True, item=n if isinstance(body, list) else None)
+            if item.task is not None and server.runtime._entries[item.task].spec.is_generation:
+                where = f"item {n}: " if isinstance(body, list) else ""
+                raise ApiError(422, "invalid_request", f"{where}task {item.task!r} generates text; send it to "
+                               "/v1/completions, /v1/chat/completions or /v1/generate")
         counts = server.count_tokens([i.text for i in items], [i.text_pair for i in items])
         loop = asyncio.get_running_loop()
         jobs = [Job(loop, request=RuntimeRequest(i.text, i.text_pair, i.task, id=n), key=batcher.key_of(i.task),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import InitVar, asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-__all__ = ["ServeConfig"]
+__all__ = ["ServeConfig", "check_positions"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,18 @@ def _max_tokens(self) -> int:
 
 # the earlier attribute name, read-only (the constructor's keyword is the InitVar above)
 ServeConfig.max_tokens = property(_max_tokens, doc="Deprecated: the earlier name of ``max_length``.")
+
+
+def check_positions(model, experts: Sequence, config: ServeConfig) -> None:
+    """Raise ValueError when the longest accepted input (soft prompt + ``max_length``, plus
+    ``max_new_tokens`` on a decoder) does not fit the model's position table."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    prompts = [int(p.shape[0]) for e in experts for p in (e.prompt, e.dense_prompt) if p is not None]
+    from doe.models import model_kind
+
+    decoder = model_kind(model) == "decoder"
+    longest = max(prompts, default=0) + config.max_length + (config.max_new_tokens if decoder else 0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"{max(prompts, default=0)} soft prompt tokens + max_length {config.max_length}"
+                         f"{f' + max_new_tokens {config.max_new_tokens}' if decoder else ''} = {longest} positions, "
+                         f"but the model has {limit}")

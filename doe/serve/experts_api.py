@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from doe.expert import TaskExpert
+from doe.serve.config import check_positions
 from doe.serve.schemas import ERROR_RESPONSES, ApiError, Text
 from doe.serve.state import ServerState
 
@@ -38,6 +39,7 @@ def _inside(root: Path, path: str) -> Path:
 
 def add_expert_admin(app: FastAPI, server: ServerState) -> None:
     runtime, engine, batcher = server.runtime, server.engine, server.batcher
+    loading: set = set()  # names being loaded: a second load of one is a 409
 
     @app.post("/v1/experts", status_code=201, responses=ERROR_RESPONSES, summary="Load an expert from --expert-dir")
     async def load_expert(body: LoadExpert):
@@ -49,13 +51,17 @@ def add_expert_admin(app: FastAPI, server: ServerState) -> None:
             expert = await asyncio.to_thread(TaskExpert.from_pretrained, folder)
         except (ValueError, OSError) as exc:
             raise ApiError(422, "invalid_expert", f"{body.path!r} is not an expert folder: {exc}") from exc
-        if expert.task in server.experts or expert.task == server.model_id:
+        if expert.task in server.experts or expert.task in loading or expert.task == server.model_id:
             raise ApiError(409, "expert_exists", f"an expert named {expert.task!r} is already served; DELETE "
                            f"/v1/experts/{expert.task} first")
+        loading.add(expert.task)
         try:
+            check_positions(runtime.model, [expert], server.config)
             added = await asyncio.to_thread(runtime.add_expert, expert)
         except ValueError as exc:
             raise ApiError(422, "invalid_expert", f"{body.path!r}: {exc}") from exc
+        finally:
+            loading.discard(expert.task)
         server.experts[added.task] = added
         server.created[added.task] = int(time.time())
         return {**added.summary(), "task": added.task, "id": added.task, "parent": server.model_id}
@@ -68,6 +74,9 @@ def add_expert_admin(app: FastAPI, server: ServerState) -> None:
         if name not in server.experts or name in server.removing:
             raise ApiError(404, "unknown_task", f"unknown expert {name!r}; this server serves {server.tasks}",
                            tasks=server.tasks)
+        if runtime.router is not None and name in runtime.router.tasks:
+            raise ApiError(409, "expert_routed", f"the router routes requests to {name!r}; serve it with a router "
+                           "that does not, then unload it")
         server.removing.add(name)  # new requests for it get 404 from now on
         try:
             deadline = time.monotonic() + server.config.shutdown_timeout_s

@@ -28,7 +28,8 @@ def add_info(app: FastAPI, server: ServerState) -> None:
     @app.get("/health", summary="200 while serving, 503 when shutting down or the worker stopped")
     async def health():
         closing = app.state.draining or batcher.stopping
-        ok = batcher.alive and not closing
+        engine = server.engine
+        ok = batcher.alive and (engine is None or engine.alive) and not closing
         body = {"status": "ok" if ok else ("shutting_down" if closing else "worker_stopped"),
                 "queue_depth": batcher.depth, "max_queue": config.max_queue, "tasks": server.tasks}
         return JSONResponse(body, status_code=200 if ok else 503)

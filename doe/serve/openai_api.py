@@ -93,13 +93,15 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
         return dict(max_new_tokens=max_tokens, temperature=temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, stop=stop), (body.seed,)
 
-    def check_length(task: Optional[str], ids: list, max_tokens: int) -> None:
-        soft = 0 if task is None else int(server.experts[task].prompt.shape[0])
+    def check_length(task: Optional[str], ids: list, max_tokens: int, chat: bool) -> None:
+        soft = 0 if task is None else int(server.runtime._entries[task].on_expert.prompt.shape[0])
         limit = server.engine.max_positions
         if limit is not None and soft + len(ids) + max_tokens > limit:
             raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {limit} tokens; "
                            f"the prompt has {soft + len(ids)} and max_tokens asks {max_tokens} more",
-                           param="messages" if task is None else "prompt")
+                           param="messages" if chat else "prompt")
+        if not ids and task is None:
+            raise ApiError(400, "invalid_value", "the prompt has no tokens", param="messages" if chat else "prompt")
 
     async def classify_answer(request: Request, task: str, text: str) -> Optional[tuple[str, int]]:
         """(label, prompt tokens) of a classification expert, or None when the client left."""
@@ -119,7 +121,8 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
         created = int(time.time())
         n = body.n
         max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens else body.max_tokens
-        options, (seed,) = settings(body, max_tokens, config.max_new_tokens if chat else 16, n * len(prompts))
+        options, (seed,) = settings(body, max_tokens, config.max_new_tokens if chat else min(16, config.max_new_tokens),
+                                    n * len(prompts))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "invalid_value", "stream_options: only allowed with stream true", param="stream_options")
@@ -138,7 +141,7 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
         for p in prompts:
             ids = server.loop_tokenizer(p, add_special_tokens=not chat)["input_ids"] if task is None else None
             check_length(task, ids if ids is not None else server.loop_tokenizer(p)["input_ids"],
-                         options["max_new_tokens"])
+                         options["max_new_tokens"], chat)
             for i in range(n):
                 params = GenerateParams(p, seed=None if seed is None else seed + i, **options)
                 requests.append((params, task, ids))
@@ -150,6 +153,10 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
         everything = asyncio.gather(*[asyncio.shield(s.done) for s in streams])
         try:
             await asyncio.wait({everything, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server stops waiting: so does the engine
+            for s in streams:
+                s.cancel()
+            raise
         finally:
             gone.cancel()
             everything.cancel()
@@ -160,8 +167,10 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
             return Response(status_code=DISCONNECTED)
         handles = [s.done.result() for s in streams]
         errors = sorted({h.error for h in handles if h.error})
-        if errors:
-            raise ApiError(500, "inference_error", "; ".join(errors))
+        if errors:  # a prompt that does not fit is the client's; anything else the server's
+            client = all(e.startswith("context_length_exceeded") for e in errors)
+            raise ApiError(400 if client else 500, "context_length_exceeded" if client else "inference_error",
+                           "; ".join(errors), param="messages" if chat else "prompt")
         finals = [(h.text, h.finish_reason, h.prompt_tokens, len(h.token_ids)) for h in handles]
         return _respond(body, chat, kind, rid, created, finals, include_usage)
 
@@ -251,7 +260,11 @@ def add_openai(app: FastAPI, server: ServerState) -> None:
         task = resolve(body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         if task is None:
-            prompt = chat_prompt(server.loop_tokenizer, messages)
+            try:
+                prompt = chat_prompt(server.loop_tokenizer, messages)
+            except Exception as exc:  # the template refuses these messages (e.g. roles that do not alternate)
+                raise ApiError(400, "invalid_value", f"messages: the chat template refused them: {exc}",
+                               param="messages") from exc
         else:
             users = [m["content"] for m in messages if m["role"] == "user"]
             if not users:
