@@ -31,7 +31,7 @@ from doe.backbone import classify, prompted_inputs
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
-__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "prompt_tune"]
+__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "probe_head", "prompt_tune"]
 
 READOUTS = ("head", "mean", "verbalizer")
 _MEAN_MARK = "pooling_mean"  # a head state's key that says the head reads the mean of the text
@@ -50,7 +50,11 @@ class PromptTuningConfig:
     weight_decay: float = 0.0
     seed: int = 0
     show_progress: bool = True
-    readout: str = "auto"  # "head", "verbalizer", or the model kind's default (TaskModel)
+    readout: str = "auto"  # "head", "mean", "verbalizer", or the model kind's default (TaskModel)
+    #: a new head starts as a logistic-regression probe of the states it reads ("probe": fitted on
+    #: the training texts before tuning, as in linear-probing-then-fine-tuning) or at random
+    #: ("random"); "auto": a probe on decoders, random on encoders
+    head_init: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "epochs", "batch_size", "max_length"):
@@ -63,6 +67,8 @@ class PromptTuningConfig:
                 raise ValueError(f"PromptTuningConfig.{name}: expected a positive learning rate, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"PromptTuningConfig.weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.head_init not in ("auto", "probe", "random"):
+            raise ValueError(f"PromptTuningConfig.head_init: expected auto, probe or random, got {self.head_init!r}")
         if self.readout not in ("auto",) + READOUTS:
             raise ValueError(f"PromptTuningConfig.readout: expected one of auto, {', '.join(READOUTS)}, "
                              f"got {self.readout!r}")
@@ -153,6 +159,7 @@ class TaskModel(nn.Module):
         self.prompt = nn.Parameter(prompt.detach().float().clone().to(embed.weight.device))
         self.head: Optional[nn.Linear] = None
         self.register_buffer("label_token_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        self.fresh_head = head is None  # prompt_tune may start it as a probe (PromptTuningConfig.head_init)
         if self.readout in ("head", "mean"):
             self.head = nn.Linear(hidden, len(spec.labels))
             if self.readout == "mean":
@@ -275,6 +282,54 @@ def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random):
         yield [examples[j] for j in order[i : i + batch_size]]
 
 
+class _Capture(nn.Module):
+    """Stands in for a head: keeps the states it is given, answers zeros."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight, self.pooling, self.seen = head.weight, getattr(head, "pooling", None), []
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        self.seen.append(states.detach().float())
+        return states.new_zeros(states.shape[0], 1)
+
+
+@torch.no_grad()
+def probe_head(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 16, l2: float = 1e-2) -> None:
+    """Set ``task_model``'s head to a multinomial logistic regression of its labels on the
+    states the head reads (with the current prompt), fitted by L-BFGS on standardized states
+    with an L2 penalty ``l2``; the standardization is folded into the head's weights."""
+    head = task_model.head
+    capture = _Capture(head)
+    task_model.head = capture
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i: i + batch_size]
+            task_model(**task_model.encode(batch))
+    finally:
+        task_model.head = head
+    x = torch.cat(capture.seen)  # (N, H)
+    y = torch.tensor([e.label for e in examples], device=x.device)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], task_model.num_labels, device=x.device, requires_grad=True)
+    b = torch.zeros(task_model.num_labels, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    weight = (w / sd[:, None]).t()  # (C, H)
+    head.weight.copy_(weight.to(head.weight.dtype))
+    head.bias.copy_((b - (mu / sd) @ w).to(head.bias.dtype))
+    task_model.fresh_head = False
+
+
 def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig, *,
                 phase_name: Optional[str] = None) -> PromptTuningResult:
     """Train the soft prompt (and head) of ``task_model`` on ``data`` (its train split).
@@ -290,6 +345,10 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
     backbone_params = list(task_model.model.parameters())
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    probe = config.head_init == "probe" or (config.head_init == "auto" and task_model.kind == "decoder")
+    if probe and task_model.head is not None and task_model.fresh_head:
+        with eval_mode(task_model.model), frozen(backbone_params):
+            probe_head(task_model, examples, config.batch_size)
     groups = [{"params": [task_model.prompt], "lr": config.lr}]
     if task_model.head is not None:
         groups.append({"params": list(task_model.head.parameters()), "lr": config.head_lr})

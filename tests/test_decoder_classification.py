@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from doe.backbone import classify, prompted_inputs
 from doe.cli import main
@@ -154,3 +155,29 @@ def test_localize_and_eval_commands_take_the_instruction_and_the_readout(tmp_pat
     assert main(["eval", "--experts", str(tmp_path / "head"), "--max-eval", "8", "--json", "--quiet"]) == 0
     rows = [r["name"] for r in json.loads(capsys.readouterr().out)["rows"]]
     assert rows[:2] == ["dense", "zero-shot"] and len(rows) == 3
+
+
+def test_probe_head_is_the_penalized_logistic_regression_of_the_states_it_reads():
+    from doe.prompt import probe_head
+
+    data = load_task(TASK, max_train=24)
+    tok = tiny_tokenizer([e.text for e in data.train])
+    model = make_tiny("llama")
+    tm = TaskModel(model, tok, data.spec, readout="mean", num_tokens=3)
+    examples = list(data.train)
+    probe_head(tm, examples, batch_size=8)
+    with torch.no_grad():  # the states by hand: the mean over the text of the last hidden states
+        states = []
+        for e in examples:
+            ids = tm.encode([e])["input_ids"]
+            embeds = torch.cat([tm.prompt[None], model.get_input_embeddings()(ids)], 1)
+            states.append(model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][0, 3:].mean(0))
+    x = torch.stack(states).float()
+    y = torch.tensor([e.label for e in examples])
+    mu, sd = x.mean(0), x.std(0)
+    w = (tm.head.weight.detach().t() * sd[:, None]).requires_grad_()  # back in the standardized space
+    b = (tm.head.bias.detach() + mu @ tm.head.weight.detach().t()).requires_grad_()
+    loss = F.cross_entropy((x - mu) / sd @ w + b, y) + 1e-2 * w.pow(2).sum()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-3  # the optimum
+    assert not tm.fresh_head
