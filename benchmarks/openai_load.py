@@ -2,7 +2,8 @@
 batching across experts against one request at a time and against a single-expert batch.
 
     python -m benchmarks.openai_load [--model smollm2] [--experts 4] [--keep 0.35] [--clients 16]
-                                     [--requests 32] [--prompt 16,256] [--new 32,128] [--out FILE.md]
+                                     [--requests 32] [--prompt 16,256] [--new 32,128] [--stagger 0.25]
+                                     [--out FILE.md]
 
 The server runs in this process under uvicorn on 127.0.0.1, on ``--model`` with ``--experts``
 generation experts (random kept neurons and soft prompts: speed does not depend on which
@@ -65,8 +66,9 @@ def _plan(tok, models: list[str], n: int, prompt: tuple, new: tuple, seed: int) 
     return plan
 
 
-def _drive(port: int, plan: list[dict], clients: int, model_override: str = None) -> dict:
-    """Send ``plan`` from ``clients`` concurrent streaming chat clients; answers, tokens, TTFTs."""
+def _drive(port: int, plan: list[dict], clients: int, model_override: str = None, stagger: float = 0.0) -> dict:
+    """Send ``plan`` from ``clients`` concurrent streaming chat clients (client i starts after
+    ``i * stagger`` seconds: arrivals, not one burst); answers, tokens, TTFTs."""
     import openai
 
     todo = list(range(len(plan)))
@@ -106,6 +108,7 @@ def _drive(port: int, plan: list[dict], clients: int, model_override: str = None
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
+        time.sleep(stagger)
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -143,9 +146,9 @@ def run(args) -> tuple[str, int]:
     plan = _plan(tok, [e.task for e in experts] + ["base"], args.requests, args.prompt, args.new, args.seed)
     try:
         alone = _drive(port, plan, 1)
-        mixed = _drive(port, plan, args.clients)
-        single = _drive(port, plan, args.clients, model_override=experts[0].task)
-        half = _drive(port, plan, max(1, args.clients // 2))
+        mixed = _drive(port, plan, args.clients, stagger=args.stagger)
+        single = _drive(port, plan, args.clients, model_override=experts[0].task, stagger=args.stagger)
+        half = _drive(port, plan, max(1, args.clients // 2), stagger=args.stagger)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -156,8 +159,8 @@ def run(args) -> tuple[str, int]:
         f"# OpenAI API load: {args.model}, {args.experts} experts at keep {args.keep} + the base model",
         "",
         f"{args.requests} greedy chat requests, prompts {args.prompt[0]}-{args.prompt[1]} tokens, "
-        f"{args.new[0]}-{args.new[1]} new tokens, {args.clients} streaming clients; torch threads "
-        f"{torch.get_num_threads()}.",
+        f"{args.new[0]}-{args.new[1]} new tokens, {args.clients} streaming clients starting "
+        f"{args.stagger} s apart; torch threads {torch.get_num_threads()}.",
         "",
         "| phase | clients | tokens | wall s | tokens/s | TTFT p50 s | TTFT p99 s |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -187,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="16,256", help="min,max prompt tokens")
     ap.add_argument("--new", default="32,128", help="min,max new tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stagger", type=float, default=0.25, help="seconds between two clients' first requests")
     ap.add_argument("--out", help="write the markdown table here too")
     args = ap.parse_args(argv)
     args.prompt = tuple(int(x) for x in args.prompt.split(","))
