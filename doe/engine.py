@@ -22,8 +22,8 @@ step, where ``mixed_batch`` needs each row's expert before the forward.
 from __future__ import annotations
 
 import contextlib
-import logging
 import inspect
+import logging
 import threading
 import time
 from collections import deque
@@ -36,6 +36,7 @@ from doe.backbone import generation_inputs
 from doe.generation import GenerateParams, Generation, choose_tokens, sendable
 from doe.locking import model_lock
 from doe.unplug import mixed_batch
+from doe.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim)
 
 
-class GenerationEngine:
+class GenerationEngine(Worker):
     """Continuous batching over a ``doe.UnplugAndPlay`` runtime's decoder model and tasks.
 
     max_batch: rows decoded together. kv_budget: the most cache slots the batch may come to
@@ -163,6 +164,8 @@ class GenerationEngine:
     EngineFull. on_step: called after every decode step with (rows, cache slots in use).
     restore_when_idle: the worker thread puts the dense model back whenever it runs out of work.
     """
+
+    thread_name = "doe-generation"
 
     def __init__(self, runtime, *, max_batch: int = 16, kv_budget: Optional[int] = None,
                  prefill_budget: int = 1024, max_queue: int = 256,
@@ -258,26 +261,6 @@ class GenerationEngine:
         return 0 if self._mask is None else int(self._mask.numel())
 
     # ------------------------------------------------------------------ the worker
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("GenerationEngine.start: already started")
-        self._thread = threading.Thread(target=self._loop, name="doe-generation", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: Optional[float] = None) -> bool:
-        """Take no more requests, finish the queued and running ones; True when the worker ended."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable, Optional
 from doe.runtime import Request, Result, UnplugAndPlay
 from doe.serve.config import ServeConfig
 from doe.serve.metrics import Metrics
+from doe.worker import Worker
 
 __all__ = ["Batcher", "Job", "QueueFull", "ShuttingDown", "InferenceFailed"]
 
@@ -72,12 +73,14 @@ class Job:
             self.future.set_result(value)
 
 
-class Batcher:
+class Batcher(Worker):
     """The queue and the worker thread that owns ``runtime.model``.
 
     group_by_task: only same-task (or, for routed requests, same "no task") jobs share a
     batch; False hands mixed batches to a runtime that runs them as one.
     """
+
+    thread_name = "doe-serve-worker"
 
     def __init__(self, runtime: UnplugAndPlay, config: ServeConfig, metrics: Metrics, *,
                  group_by_task: bool = True):
@@ -98,10 +101,6 @@ class Batcher:
         return len(self._queue)
 
     @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
     def stopping(self) -> bool:
         return self._stopping
 
@@ -120,22 +119,6 @@ class Batcher:
         rt.process([Request("warm up", task=t) for t in rt.tasks])
         rt.switch(None)
         rt.reset_log()
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("Batcher.start: already started")
-        self._thread = threading.Thread(target=self._loop, name="doe-serve-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: Optional[float] = None) -> bool:
-        """Stop taking jobs, answer the queued ones, end the worker; True when it ended in time."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def key_of(self, task: Optional[str]) -> Hashable:
         return ("classify", task if self.group_by_task else None)
