@@ -126,7 +126,7 @@ MIN_RUN_S = 10.0  # nor one whose pytest would have less than this (start-up alo
 #: transformers, pytest, pytest-benchmark, matplotlib, httpx, pyarrow, pandas, ...)
 DEVICE_WHEELS = ("datasets", "dill", "multiprocess", "fastapi", "starlette", "pydantic", "pydantic_core",
                  "annotated-types", "typing-inspection", "typing-extensions", "uvicorn", "opentelemetry-api",
-                 "importlib-metadata")
+                 "importlib-metadata", "openai", "jiter", "distro", "sniffio")
 DEVICE_PYTHON = "3.12"
 #: the GPU machine's image, as far as this project's requirements go (it holds many more)
 DEVICE_IMAGE = ("torch", "triton", "transformers", "numpy", "safetensors", "tqdm", "pytest", "pytest-benchmark",

@@ -407,9 +407,9 @@ def _cmd_demo(args) -> int:
     cache = Path(args.cache).expanduser()
     _check_writable_dir(cache, "--cache")
     _check_device(args.device)
-    result = run_demo(DemoConfig(cache=cache, keep_ratio=args.keep, requests=args.requests,
-                                 fresh=args.fresh, seed=args.seed, device=args.device,
-                                 show_progress=not args.quiet))
+    result = run_demo(DemoConfig(cache=cache if args.model == "minilm" else cache / args.model, keep_ratio=args.keep,
+                                 requests=args.requests, fresh=args.fresh, seed=args.seed, device=args.device,
+                                 show_progress=not args.quiet, model=args.model))
     return 0 if result["identical"] else 1
 
 

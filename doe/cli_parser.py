@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole method offline on the packaged MiniLM (start here)",
                        description="Find experts for the offline tasks (cached), stream held-out requests through "
                        "the unplug-and-play runtime, and compare with the dense model.")
-    p.add_argument("--cache", default="~/.cache/doe/demo", help="where experts and the router are cached")
+    p.add_argument("--model", default="minilm",
+                   help="minilm (default), or smollm2: the packaged SmolLM2-135M-Instruct, with a generation task too")
+    p.add_argument("--cache", default="~/.cache/doe/demo", help="where experts and the router are cached "
+                   "(one sub-folder per model)")
     p.add_argument("--keep", type=float, default=0.35, help="fraction of FFN neurons an expert keeps (default 0.35)")
     p.add_argument("--requests", type=int, default=240, help="held-out requests to stream (default 240)")
     p.add_argument("--fresh", action="store_true", help="ignore the cache and localize again")

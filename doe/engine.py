@@ -196,6 +196,7 @@ class GenerationEngine(Worker):
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._queue: deque[GenerationHandle] = deque()
         self._admitting: list[GenerationHandle] = []
+        self._mixed = False  # every expert resident (mixed_batch), else one expert or dense installed
         self._rows: list[_Row] = []
         self._past = None  # the batch's transformers cache, left-padded to the longest row
         self._mask: Optional[torch.Tensor] = None  # (B, L) 1 where a row has a cache entry
@@ -297,9 +298,9 @@ class GenerationEngine(Worker):
         with model_lock(self.model), torch.inference_mode():
             admitted: list[GenerationHandle] = []
             try:
-                rt = self.runtime
-                rt._switch(rt._resident())
                 admitted = self._admit()
+                if self._rows or admitted:
+                    self._install({r.handle.expert for r in self._rows} | {h.expert for h in admitted})
                 for handle in admitted:
                     self._prefill(handle)
                 if self._rows:
@@ -356,8 +357,20 @@ class GenerationEngine(Worker):
                                 f"{self.max_positions}") and False
         return True
 
+    def _install(self, experts: set) -> None:
+        """One expert's rows (or dense rows) alone run on that expert installed by itself (bias
+        compensation included); rows of several run with every expert resident (mixed_batch)."""
+        rt = self.runtime
+        if len(experts) == 1:
+            (task,) = experts
+            target = None if task is None else rt._entries[task].expert
+        else:
+            target = rt._resident()
+        rt._switch(target)
+        self._mixed = isinstance(target, dict)
+
     def _tasks(self, rows: Sequence[_Row]):
-        if self.runtime._resident() is None:
+        if not self._mixed:
             return contextlib.nullcontext()
         return mixed_batch(self.model, [r.handle.expert for r in rows])
 

@@ -212,7 +212,8 @@ def test_campaign_interrupts_a_stage_at_its_window_and_keeps_what_it_measured(tm
     t0 = time.monotonic()
     text = campaign.run_campaign(stages, tmp_path / "out", budget_s=36.0)
     assert time.monotonic() - t0 < 60
-    assert re.search(r"- slow: stopped at the end of its window \(\d+ s\), exit \d+ in \d+ s", text), text
+    # exit -9: the stage did not stop within STOP_S of its interrupt and was killed (a loaded machine)
+    assert re.search(r"- slow: stopped at the end of its window \(\d+ s\), exit -?\d+ in \d+ s", text), text
     assert re.search(r"- quick: exit 0 in \d+ s .*1 passed", text), text
     with tarfile.open(tmp_path / "out" / "campaign.tgz") as tar:
         names = set(tar.getnames())

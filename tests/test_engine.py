@@ -235,3 +235,25 @@ def test_a_step_that_fails_while_admitting_finishes_every_admitted_request(setup
     assert all(h.done.is_set() and "sampling broke" in h.error for h in joining)
     assert first.error is None and first.finish_reason in ("stop", "length")  # an earlier result stays
     assert engine.queued == engine.running == 0
+
+
+def test_an_expert_with_bias_compensation_runs_alone_and_mixing_it_fails_clearly(setup):
+    model, tok, experts, rt = setup
+    import doe
+
+    hidden = model.config.hidden_size
+    g = torch.Generator().manual_seed(5)
+    comp = experts["a"].with_offsets([torch.randn(hidden, generator=g) * 0.5 for _ in experts["a"].indices])
+    comp.task = "a"
+    rt2 = UnplugAndPlay(model, tok)
+    rt2.add_expert(comp)
+    rt2.add_expert(experts["b"])
+    engine = GenerationEngine(rt2, max_batch=4)
+    alone_a = engine.run([engine.submit(GenerateParams(PROMPTS[0], 6), task="a")])[0]
+    ids = rt2._entries["a"].on_expert.prompt_ids(PROMPTS[0])
+    with doe.unplugged(model, comp):  # the single-expert install applies the offsets
+        want = generate(model, tok, GenerateParams(PROMPTS[0], 6), soft_prompt=comp.prompt, prompt_ids=ids)
+    assert alone_a.result().token_ids == want.token_ids
+    both = engine.run([engine.submit(GenerateParams(PROMPTS[0], 6), task="a"),
+                       engine.submit(GenerateParams(PROMPTS[1], 6), task="b")])
+    assert all(h.done.is_set() and "bias compensation" in h.error for h in both)

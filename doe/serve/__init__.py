@@ -7,8 +7,8 @@ loop only queues requests and awaits their answers. Needs ``pip install -e ".[se
     doe.serve.run_server(app, host="127.0.0.1", port=8000)
 """
 
-from doe.serve.app import check_positions, create_app
-from doe.serve.config import ServeConfig
+from doe.serve.app import create_app
+from doe.serve.config import ServeConfig, check_positions
 from doe.serve.server import bind, run_server
 
 __all__ = ["ServeConfig", "bind", "check_positions", "create_app", "run_server"]

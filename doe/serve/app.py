@@ -58,7 +58,7 @@ from doe.serve.middleware import CountRequests, LimitBody
 from doe.serve.schemas import ApiError
 from doe.serve.state import ServerState
 
-__all__ = ["create_app", "check_positions"]
+__all__ = ["create_app"]
 
 
 def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, router: Optional[TaskRouter] = None,
