@@ -25,6 +25,7 @@ import torch
 
 from doe.attribution import AttributionConfig
 from doe.expert import TaskExpert, model_fingerprint
+from doe.folders import atomic_folder
 from doe.models import model_kind
 from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
 from doe.metrics import exact_match
@@ -79,12 +80,12 @@ def _topic_words(cfg: DemoConfig) -> TaskData:
     completion its topic's name."""
     src = load_task("offline_topic", max_train=cfg.max_train)
     folder = cfg.cache / "data" / "offline_topic_words"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, rows in (("train", src.train), ("validation", src.eval)):
-        files[split] = folder / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps({"prompt": e.text, "completion": src.spec.labels[e.label]}) + "\n"
-                                        for e in rows))
+    splits = (("train", src.train), ("validation", src.eval))
+    with atomic_folder(folder) as tmp:  # a run cut short leaves the previous files, never half of them
+        for split, rows in splits:
+            (tmp / f"{split}.jsonl").write_text("".join(
+                json.dumps({"prompt": e.text, "completion": src.spec.labels[e.label]}) + "\n" for e in rows))
+    files = {split: folder / f"{split}.jsonl" for split, _ in splits}
     spec = generation_task("offline_topic_words", files, metric="exact_match",
                            instruction="Name the topic of this news item in one word: sports, technology, business "
                                        "or science.",

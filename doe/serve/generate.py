@@ -49,7 +49,7 @@ def add_generate(app: FastAPI, server: ServerState) -> None:
         server.count_tokens([body.prompt], [None])
         params = GenerateParams(body.prompt, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
         ids = None if body.task is not None else server.loop_tokenizer(body.prompt)["input_ids"]
-        stream = start_generations(server, [(params, body.task, ids)])[0]
+        stream = start_generations(server, [(params, body.task, ids)], tokens=body.stream)[0]
         served_by = body.task or "dense"
 
         def result(h) -> GenerateResult:

@@ -20,10 +20,10 @@ DONE = object()
 class GenerationStream:
     """One engine request: ``pieces`` gets each new text piece, then ``(DONE, handle)``."""
 
-    def __init__(self, server: ServerState, loop: asyncio.AbstractEventLoop, label: str):
+    def __init__(self, server: ServerState, loop: asyncio.AbstractEventLoop, label: str, tokens: bool = False):
         self.server, self.loop, self.label = server, loop, label
         self.pieces: asyncio.Queue = asyncio.Queue()
-        self.tokens: asyncio.Queue = asyncio.Queue()  # each new token id
+        self.tokens: Optional[asyncio.Queue] = asyncio.Queue() if tokens else None  # each new token id, if asked
         self.done: asyncio.Future = loop.create_future()
         self.handle: Optional[GenerationHandle] = None
         self._last: Optional[float] = None
@@ -42,7 +42,8 @@ class GenerationStream:
         if self._last is not None:
             self.server.metrics.inter_token.labels(expert=self.label).observe(now - self._last)
         self._last = now
-        self._call(self.tokens.put_nowait, token)
+        if self.tokens is not None:
+            self._call(self.tokens.put_nowait, token)
 
     def on_done(self, h: GenerationHandle) -> None:
         m = self.server.metrics
@@ -65,10 +66,11 @@ class GenerationStream:
             self.handle.cancel()
 
 
-def start_generations(server: ServerState, requests: Sequence[tuple[GenerateParams, Optional[str],
-                                                                     Optional[list]]]) -> list[GenerationStream]:
+def start_generations(server: ServerState, requests: Sequence[tuple[GenerateParams, Optional[str], Optional[list]]],
+                      *, tokens: bool = False) -> list[GenerationStream]:
     """Submit (params, task or None for dense, prompt ids or None) requests to the engine, all or
-    none: 503 with Retry-After when the queue is full, 503 when shutting down."""
+    none: 503 with Retry-After when the queue is full, 503 when shutting down. tokens: each
+    stream also queues its token ids (``GenerationStream.tokens``)."""
     loop = asyncio.get_running_loop()
     engine = server.engine
     if engine.queued + len(requests) > engine.max_queue:
@@ -78,7 +80,7 @@ def start_generations(server: ServerState, requests: Sequence[tuple[GeneratePara
     streams = []
     try:
         for params, task, ids in requests:
-            stream = GenerationStream(server, loop, task or server.model_id)
+            stream = GenerationStream(server, loop, task or server.model_id, tokens)
             stream.handle = engine.submit(params, task=task, prompt_ids=ids, on_text=stream.on_text,
                                           on_token=stream.on_token, on_done=stream.on_done)
             streams.append(stream)
