@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoders: the most cache positions the decode batch may hold (rows x its longest row's "
                    "prompt and new tokens); generations that do not fit wait their turn (default: no limit)")
     p.add_argument("--model-id", help="the base model's id in the OpenAI API (default: --model)")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas of the model, each with every "
+                   "expert, behind Ray's proxy on --host/--port (needs pip install -e \".[ray]\")")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default 1)")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
+    p.add_argument("--ray-address", help="with --ray: the cluster to join (default: start a local one)")
     p.set_defaults(handler="serve")
 
     p = sub.add_parser("router", help="build a task router (for requests without a task name)",

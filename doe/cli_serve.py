@@ -35,10 +35,16 @@ def serve(args) -> int:
         raise UsageError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+    ray_flags = [f for f, given in (("--replicas", args.replicas is not None), ("--autoscale", args.autoscale),
+                                    ("--ray-address", args.ray_address)) if given]
+    if ray_flags and not args.ray:
+        raise UsageError(f"{', '.join(ray_flags)}: only with --ray")
     cli._check_compact_mixed(args)
     cli._check_device(args.device)
     if args.expert_dir is not None and not Path(args.expert_dir).is_dir():
         raise UsageError(f"--expert-dir: expected a folder of expert folders, got {args.expert_dir!r}")
+    if args.ray:
+        return _serve_ray(args, config)
     experts = cli._load_experts(args.experts) if args.experts or args.expert_dir is None else []
     if experts or args.expert_dir is None:  # with --expert-dir a decoder may start with none
         with _user_input("--experts"):
@@ -71,3 +77,59 @@ def serve(args) -> int:
                           banner=banner, config=config)
     finally:
         sock.close()
+
+
+def _serve_ray(args, config) -> int:
+    """`doe serve --ray`: deploy ``doe.serve.ray``'s application on the cluster at --ray-address
+    (else a local one started here), with Ray's proxy on --host/--port, until SIGTERM or SIGINT;
+    then delete it (replicas finish their requests) and stop what was started here."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise UsageError("`doe serve --ray` needs Ray Serve: pip install -e \".[ray]\"")
+    import signal
+    import threading
+
+    from doe.serve import ray as doe_ray
+    from doe.serve.server import bind
+
+    given = {"model": args.model, "experts": args.experts, "router": args.router, "threshold": args.threshold,
+             "expert_dir": args.expert_dir, "model_id": args.model_id or args.model, "device": args.device,
+             "threads": args.threads, "compact": args.compact_weights, "mixed": args.mixed,
+             "replicas": args.replicas, "autoscale": args.autoscale, **config.to_dict()}
+    given = {k: v for k, v in given.items() if v is not None}
+    with _user_input("option"):
+        doe_ray.build(doe_ray.parse_args(given))  # reads the experts and the router: fails before any start
+        config = doe_ray.serve_config(given)
+    try:  # Ray's proxy binds the port itself: check it is free now, and pick one for --port 0
+        probe = bind(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"--host/--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from exc
+    port = probe.getsockname()[1]
+    probe.close()
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {}
+    ours = not ray.is_initialized() and args.ray_address is None
+    try:
+        if not ray.is_initialized():
+            import logging
+
+            ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+        # after ray.init, which installs handlers of its own
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        serve.start(http_options={"host": args.host, "port": port})
+        doe_ray.deploy(config)  # as `serve deploy` would: later configs change the experts in place
+        shape = f"autoscaling {args.autoscale}" if args.autoscale else f"{args.replicas or 1} replica(s)"
+        print(f"doe serve: ready on http://{args.host}:{port} (Ray Serve, {shape}, experts "
+              f"{', '.join(Path(e).name for e in args.experts) or 'none'})", flush=True)
+        while not stop.wait(0.2):
+            pass
+        serve.delete(doe_ray.DEPLOYMENT)  # replicas answer what they hold, then stop
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ours and ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()

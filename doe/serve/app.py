@@ -64,7 +64,8 @@ __all__ = ["create_app"]
 def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, router: Optional[TaskRouter] = None,
                threshold: float = 0.5, config: Optional[ServeConfig] = None,
                runtime_options: Optional[dict] = None, model_id: Optional[str] = None,
-               expert_dir: Optional[Union[str, Path]] = None) -> FastAPI:
+               expert_dir: Optional[Union[str, Path]] = None, metrics: Optional[Metrics] = None,
+               experts_managed_by: Optional[str] = None) -> FastAPI:
     """The app serving ``experts`` on ``model``. Experts and router are checked here (ValueError).
 
     Args:
@@ -77,14 +78,17 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
         runtime_options: more keyword arguments for ``UnplugAndPlay``.
         model_id: the base model's id in the OpenAI API (default: the model's source name).
         expert_dir: the folder POST /v1/experts may load expert folders from (None: off).
+        metrics: where the server's metrics go (default: a Prometheus registry of its own).
+        experts_managed_by: where experts change instead (POST and DELETE /v1/experts then
+            answer 409 naming it), as on Ray Serve, where every replica must agree.
     """
     config = config or ServeConfig()
-    if experts or router is not None or model_kind(model) != "decoder":
-        check_experts(experts, router)
+    if (experts or router is not None or model_kind(model) != "decoder") and experts_managed_by is None:
+        check_experts(experts, router)  # where experts are managed elsewhere, they come after the start
     if expert_dir is not None and not Path(expert_dir).is_dir():
         raise ValueError(f"expert_dir: expected a folder of expert folders, got {str(expert_dir)!r}")
     check_positions(model, experts, config)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     runtime = UnplugAndPlay(model, tokenizer, router=router, threshold=threshold, max_batch=config.max_batch,
                             max_length=config.max_length, restore_when_idle=False, on_switch=metrics.observe_switch,
                             **(runtime_options or {}))
@@ -100,7 +104,8 @@ def create_app(model: nn.Module, tokenizer, experts: Sequence[TaskExpert], *, ro
     server = ServerState(runtime, batcher, metrics, config, served, runtime.kind, runtime.fingerprint,
                          getattr(getattr(model, "config", None), "model_type", None), threshold,
                          copy.deepcopy(tokenizer), engine=engine, model_id=name,
-                         expert_dir=None if expert_dir is None else Path(expert_dir).resolve())
+                         expert_dir=None if expert_dir is None else Path(expert_dir).resolve(),
+                         experts_managed_by=experts_managed_by)
     for task in [None, *served]:
         server.served(task)
 

@@ -44,6 +44,7 @@ class ServerState:
     expert_dir: Optional[Path] = None  # where POST /v1/experts may load from (None: off)
     created: dict = field(default_factory=dict)  # model id -> unix time it was loaded
     removing: set = field(default_factory=set)  # experts being unloaded: new requests get 404
+    experts_managed_by: Optional[str] = None  # where experts change instead of POST/DELETE /v1/experts
 
     @property
     def tasks(self) -> list[str]:
