@@ -46,6 +46,10 @@ class PromptTuningConfig:
     batch_size: int = 16
     lr: float = 3e-2
     head_lr: float = 5e-2
+    #: the head's learning rate when it started as a probe (head_init): small, so tuning refines
+    #: the fitted head instead of unlearning it (on SmolLM2 / Reuters R8, 5e-2 took a probe at 89%
+    #: down to 80%, 1e-3 kept 89%)
+    probe_head_lr: float = 1e-3
     max_length: int = 64
     weight_decay: float = 0.0
     seed: int = 0
@@ -61,7 +65,7 @@ class PromptTuningConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PromptTuningConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("lr", "head_lr"):
+        for name in ("lr", "head_lr", "probe_head_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"PromptTuningConfig.{name}: expected a positive learning rate, got {value!r}")
@@ -346,12 +350,14 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     probe = config.head_init == "probe" or (config.head_init == "auto" and task_model.kind == "decoder")
-    if probe and task_model.head is not None and task_model.fresh_head:
+    probed = probe and task_model.head is not None and task_model.fresh_head
+    if probed:
         with eval_mode(task_model.model), frozen(backbone_params):
             probe_head(task_model, examples, config.batch_size)
     groups = [{"params": [task_model.prompt], "lr": config.lr}]
     if task_model.head is not None:
-        groups.append({"params": list(task_model.head.parameters()), "lr": config.head_lr})
+        groups.append({"params": list(task_model.head.parameters()),
+                       "lr": config.probe_head_lr if probed else config.head_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     losses: list[float] = []
     # Dropout off: the backbone is a fixed function.
