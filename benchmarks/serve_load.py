@@ -174,6 +174,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int]:
     cmd += ["--compact-weights"] if args.compact_weights else []
     cmd += ["--mixed"] if args.mixed else []
     cmd += ["--device", args.device] if args.device else []
+    cmd += ["--ray", "--replicas", str(args.ray_replicas)] if args.ray_replicas else []
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     deadline = time.monotonic() + args.start_timeout
@@ -190,8 +191,10 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, int]:
 
 
 def _server_counts(log_text: str) -> Optional[dict]:
-    m = re.search(r"(\d+) items admitted, (\d+) answered, (\d+) dropped", log_text)
-    return dict(zip(("admitted", "answered", "dropped"), map(int, m.groups()))) if m else None
+    """The counts the server printed as it stopped, summed over its replicas (on Ray, one line each)."""
+    found = re.findall(r"(\d+) items admitted, (\d+) answered, (\d+) dropped", log_text)
+    return dict(zip(("admitted", "answered", "dropped"), (sum(int(f[i]) for f in found) for i in range(3)))) \
+        if found else None
 
 
 async def _disconnect(port: int, p: Planned, early: bool) -> None:
@@ -362,6 +365,8 @@ def parse_args(argv=None):
     p.add_argument("--compact-weights", action="store_true", help="serve (and run offline) with compacted experts")
     p.add_argument("--mixed", action="store_true", help="serve mixed-task batches (the offline reference runs one "
                    "task at a time)")
+    p.add_argument("--ray-replicas", type=int, default=0,
+                   help="serve on Ray Serve (doe serve --ray) with this many replicas on a local cluster (0: no Ray)")
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)

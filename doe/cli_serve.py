@@ -85,6 +85,7 @@ def _serve_ray(args, config) -> int:
     then delete it (replicas finish their requests) and stop what was started here."""
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         raise UsageError("`doe serve --ray` needs Ray Serve: pip install -e \".[ray]\"")
+    import copy
     import signal
     import threading
 
@@ -97,8 +98,7 @@ def _serve_ray(args, config) -> int:
              "replicas": args.replicas, "autoscale": args.autoscale, **config.to_dict()}
     given = {k: v for k, v in given.items() if v is not None}
     with _user_input("option"):
-        doe_ray.build(doe_ray.parse_args(given))  # reads the experts and the router: fails before any start
-        config = doe_ray.serve_config(given)
+        config = doe_ray.serve_config(given)  # reads the experts and the router: fails before any start
     try:  # Ray's proxy binds the port itself: check it is free now, and pick one for --port 0
         probe = bind(args.host, args.port)
     except OSError as exc:
@@ -125,7 +125,11 @@ def _serve_ray(args, config) -> int:
               f"{', '.join(Path(e).name for e in args.experts) or 'none'})", flush=True)
         while not stop.wait(0.2):
             pass
-        serve.delete(doe_ray.DEPLOYMENT)  # replicas answer what they hold, then stop
+        drain = copy.deepcopy(config)
+        drain["applications"][0]["deployments"][0]["user_config"]["draining"] = True
+        doe_ray.deploy(drain)  # every replica answers what it holds; new requests get 503
+        if not ours:
+            serve.delete(doe_ray.DEPLOYMENT)
         return 0
     finally:
         for sig, handler in previous.items():

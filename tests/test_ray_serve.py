@@ -5,8 +5,11 @@ every replica through ``user_config``, a replica killed under load, autoscaling 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,7 +44,29 @@ def folders(tiny, tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     paths = {e.task: str(e.save_pretrained(root / "experts" / e.task)) for e in experts}
+    router.save_pretrained(root / "router")
     return root, paths
+
+
+def test_the_serve_load_test_passes_on_two_ray_replicas(folders, tmp_path):
+    """``benchmarks.serve_load`` as for ``doe serve``, against ``doe serve --ray --replicas 2``
+    (a local cluster of its own): every answer equal to the runtime's, bad requests with their
+    documented statuses, and SIGTERM mid-burst drains every replica (answered, or 503)."""
+    root, paths = folders
+    out = tmp_path / "load"
+    cmd = [sys.executable, "-m", "benchmarks.serve_load", "--model", str(root / "model"), "--device", "cpu",
+           "--experts", *paths.values(), "--router", str(root / "router"), "--requests", "160", "--clients", "8",
+           "--shutdown-requests", "60", "--max-length", str(MAX_TOKENS), "--max-items", "4", "--bad-every", "10",
+           "--disconnect-every", "25", "--list-every", "7", "--threads", "1", "--ray-replicas", "2",
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    report = json.loads((out / "serve_load.json").read_text())
+    main_phase, shutdown = report["main"], report["shutdown"]
+    assert done.returncode == 0 and report["ok"], done.stdout[-3000:] + done.stderr[-3000:]
+    assert main_phase["lost"] == 0 and main_phase["wrong"] == 0 and main_phase["bad_status_mismatch"] == 0
+    assert shutdown["exit_code"] == 0 and shutdown["wrong"] == 0 and shutdown["other"] == 0
+    counts = report["server_counts"]  # summed over both replicas' stop lines
+    assert counts["admitted"] == counts["answered"] + counts["dropped"] and counts["answered"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +234,128 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(tiny, folder
     while running() != 1:
         assert time.monotonic() < deadline, "the second replica stayed after the load"
         time.sleep(0.5)
+
+
+def test_metrics_reach_rays_metrics_with_the_same_names_and_labels(tiny, folders, cluster):
+    """After requests, Ray's metrics export (the node's Prometheus endpoint) carries the
+    replicas' counters under the names and labels of GET /metrics, prefixed ray_."""
+    deploy(folders, TASKS, replicas=1)
+    reqs = requests_for(tiny, TASKS, 12)
+    assert [s for s, _ in classify(cluster, reqs)] == [200] * 12
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    want = {t: sum(r["task"] == t for r in reqs) for t in TASKS}
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(url, timeout=10).text
+        got = {t: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("ray_doe_items") and f'task="{t}"' in line and f'expert="{t}"' in line)
+               for t in TASKS}
+        if got == want:
+            break
+        assert time.monotonic() < deadline, (got, want, [ln for ln in text.splitlines() if "doe_" in ln][:10])
+        time.sleep(1)
+    local = httpx.get(f"{cluster}/metrics", timeout=10).text  # the replica's own registry, as before
+    assert any(line.startswith("doe_items_total{") and f'task="{TASKS[0]}"' in line for line in local.splitlines())
+
+
+def test_a_replica_checks_a_whole_expert_list_before_changing_anything_and_its_health(tiny, folders, cluster,
+                                                                                     monkeypatch):
+    """DoEReplica in this process: reconfigure refuses a bad list whole, adds and removes in
+    place; check_health runs a forward and fails when the model or the worker fails."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    root, paths = folders
+    parsed = doe_ray.parse_args(args_for(folders, []))
+    options = {**parsed["options"], "router": str(root / "router")}
+    options.pop("experts")
+    replica = doe_ray.DoEReplica(options, parsed["config"])
+    app = doe_ray._replica_app()
+    with TestClient(app) as client:
+        asyncio.run(replica.reconfigure({"experts": list(paths.values())}))
+        assert sorted(replica.server.experts) == sorted(TASKS)
+        before = dict(replica.server.experts)
+        bad = [
+            ({"experts": [paths[TASKS[0]], paths[TASKS[0]]]}, "already names"),
+            ({"experts": [paths[TASKS[0]], str(root)]}, "not an expert folder"),
+            ({"experts": [paths[TASKS[0]], "relative/one"]}, "no expert_dir"),
+            ({"experts": [paths[TASKS[0]]]}, "routes to tasks"),  # the router still routes to the other
+            ({"experts": paths[TASKS[0]], "colour": 1}, "expected {'experts'"),
+        ]
+        for config, message in bad:
+            with pytest.raises(ValueError, match=message):
+                asyncio.run(replica.reconfigure(config))
+            assert replica.server.experts == before and replica.server.removing == set()
+        r = client.post("/v1/classify", json={"text": "fine", "task": TASKS[1]})
+        assert r.status_code == 200
+        asyncio.run(replica.check_health())
+        model = replica.server.runtime.model
+
+        def broken(*a, **k):
+            raise RuntimeError("the device fell off")
+
+        monkeypatch.setattr(model, "forward", broken)
+        with pytest.raises(RuntimeError, match="fell off"):
+            asyncio.run(replica.check_health())
+        monkeypatch.undo()
+        asyncio.run(replica.check_health())
+    with pytest.raises(RuntimeError, match="worker stopped"):  # the lifespan ended: its workers stopped
+        asyncio.run(replica.check_health())
+
+
+def test_arguments_are_checked_and_converted_before_anything_is_deployed(folders):
+    root, paths = folders
+    parsed = doe_ray.parse_args({"model": "m", "experts": ",".join(paths.values()), "replicas": "2",
+                                 "mixed": "true", "max_batch": "8", "max_wait_ms": "2.5", "threshold": "0.7"})
+    assert parsed["options"]["experts"] == list(paths.values()) and parsed["options"]["runtime_options"]["mixed"]
+    assert parsed["config"]["max_batch"] == 8 and parsed["config"]["max_wait_ms"] == 2.5
+    assert parsed["deployment"]["num_replicas"] == 2 and parsed["options"]["threshold"] == 0.7
+    auto = doe_ray.parse_args({"autoscale": "1:3", "target_ongoing_requests": 4, "device": "cuda",
+                               "autoscaling_config": {"look_back_period_s": 5}})["deployment"]
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+                                          "target_ongoing_requests": 4.0, "look_back_period_s": 5}
+    assert auto["ray_actor_options"]["num_gpus"] == 1.0 and "num_replicas" not in auto
+    for args, message in [({"colour": "red"}, "unknown argument"), ({"replicas": 2, "autoscale": "1:2"}, "give one"),
+                          ({"autoscale": "3:1"}, "MIN:MAX"), ({"replicas": "two"}, "replicas: expected int"),
+                          ({"mixed": "maybe"}, "mixed: expected bool"), ({"max_batch": 0}, "max_batch"),
+                          ({"threshold": 2}, "threshold"), ({"autoscaling_config": {"x": 1}}, "only with autoscale")]:
+        with pytest.raises(ValueError, match=message):
+            doe_ray.parse_args(args)
+    with pytest.raises(ValueError, match="experts/router"):
+        doe_ray.app({"experts": [str(root)]})
+    config = doe_ray.serve_config({"experts": list(paths.values()), "replicas": 2})
+    (application,) = config["applications"]
+    assert application["import_path"] == "doe.serve.ray:app" and "experts" not in application["args"]
+    assert application["deployments"][0]["user_config"] == {"experts": list(paths.values())}
+    assert application["args"]["model"] == "minilm"  # the hand-made experts record no model
+
+
+def test_the_example_config_is_a_valid_serve_deploy_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "examples" / "ray_serve.yaml").read_text())
+    schema = ServeDeploySchema(**config)
+    (application,) = schema.applications
+    assert application.import_path == "doe.serve.ray:app"
+    parsed = doe_ray.parse_args(application.args)  # every argument is one the builder takes
+    assert parsed["deployment"]["autoscaling_config"]["max_replicas"] >= 2
+    assert application.deployments[0].user_config["experts"]
+
+
+def test_doe_serve_ray_flags_are_checked_before_ray_starts(folders, monkeypatch, capsys):
+    from doe.cli import main
+
+    root, paths = folders
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started before the flags were checked"))
+    folder = paths[TASKS[0]]
+    for argv, message in [(["--experts", folder, "--replicas", "2"], "--replicas: only with --ray"),
+                          (["--experts", folder, "--ray", "--autoscale", "2"], "MIN:MAX"),
+                          (["--experts", folder, "--ray", "--replicas", "0"], "replicas: expected >= 1"),
+                          (["--experts", str(root), "--ray"], "experts/router")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "--model", str(root / "model"), *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, (argv, err)

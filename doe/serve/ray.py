@@ -243,22 +243,31 @@ class DoEReplica:
                          config=ServeConfig(**config), runtime_options=options.get("runtime_options"),
                          model_id=options.get("model_id") or options["model"], metrics=RayMetrics(),
                          experts_managed_by=MANAGED)
-        self.server = app.state.doe
+        self.server, self.state = app.state.doe, app.state
         self.lock = asyncio.Lock()
         _built.app = app
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve exactly the experts ``user_config["experts"]`` lists. The whole list is checked
         first (ValueError, nothing changed); then experts that are new are added and those no
-        longer listed (or listed from another folder) unloaded once their requests end."""
+        longer listed (or listed from another folder) unloaded once their requests end.
+        ``"draining": true`` instead stops taking work (new requests get 503) and returns once
+        what was taken is answered: a graceful stop of every replica before the deployment goes."""
         from doe.runtime import check_experts
         from doe.serve.experts_api import add_expert, read_expert, remove_experts
         from doe.serve.schemas import ApiError
 
-        if not isinstance(user_config, dict) or set(user_config) - {"experts"}:
+        if not isinstance(user_config, dict) or set(user_config) - {"experts", "draining"}:
             raise ValueError(f"user_config: expected {{'experts': [folder, ...]}}, got {user_config!r}")
         entries = _convert("experts", user_config.get("experts", []), list)
         server = self.server
+        if _convert("draining", user_config.get("draining", False), bool):
+            self.state.draining = True
+            timeout = server.config.shutdown_timeout_s
+            if server.engine is not None:
+                await asyncio.to_thread(server.engine.stop, timeout)
+            await asyncio.to_thread(server.batcher.stop, timeout)
+            return
         async with self.lock:
             wanted = {}
             try:
@@ -288,6 +297,8 @@ class DoEReplica:
     async def check_health(self) -> None:
         """Raise unless the workers run and the model answers a one-token forward."""
         server = self.server
+        if self.state.draining:
+            return  # its workers stop on purpose
         if not server.batcher.alive or (server.engine is not None and not server.engine.alive):
             raise RuntimeError("the serving worker stopped")
         await asyncio.to_thread(self._one_token)
@@ -310,27 +321,34 @@ def _deployment():
     return serve.deployment(name=DEPLOYMENT)(serve.ingress(_replica_app)(DoEReplica))
 
 
-def build(parsed: dict):
-    """The Ray Serve application for ``parse_args``' result, its experts as the default
-    ``user_config``. The experts and the router are read here first, so a bad folder fails before
-    anything is deployed (ValueError); without ``model`` it is the one the experts record."""
+def _read(options: dict) -> tuple[list, Optional[str]]:
+    """The experts and router ``options`` name, checked, and the model to load: ``model``, else
+    the one the experts record, else MiniLM (ValueError)."""
     from doe.expert import TaskExpert
     from doe.router import TaskRouter
     from doe.runtime import check_experts
 
-    options = dict(parsed["options"])
     try:
         experts = [TaskExpert.from_pretrained(f) for f in options["experts"]]
         router = TaskRouter.from_pretrained(options["router"]) if options.get("router") else None
     except (OSError, ValueError) as exc:
         raise ValueError(f"experts/router: {exc}") from exc
-    if experts or router is not None:
+    if experts:  # without any, they come through user_config, which reconfigure checks
         check_experts(experts, router)
-    if options["model"] is None:
-        recorded = sorted({e.metadata.get("model_name") for e in experts} - {None})
-        if len(recorded) > 1:
-            raise ValueError(f"the experts were made on different models ({', '.join(recorded)}): give model")
-        options["model"] = recorded[0] if recorded else "minilm"
+    if options["model"] is not None:
+        return experts, options["model"]
+    recorded = sorted({e.metadata.get("model_name") for e in experts} - {None})
+    if len(recorded) > 1:
+        raise ValueError(f"the experts were made on different models ({', '.join(recorded)}): give model")
+    return experts, recorded[0] if recorded else "minilm"
+
+
+def build(parsed: dict):
+    """The Ray Serve application for ``parse_args``' result, its experts as the default
+    ``user_config``. The experts and the router are read here first, so a bad folder fails before
+    anything is deployed (ValueError)."""
+    options = dict(parsed["options"])
+    options["model"] = _read(options)[1]
     return _deployment().options(user_config={"experts": options.pop("experts")},
                                  **parsed["deployment"]).bind(options, parsed["config"])
 
@@ -345,10 +363,11 @@ def serve_config(args: dict, *, name: str = DEPLOYMENT, route_prefix: str = "/")
     """The Serve config (what ``serve deploy`` reads) of the application for ``args``, with the
     experts in its deployment's ``user_config``: deploying it again with another list changes
     the experts of the running replicas in place."""
-    experts = parse_args(args)["options"]["experts"]  # checks every argument
+    options = parse_args(args)["options"]  # checks every argument
+    model = _read(options)[1]
     return {"applications": [{"name": name, "route_prefix": route_prefix, "import_path": "doe.serve.ray:app",
-                              "args": {k: v for k, v in args.items() if k != "experts"},
-                              "deployments": [{"name": DEPLOYMENT, "user_config": {"experts": experts}}]}]}
+                              "args": {**{k: v for k, v in args.items() if k != "experts"}, "model": model},
+                              "deployments": [{"name": DEPLOYMENT, "user_config": {"experts": options["experts"]}}]}]}
 
 
 def deploy(config: dict, *, timeout_s: float = 600.0) -> None:
