@@ -123,6 +123,30 @@ def requests_for(tiny, tasks, n: int) -> list:
     return [{"text": texts[tasks[i % len(tasks)]][i % 24], "task": tasks[i % len(tasks)]} for i in range(n)]
 
 
+def test_metrics_reach_rays_metrics_with_the_same_names_and_labels(tiny, folders, cluster):
+    """After requests, Ray's metrics export (the node's Prometheus endpoint) carries the
+    replicas' counters under the names and labels of GET /metrics, prefixed ray_. First on the
+    cluster: Ray's counters add up over every replica it has run."""
+    deploy(folders, TASKS, replicas=1)
+    reqs = requests_for(tiny, TASKS, 12)
+    assert [s for s, _ in classify(cluster, reqs)] == [200] * 12
+    node = ray._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    want = {t: sum(r["task"] == t for r in reqs) for t in TASKS}
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(url, timeout=10).text
+        got = {t: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("ray_doe_items") and f'task="{t}"' in line and f'expert="{t}"' in line)
+               for t in TASKS}
+        if got == want:
+            break
+        assert time.monotonic() < deadline, (got, want, [ln for ln in text.splitlines() if "doe_" in ln][:10])
+        time.sleep(1)
+    local = httpx.get(f"{cluster}/metrics", timeout=10).text  # the replica's own registry, as before
+    assert any(line.startswith("doe_items_total{") and f'task="{TASKS[0]}"' in line for line in local.splitlines())
+
+
 def test_two_replicas_answer_like_the_runtime_and_experts_change_on_every_replica(tiny, folders, cluster):
     deploy(folders, TASKS, replicas=2)
     assert running() == 2
@@ -234,29 +258,6 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(tiny, folder
     while running() != 1:
         assert time.monotonic() < deadline, "the second replica stayed after the load"
         time.sleep(0.5)
-
-
-def test_metrics_reach_rays_metrics_with_the_same_names_and_labels(tiny, folders, cluster):
-    """After requests, Ray's metrics export (the node's Prometheus endpoint) carries the
-    replicas' counters under the names and labels of GET /metrics, prefixed ray_."""
-    deploy(folders, TASKS, replicas=1)
-    reqs = requests_for(tiny, TASKS, 12)
-    assert [s for s, _ in classify(cluster, reqs)] == [200] * 12
-    node = ray._private.worker.global_worker.node
-    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
-    want = {t: sum(r["task"] == t for r in reqs) for t in TASKS}
-    deadline = time.monotonic() + 60
-    while True:
-        text = httpx.get(url, timeout=10).text
-        got = {t: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("ray_doe_items") and f'task="{t}"' in line and f'expert="{t}"' in line)
-               for t in TASKS}
-        if got == want:
-            break
-        assert time.monotonic() < deadline, (got, want, [ln for ln in text.splitlines() if "doe_" in ln][:10])
-        time.sleep(1)
-    local = httpx.get(f"{cluster}/metrics", timeout=10).text  # the replica's own registry, as before
-    assert any(line.startswith("doe_items_total{") and f'task="{TASKS[0]}"' in line for line in local.splitlines())
 
 
 def test_a_replica_checks_a_whole_expert_list_before_changing_anything_and_its_health(tiny, folders, cluster,
