@@ -98,7 +98,7 @@ def _serve_ray(args, config) -> int:
              "replicas": args.replicas, "autoscale": args.autoscale, **config.to_dict()}
     given = {k: v for k, v in given.items() if v is not None}
     with _user_input("option"):
-        config = doe_ray.serve_config(given)  # reads the experts and the router: fails before any start
+        deployment = doe_ray.serve_config(given)  # reads the experts and the router: fails before any start
     try:  # Ray's proxy binds the port itself: check it is free now, and pick one for --port 0
         probe = bind(args.host, args.port)
     except OSError as exc:
@@ -119,13 +119,13 @@ def _serve_ray(args, config) -> int:
         # after ray.init, which installs handlers of its own
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         serve.start(http_options={"host": args.host, "port": port})
-        doe_ray.deploy(config)  # as `serve deploy` would: later configs change the experts in place
+        doe_ray.deploy(deployment)  # as `serve deploy` would: later configs change the experts in place
         shape = f"autoscaling {args.autoscale}" if args.autoscale else f"{args.replicas or 1} replica(s)"
         print(f"doe serve: ready on http://{args.host}:{port} (Ray Serve, {shape}, experts "
               f"{', '.join(Path(e).name for e in args.experts) or 'none'})", flush=True)
         while not stop.wait(0.2):
             pass
-        drain = copy.deepcopy(config)
+        drain = copy.deepcopy(deployment)
         drain["applications"][0]["deployments"][0]["user_config"]["draining"] = True
         doe_ray.deploy(drain)  # every replica answers what it holds; new requests get 503
         if not ours:

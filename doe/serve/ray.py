@@ -228,7 +228,7 @@ class DoEReplica:
     def __init__(self, options: dict, config: dict):
         import torch
 
-        from doe.models import load_model_for
+        from doe.models import load_model
         from doe.router import TaskRouter
         from doe.serve.app import create_app
 
@@ -236,7 +236,7 @@ class DoEReplica:
             torch.set_num_threads(options["threads"])
         router = TaskRouter.from_pretrained(options["router"]) if options.get("router") else None
         device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        tok, model = load_model_for([], options["model"], device=device)
+        tok, model = load_model(options["model"], device=device)
         self.expert_dir = options.get("expert_dir")
         self.sources: dict[str, str] = {}  # task -> the folder its expert came from
         app = create_app(model, tok, [], router=router, threshold=options["threshold"],
@@ -281,7 +281,7 @@ class DoEReplica:
                                          f"{'another listed folder' if expert.task in wanted else 'the base model'} "
                                          "already names")
                     wanted[expert.task] = (folder, expert)
-                if wanted or server.kind != "decoder":
+                if wanted or server.kind != "decoder" or server.runtime.router is not None:
                     check_experts([e for _, e in wanted.values()], server.runtime.router)
                 gone = [t for t in server.experts if t not in wanted or wanted[t][0] != self.sources.get(t)]
                 await remove_experts(server, gone)
