@@ -5,12 +5,17 @@ changed at a time.
                                       [--scopes layer,global] [--targets logit,log_prob]
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
                                       [--readout auto|head|mean|verbalizer] [--random-at 0.2]
-                                      [--retune-compensated-only]
+                                      [--retune-compensated-only] [--readout-layer auto|last|N]
+                                      [--reprobe]
 
 --task takes a registered task or a published data set (benchmarks.published: reuters_r8).
 --retune-epochs takes a comma list; the first value re-tunes every variant, each further value
 re-tunes the compensated one again from the dense prompt. --random-at adds, at those keep
-ratios, randomly chosen neurons put through the same steps (compensated, re-tuned).
+ratios, randomly chosen neurons put through the same steps (compensated, re-tuned). --reprobe
+adds, per expert, the head fitted again as a probe of the expert's states, then re-tuned from
+there (what ``find_expert`` does by default for a head that started as a probe); the random rows
+then take that path too. --readout-layer: the layer the head reads (default auto: chosen by
+cross-validated probes on the training texts).
 
 Per seed, one prompt tuning on the dense model; per attribution target one scoring pass; per
 keep ratio and allocation scope one localization, evaluated four ways: as localized or with the
@@ -39,11 +44,11 @@ def resolve_task(task: str):
 
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs, seeds: list,
         scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=(),
-        retune_compensated_only: bool = False) -> list:
+        retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
-    from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
+    from doe.prompt import PromptTuningConfig, TaskModel, probe_head, prompt_tune
     from doe.tasks import load_task
     from doe.unplug import unplugged
 
@@ -60,14 +65,26 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
     rows = []
     for seed in seeds:
         t0 = time.time()
-        cfg = PromptTuningConfig(seed=seed, show_progress=False, readout=readout)
+        cfg = PromptTuningConfig(seed=seed, show_progress=False, readout=readout, readout_layer=readout_layer)
         tm = TaskModel(model, tok, data.spec, num_tokens=cfg.num_tokens, max_length=cfg.max_length, seed=seed,
                        readout=readout)
         prompt_tune(tm, data, cfg)
         dense = acc(tm)
         rows.append(dict(seed=seed, keep=1.0, variant="dense", acc=dense))
         means = mean_down_inputs(tm, data.train)
-        print(f"seed {seed}: dense {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"seed {seed}: dense {dense:.3f}, head reads layer {tm.readout_layer or 'last'} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+        def reprobed(expert, epochs):
+            rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(), head=tm.head_state(),
+                           max_length=cfg.max_length, readout=tm.readout)
+            with unplugged(model, expert):
+                probe_head(rt, data.train)
+                fitted = acc(rt)
+                if epochs:
+                    prompt_tune(rt, data, PromptTuningConfig(seed=seed, epochs=epochs, head_lr=cfg.probe_head_lr,
+                                                             show_progress=False))
+                return fitted, acc(rt) if epochs else None
 
         def retuned(expert, epochs):
             rt = TaskModel(model, tok, data.spec, prompt=tm.prompt.detach().clone(), head=tm.head_state(),
@@ -84,6 +101,14 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                         yield f"{prefix}{name}", acc(tm)
                 if retune_compensated_only and not name:
                     continue
+                if reprobe:
+                    fitted, tuned = reprobed(e, retunes[0] if retunes else 0)
+                    if not full_only:
+                        yield f"{prefix}{name} + re-probed", fitted
+                    if tuned is not None:
+                        yield f"{prefix}{name} + re-probed + re-tuned", tuned
+                    if full_only:
+                        continue
                 for i, epochs in enumerate(retunes[:1] + (extra_retunes if name else [])):
                     label = " + re-tuned" if i == 0 else f" + re-tuned {epochs} epochs"
                     yield f"{prefix}{name}{label}", retuned(e, epochs)
@@ -122,6 +147,10 @@ def table(rows: list, model_name: str, task: str) -> str:
     return "\n".join(out)
 
 
+def _layer_arg(value: str):
+    return {"auto": "auto", "last": None}[value] if value in ("auto", "last") else int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -135,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="logit", help="comma list of logit, log_prob")
     ap.add_argument("--readout", default="auto", choices=["auto", "head", "mean", "verbalizer"])
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
+    ap.add_argument("--readout-layer", default="auto", help="auto, last, or a layer number")
+    ap.add_argument("--reprobe", action="store_true", help="add the re-probed rows (see above)")
     ap.add_argument("--retune-compensated-only", action="store_true",
                     help="re-tune only the compensated experts (the other rows as localized)")
     args = ap.parse_args(argv)
@@ -142,7 +173,8 @@ def main(argv=None) -> int:
     rows = run(args.model, args.task, [float(k) for k in args.keeps.split(",")], args.max_train, args.max_eval,
                [int(e) for e in args.retune_epochs.split(",")], [int(s) for s in args.seeds.split(",")],
                tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
-               [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only)
+               [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only,
+               _layer_arg(args.readout_layer), args.reprobe)
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

@@ -12,7 +12,9 @@ For every FFN intermediate neuron (the input of the down projection, h: (B, T, I
     skill           skill-neuron predictivity (Wang et al., EMNLP 2022): how well thresholding
                     the neuron's mean activation over the prompt tokens predicts the label
 
-Means run over examples and non-padding tokens (prompt tokens included). Scores are kept as
+Means run over examples and non-padding tokens (prompt tokens included). A head that reads an
+earlier layer reaches only the blocks up to it: the scores say so (``NeuronScores.depth``) and the
+blocks after it score zero. Scores are kept as
 fp32 sums and token counts so shards combine by addition; under torch.distributed they are
 all-reduced, so localization of a large model can run data-parallel.
 """
@@ -73,15 +75,17 @@ class NeuronScores:
     counts: list[float]
     method: str = "attribution"
     extra: dict = field(default_factory=dict)
+    depth: Optional[int] = None  # the task reads the first ``depth`` blocks only (None: all)
 
     def means(self) -> list[torch.Tensor]:
         return [s / max(c, 1.0) for s, c in zip(self.sums, self.counts)]
 
     def __add__(self, other: "NeuronScores") -> "NeuronScores":
-        if self.method != other.method or [s.shape for s in self.sums] != [s.shape for s in other.sums]:
-            raise ValueError("can only add NeuronScores of one method and one model")
+        if (self.method != other.method or [s.shape for s in self.sums] != [s.shape for s in other.sums]
+                or self.depth != other.depth):
+            raise ValueError("can only add NeuronScores of one method, one model and one readout depth")
         return NeuronScores([a + b for a, b in zip(self.sums, other.sums)],
-                            [a + b for a, b in zip(self.counts, other.counts)], self.method)
+                            [a + b for a, b in zip(self.counts, other.counts)], self.method, depth=self.depth)
 
     def all_reduce_(self) -> "NeuronScores":
         """Sum shards over torch.distributed ranks (no-op when not initialised)."""
@@ -148,9 +152,11 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
     counts = [0.0] * len(blocks)
     if config.method == "skill" and task_model.spec.is_generation:
         raise ValueError("score_neurons: method 'skill' predicts class labels; a generation task has none")
+    depth = getattr(task_model, "readout_layer", None)
     if config.method == "random":
         g = torch.Generator().manual_seed(config.seed)
-        return NeuronScores([torch.rand(b.num_neurons, generator=g) for b in blocks], [1.0] * len(blocks), "random")
+        sums = [torch.rand(b.num_neurons, generator=g) * (depth is None or i < depth) for i, b in enumerate(blocks)]
+        return NeuronScores(sums, [1.0] * len(blocks), "random", depth=depth)
 
     skill_acts: list[list[torch.Tensor]] = [[] for _ in blocks]
     labels_all: list[int] = []
@@ -168,11 +174,16 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
                 continue
             with torch.set_grad_enabled(config.method in _NEEDS_GRAD), _capture_down_inputs(blocks) as hs:
                 if config.method in _NEEDS_GRAD:
-                    grads = torch.autograd.grad(task_model.objective(enc, batch, config.target), hs)
+                    objective = task_model.objective(enc, batch, config.target)
+                    reached = [h for h in hs if h is not None]  # the blocks before the layer the head reads
+                    grads = iter(torch.autograd.grad(objective, reached))
+                    grads = [None if h is None else next(grads) for h in hs]
                 else:
                     task_model(**enc)
                     grads = [None] * len(hs)
             for i, (h, dh) in enumerate(zip(hs, grads)):
+                if h is None:
+                    continue
                 mask = _token_mask(task_model, enc["attention_mask"], h)
                 if config.method == "skill":
                     n = task_model.prompt.shape[0]
@@ -182,8 +193,10 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
                 sums[i] += (value.float().abs() * mask.float().unsqueeze(-1)).sum(dim=tuple(range(h.dim() - 1))).cpu()
                 counts[i] += float(mask.sum())
     if config.method == "skill":
-        return _skill_scores(skill_acts, labels_all, task_model.num_labels)
-    return NeuronScores(sums, counts, config.method).all_reduce_()
+        skill = _skill_scores(skill_acts, labels_all, task_model.num_labels, [b.num_neurons for b in blocks])
+        skill.depth = depth
+        return skill
+    return NeuronScores(sums, counts, config.method, depth=depth).all_reduce_()
 
 
 def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 16) -> list[torch.Tensor]:
@@ -202,6 +215,8 @@ def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_s
             with _capture_down_inputs(blocks) as hs:
                 task_model(**enc)
             for i, h in enumerate(hs):
+                if h is None:  # after the layer the head reads: never run, mean 0
+                    continue
                 mask = _token_mask(task_model, enc["attention_mask"], h).double()
                 sums[i] += (h.double() * mask.unsqueeze(-1)).sum(dim=tuple(range(h.dim() - 1))).cpu()
                 counts[i] += float(mask.sum())
@@ -212,9 +227,11 @@ def _integrated_gradients(task_model, blocks, enc, examples, config, sums, count
     """Per layer: h * mean over alpha in {1/steps, ..., 1} of d(gold)/dh at alpha * h."""
     with torch.no_grad(), _capture_down_inputs(blocks) as hs:
         task_model(**enc)
-    base = [h.detach() for h in hs]
+    base = [None if h is None else h.detach() for h in hs]
     steps = config.ig_steps
     for i in range(len(blocks)):
+        if base[i] is None:  # after the layer the head reads
+            continue
         total = torch.zeros_like(base[i], dtype=torch.float32)
         for k in range(1, steps + 1):
             scale = {"layer": i, "alpha": k / steps}
@@ -227,11 +244,16 @@ def _integrated_gradients(task_model, blocks, enc, examples, config, sums, count
         counts[i] += float(mask.sum())
 
 
-def _skill_scores(acts: list[list[torch.Tensor]], labels: list[int], num_labels: int) -> NeuronScores:
-    """Predictivity: best one-vs-rest accuracy of thresholding each neuron at its mean."""
+def _skill_scores(acts: list[list[torch.Tensor]], labels: list[int], num_labels: int,
+                  sizes: Optional[Sequence[int]] = None) -> NeuronScores:
+    """Predictivity: best one-vs-rest accuracy of thresholding each neuron at its mean (0 for
+    blocks the task never ran)."""
     y = torch.tensor(labels)
     sums = []
-    for layer in acts:
+    for layer, size in zip(acts, sizes or [0] * len(acts)):
+        if not layer:
+            sums.append(torch.zeros(size))
+            continue
         a = torch.cat(layer)  # (E, I)
         above = a > a.mean(0, keepdim=True)
         best = torch.zeros(a.shape[1])

@@ -15,6 +15,10 @@ does not depend on its neighbours. Read-outs by model kind:
   its verbalizer tokens;
 - seq2seq (T5, ...): the first decoder step's logits at the verbalizer tokens.
 
+A head may read an earlier layer (its ``layer`` attribute: the states after that many layers;
+None, the model's last hidden states). The forward then stops after the deepest layer any row
+reads: a task read at layer 6 of 30 runs 6 layers.
+
 ``pooled_text`` gives the dense model's mean-pooled text states without a prompt (the router's
 embeddings); ``generation_inputs`` the prompted embeddings a decoder continues in ``generate``.
 """
@@ -28,7 +32,8 @@ import torch.nn as nn
 
 from doe.models import model_kind
 
-__all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model"]
+__all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model",
+           "layer_modules", "layer_states", "read_states"]
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -37,6 +42,64 @@ def base_model(model: nn.Module) -> nn.Module:
     if model_kind(model) == "encoder":
         return getattr(model, "base_model", model)
     return model
+
+
+def layer_modules(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of an encoder's or a decoder's stack, in order."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in base_model(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"found no list of {count} layers in {type(model).__name__}; reading an earlier layer needs "
+                     "an encoder or decoder whose layers are an nn.ModuleList")
+
+
+class _Stop(Exception):
+    """Ends a forward once the deepest layer read has run."""
+
+
+def layer_states(model: nn.Module, inputs: dict, layers) -> dict:
+    """One forward of an encoder or decoder over ``prompted_inputs``' batch; the hidden states
+    (B, L, H) after each of ``layers`` (k: after k layers, 1-based; None: the model's last hidden
+    states, final norm included), stopping after the deepest layer when None is not asked for."""
+    layers = set(layers)
+    run = base_model(model) if model_kind(model) == "encoder" else model.base_model
+    call = dict(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"])
+    ints = sorted(k for k in layers if k is not None)
+    if not ints:
+        return {None: run(**call)[0]}
+    stack = layer_modules(model)
+    if not 1 <= ints[0] <= ints[-1] <= len(stack):
+        raise ValueError(f"readout layers: expected 1..{len(stack)} (or None for the last hidden states), got {ints}")
+    out: dict = {}
+    stop = ints[-1] if None not in layers else None
+
+    def hook(k):
+        def record(module, args, output):
+            out[k] = output[0] if isinstance(output, tuple) else output
+            if k == stop:
+                raise _Stop
+        return record
+
+    handles = [stack[k - 1].register_forward_hook(hook(k)) for k in ints]
+    try:
+        last = run(**call)[0]
+        out[None] = last
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def read_states(hidden: torch.Tensor, inputs: dict, rows: Sequence[int], pooling: Optional[str]) -> torch.Tensor:
+    """(len(rows), H) from hidden (B, L, H): each row's last text token's state, or the mean of
+    its text's states (``pooling="mean"``, fp32)."""
+    start, length = inputs["prompt_len"][rows], inputs["text_len"][rows]
+    if pooling == "mean":
+        return _mean_over_text(hidden[rows], start, length)
+    return hidden[torch.as_tensor(rows, device=hidden.device), (start + length - 1).to(hidden.device)]
 
 
 def _like(prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,13 +193,13 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         inputs: ``prompted_inputs``' dict.
         heads: per row, its linear head (H -> C_r) or None; rows may share a module. Encoders
             read the mean of the text's last hidden states, decoders the last text token's, or
-            the mean where the head's ``pooling`` attribute is "mean".
+            the mean where the head's ``pooling`` attribute is "mean"; at the layer the head's
+            ``layer`` attribute names, where it has one.
         label_ids: per row, (C_r,) verbalizer token ids, for rows without a head (decoders:
             the next-token logits at the last text token; seq2seq: at the first decoder step).
     """
     kind = model_kind(model)
     embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
-    start, length = inputs["prompt_len"], inputs["text_len"]
     b = embeds.shape[0]
     heads = _per_row(f"a {kind} reads its rows through heads", heads, b)
     label_ids = _per_row(f"a {kind} reads its rows at verbalizer tokens", label_ids, b)
@@ -151,15 +214,18 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         dec = torch.full((b, 1), first, dtype=torch.long, device=embeds.device)
         logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
         return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
-    if kind == "encoder":
-        states = _mean_over_text(base_model(model)(inputs_embeds=embeds, attention_mask=mask)[0], start, length)
-    else:  # the last text token's state; the vocabulary logits only where a verbalizer reads them
-        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]
-        states = hidden[torch.arange(b, device=hidden.device), (start + length - 1).to(hidden.device)]
-        pooled = [r for r in range(b) if getattr(heads[r], "pooling", None) == "mean"]
-        if pooled:  # heads that read the mean of the text's states, as encoders do
-            states = states.clone()
-            states[pooled] = _mean_over_text(hidden[pooled], start[pooled], length[pooled]).to(states.dtype)
+    # per row: which layer it reads (None: the last hidden states) and how it pools them
+    where = [getattr(heads[r], "layer", None) for r in range(b)]
+    pooling = ["mean" if kind == "encoder" or getattr(heads[r], "pooling", None) == "mean" else "last"
+               for r in range(b)]
+    hidden = layer_states(model, inputs, set(where))
+    states = None
+    for key in dict.fromkeys(zip(where, pooling)):
+        rows = [r for r in range(b) if (where[r], pooling[r]) == key]
+        read = read_states(hidden[key[0]], inputs, rows, key[1])
+        if states is None:
+            states = read.new_zeros(b, read.shape[-1], dtype=hidden[key[0]].dtype)
+        states[rows] = read.to(states.dtype)
     out: list = [None] * b
     with_head = [r for r in range(b) if heads[r] is not None]
     for head, rows in _by_reader(heads, with_head):

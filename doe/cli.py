@@ -167,15 +167,19 @@ def _cmd_localize(args) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs}
+    layer = args.readout_layer
+    if layer not in ("auto", "last") and not layer.isdigit():
+        raise UsageError(f"--readout-layer: expected auto, last or a layer number, got {layer!r}")
+    layer = None if layer == "last" else layer if layer == "auto" else int(layer)
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
-                                      show_progress=not args.quiet, readout=args.readout),
+                                      show_progress=not args.quiet, readout=args.readout, readout_layer=layer),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,
                                             bias_compensation=args.bias_compensation),
-            **retune,
+            reprobe=not args.no_reprobe, **retune,
         ) for keep in keeps]
     spec = _task(args)
     _check_writable_dir(Path(args.out), "--out")

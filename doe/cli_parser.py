@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how classes are read: a linear head on the last text token (head, decoders) or on the "
                         "mean of the text's states (mean; what encoders always do), or the next-token logits of the "
                         "label words (verbalizer: decoders, seq2seq); auto: a head except on seq2seq models")
+    p.add_argument("--readout-layer", default="auto", metavar="auto|last|N",
+                   help="the layer a head reads: N (the states after N layers; the forward stops there), last, or "
+                        "auto (default: on decoders, the shallowest layer whose probe cross-validates within a point "
+                        "of the best; the last layer on encoders)")
+    p.add_argument("--no-reprobe", action="store_true",
+                   help="keep the dense probe head on the expert instead of fitting it again on the expert's states")
     p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler="localize")

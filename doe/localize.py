@@ -17,7 +17,8 @@ from doe.architectures import find_ffn_blocks
 from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, score_neurons
 from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_source
-from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, prompt_tune
+from doe.models import eval_mode, frozen
+from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, probe_head, probes_head, prompt_tune
 from doe.tasks import TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 
@@ -86,20 +87,26 @@ def localize(
     Args:
         model: the model the scores were computed on.
         scores: per-block neuron scores (``score_neurons``).
-        config: keep ratio, per-layer or global top-k, rounding.
+        config: keep ratio, per-layer or global top-k, rounding; over the blocks the task
+            reaches (``scores.depth``), the blocks after them keep ``min_per_layer`` neurons.
         task, metadata: recorded in the expert.
 
     Returns:
         A TaskExpert with sorted int32 indices per block (no prompt yet).
     """
     means = scores.means()
+    reached = len(means) if scores.depth is None else min(scores.depth, len(means))
+    # blocks after the layer the task's head reads never run for it: the fewest neurons there
+    counts = _layer_counts(means[:reached], config) + [config.min_per_layer] * (len(means) - reached)
     indices = []
-    for m, count in zip(means, _layer_counts(means, config)):
+    for m, count in zip(means, counts):
         # Ties (e.g. zero scores) are broken by index so localization is deterministic.
         order = torch.argsort(m.double() - torch.arange(m.numel(), dtype=torch.float64) * 1e-12, descending=True,
                               stable=True)
         indices.append(order[:count].sort().values.to(torch.int32))
     meta = {"method": scores.method, "localization": config.to_dict(), **(metadata or {})}
+    if scores.depth is not None:
+        meta["readout_depth"] = scores.depth
     return TaskExpert.from_indices(model, indices, task=task, metadata=meta)
 
 
@@ -124,13 +131,17 @@ def compensation_offsets(model: nn.Module, expert: TaskExpert, means: Sequence[t
 
 @dataclass
 class ExpertSearchConfig:
-    """The whole recipe: prompt tuning, scoring, localization, optional re-tuning."""
+    """The whole recipe: prompt tuning, scoring, localization, optional re-probing and re-tuning."""
 
     prompt: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
     retune_epochs: int = 2  # re-tune the prompt on the expert-localized model (0 = skip)
     retune_head_lr: float = 1e-2  # the head only needs to adapt, not to be learned again
+    #: a head that started as a probe (``PromptTuningConfig.head_init``) is fitted again on the
+    #: expert's states before re-tuning (then tuned at ``probe_head_lr``): pruning moves the
+    #: states the dense probe was fitted on
+    reprobe: bool = True
 
     def __post_init__(self) -> None:
         if self.retune_epochs < 0:
@@ -141,7 +152,7 @@ class ExpertSearchConfig:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt.to_dict(), "attribution": self.attribution.to_dict(),
                 "localization": self.localization.to_dict(), "retune_epochs": self.retune_epochs,
-                "retune_head_lr": self.retune_head_lr}
+                "retune_head_lr": self.retune_head_lr, "reprobe": self.reprobe}
 
 
 @dataclass
@@ -200,15 +211,21 @@ def find_expert(
                                                                         config.attribution.batch_size)
         expert = expert.with_offsets(compensation_offsets(model, expert, means))
     prompt, head = tuning.prompt, tuning.head
-    if config.retune_epochs:
+    reprobe = config.reprobe and probes_head(config.prompt, task_model)
+    if config.retune_epochs or reprobe:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
                             max_length=config.prompt.max_length, readout=task_model.readout)
-        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs,
-                                           "head_lr": config.retune_head_lr})
+        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": max(config.retune_epochs, 1),
+                                           "head_lr": config.prompt.probe_head_lr if reprobe else
+                                           config.retune_head_lr})
         with unplugged(model, expert):
-            result = prompt_tune(retuned, data, retune_cfg, phase_name=f"re-tuning {data.spec.name} on its expert "
-                                                                      f"(keep {expert.keep_ratio:.2f})")
-        prompt, head = result.prompt, result.head
+            if reprobe:
+                with eval_mode(model), frozen(list(model.parameters())):
+                    probe_head(retuned, list(data.train), config.prompt.batch_size)
+            if config.retune_epochs:
+                prompt_tune(retuned, data, retune_cfg, phase_name=f"re-tuning {data.spec.name} on its expert "
+                                                                  f"(keep {expert.keep_ratio:.2f})")
+        prompt, head = retuned.prompt.detach().cpu().clone(), retuned.head_state()
     expert.prompt, expert.head = prompt, head
     expert.dense_prompt, expert.dense_head = tuning.prompt, tuning.head
     expert.fingerprint = model_fingerprint(model)

@@ -10,6 +10,10 @@
   at one verbalizer token per label (``readout="verbalizer"``);
 - T5: [prompt; text] into the encoder, the first decoder step's logits at the verbalizer tokens.
 
+A head may read an earlier layer's states (``readout_layer``: k = after k layers): on a decoder,
+mid-layer states often classify better than the last ones, and the forward then stops there.
+``readout_layer="auto"`` picks the layer whose probe cross-validates best on the training texts.
+
 A task's ``instruction`` goes before the text: inside the user turn of the tokenizer's chat
 template where it has one (the text then ends where the assistant's answer would start), else
 as a first paragraph. Only the prompt (and head) train; the backbone stays bit-identical.
@@ -27,14 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from doe import progress
-from doe.backbone import classify, prompted_inputs
+from doe.backbone import classify, layer_modules, layer_states, prompted_inputs, read_states
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
-__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "probe_head", "prompt_tune"]
+__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "probe_head", "probes_head", "choose_readout_layer",
+           "prompt_tune"]
 
 READOUTS = ("head", "mean", "verbalizer")
 _MEAN_MARK = "pooling_mean"  # a head state's key that says the head reads the mean of the text
+_LAYER_MARK = "readout_layer"  # a head state's key: the layer the head reads, (1,) float
 
 
 @dataclass
@@ -59,6 +65,11 @@ class PromptTuningConfig:
     #: the training texts before tuning, as in linear-probing-then-fine-tuning) or at random
     #: ("random"); "auto": a probe on decoders, random on encoders
     head_init: str = "auto"
+    #: the layer a new head reads (k: the states after k layers), None for the last hidden states,
+    #: or "auto": on a head that starts as a probe, the shallowest layer whose probe
+    #: cross-validates within ``layer_tolerance`` of the best one (``choose_readout_layer``)
+    readout_layer: Optional[int | str] = "auto"
+    layer_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "epochs", "batch_size", "max_length"):
@@ -73,6 +84,14 @@ class PromptTuningConfig:
             raise ValueError(f"PromptTuningConfig.weight_decay: expected >= 0, got {self.weight_decay}")
         if self.head_init not in ("auto", "probe", "random"):
             raise ValueError(f"PromptTuningConfig.head_init: expected auto, probe or random, got {self.head_init!r}")
+        layer = self.readout_layer
+        if not (layer is None or layer == "auto" or (isinstance(layer, int) and not isinstance(layer, bool)
+                                                      and layer >= 1)):
+            raise ValueError(f"PromptTuningConfig.readout_layer: expected a layer number >= 1, None or 'auto', "
+                             f"got {layer!r}")
+        if not 0 <= self.layer_tolerance < 1:
+            raise ValueError(f"PromptTuningConfig.layer_tolerance: expected a fraction in [0, 1), got "
+                             f"{self.layer_tolerance!r}")
         if self.readout not in ("auto",) + READOUTS:
             raise ValueError(f"PromptTuningConfig.readout: expected one of auto, {', '.join(READOUTS)}, "
                              f"got {self.readout!r}")
@@ -121,6 +140,8 @@ class TaskModel(nn.Module):
     readout: "head" or "verbalizer" (see the module docstring); None: a head where one is given,
     else the model kind's default for a new prompt (a head, verbalizers for seq2seq), and
     verbalizers for a decoder given a prompt without a head (how it was tuned).
+    readout_layer: the layer a head reads (k: after k layers; None: the last hidden states); a
+    given head that names its layer keeps it.
     """
 
     def __new__(cls, model=None, tokenizer=None, spec=None, **kwargs):
@@ -142,6 +163,7 @@ class TaskModel(nn.Module):
         max_length: int = 64,
         seed: int = 0,
         readout: Optional[str] = None,
+        readout_layer: Optional[int] = None,
     ):
         super().__init__()
         self.kind = model_kind(model)
@@ -169,7 +191,9 @@ class TaskModel(nn.Module):
             if self.readout == "mean":
                 self.head.pooling = "mean"  # read by doe.backbone.classify
             if head is not None:
-                self.head.load_state_dict({k: v.float() for k, v in head.items() if k != _MEAN_MARK})
+                self.head.load_state_dict({k: v.float() for k, v in head.items() if k not in (_MEAN_MARK, _LAYER_MARK)})
+                if _LAYER_MARK in head:
+                    readout_layer = int(round(float(head[_LAYER_MARK].flatten()[0])))
             else:
                 with torch.no_grad():
                     self.head.weight.normal_(0.0, hidden**-0.5, generator=g)
@@ -177,6 +201,24 @@ class TaskModel(nn.Module):
             self.head.to(embed.weight.device)
         elif self.readout == "verbalizer":
             self.label_token_ids = self._verbalizer_ids().to(embed.weight.device)
+        self.readout_layer = readout_layer
+
+    @property
+    def readout_layer(self) -> Optional[int]:
+        """The layer the head reads (k: after k layers), None for the last hidden states."""
+        return getattr(self.head, "layer", None) if self.head is not None else None
+
+    @readout_layer.setter
+    def readout_layer(self, layer: Optional[int]) -> None:
+        if layer is not None:
+            if self.head is None:
+                raise ValueError(f"readout_layer {layer!r}: only a head reads an earlier layer; this task model reads "
+                                 f"its {self.readout} output")
+            count = len(layer_modules(self.model))
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= count:
+                raise ValueError(f"readout_layer: expected a layer in 1..{count} or None, got {layer!r}")
+        if self.head is not None:
+            self.head.layer = layer
 
     def _verbalizer_ids(self) -> torch.Tensor:
         words = self.spec.label_words
@@ -209,7 +251,11 @@ class TaskModel(nn.Module):
         if self.head is None:
             return None
         state = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
-        return {**state, _MEAN_MARK: torch.ones(1)} if self.readout == "mean" else state
+        if self.readout == "mean":
+            state[_MEAN_MARK] = torch.ones(1)
+        if self.readout_layer is not None:
+            state[_LAYER_MARK] = torch.tensor([float(self.readout_layer)])
+        return state
 
     def encode(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Tokenize a batch (right padding) on the model's device; ``max_length`` cuts the text,
@@ -292,6 +338,7 @@ class _Capture(nn.Module):
     def __init__(self, head: nn.Linear):
         super().__init__()
         self.weight, self.pooling, self.seen = head.weight, getattr(head, "pooling", None), []
+        self.layer = getattr(head, "layer", None)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         self.seen.append(states.detach().float())
@@ -314,11 +361,22 @@ def probe_head(task_model: TaskModel, examples: Sequence[Example], batch_size: i
         task_model.head = head
     x = torch.cat(capture.seen)  # (N, H)
     y = torch.tensor([e.label for e in examples], device=x.device)
+    weight, bias = _fit_logistic(x, y, task_model.num_labels, l2)
+    head.weight.copy_(weight.to(head.weight.dtype))
+    head.bias.copy_(bias.to(head.bias.dtype))
+    task_model.fresh_head = False
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float = 1e-2,
+                  max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression of y (N,) on x (N, H) by L-BFGS on standardized x with an
+    L2 penalty; the standardization folded in: returns weight (C, H) and bias (C,) for raw x."""
+    x = x.float()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], task_model.num_labels, device=x.device, requires_grad=True)
-    b = torch.zeros(task_model.num_labels, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    w = torch.zeros(x.shape[1], num_labels, device=x.device, requires_grad=True)
+    b = torch.zeros(num_labels, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -328,10 +386,60 @@ def probe_head(task_model: TaskModel, examples: Sequence[Example], batch_size: i
 
     with torch.enable_grad():
         opt.step(closure)
-    weight = (w / sd[:, None]).t()  # (C, H)
-    head.weight.copy_(weight.to(head.weight.dtype))
-    head.bias.copy_((b - (mu / sd) @ w).to(head.bias.dtype))
-    task_model.fresh_head = False
+    w, b = w.detach(), b.detach()
+    return (w / sd[:, None]).t(), b - (mu / sd) @ w
+
+
+@torch.no_grad()
+def choose_readout_layer(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 16, folds: int = 5,
+                         tolerance: float = 0.01, l2: float = 1e-2) -> tuple[Optional[int], dict]:
+    """The layer ``task_model``'s head should read: for every layer, the k-fold cross-validated
+    accuracy of a logistic-regression probe of the states the head would read there (with the
+    current prompt); the shallowest layer within ``tolerance`` of the best (shallower runs fewer
+    layers). One forward over ``examples``.
+
+    Returns:
+        (layer, accuracies): the layer (None when it is the last hidden states) and each
+        candidate's accuracy (keys 1..L-1 and None).
+    """
+    if task_model.head is None:
+        raise ValueError("choose_readout_layer: only a head reads an earlier layer; this task model reads "
+                         f"its {task_model.readout} output")
+    examples = list(examples)
+    folds = min(folds, len(examples))
+    if folds < 2:
+        raise ValueError(f"choose_readout_layer: expected at least 2 examples to cross-validate, got {len(examples)}")
+    candidates = list(range(1, len(layer_modules(task_model.model)))) + [None]
+    pooling = getattr(task_model.head, "pooling", None) if task_model.kind == "decoder" else "mean"
+    feats: dict = {k: [] for k in candidates}
+    with eval_mode(task_model):
+        for i in range(0, len(examples), batch_size):
+            enc = task_model.encode(examples[i: i + batch_size])
+            b = enc["input_ids"].shape[0]
+            inputs = prompted_inputs(task_model.model, [task_model.prompt] * b, enc["input_ids"], enc["attention_mask"])
+            hidden = layer_states(task_model.model, inputs, candidates)
+            for k in candidates:
+                feats[k].append(read_states(hidden[k], inputs, list(range(b)), pooling).float().cpu())
+    y = torch.tensor([e.label for e in examples])
+    fold_of = torch.arange(len(examples)) % folds
+    fold_of = fold_of[torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))]
+    accuracy = {}
+    for k in candidates:
+        x = torch.cat(feats[k])
+        right = 0
+        for f in range(folds):
+            test = fold_of == f
+            weight, bias = _fit_logistic(x[~test], y[~test], task_model.num_labels, l2, max_iter=100)
+            right += int(((x[test] @ weight.t() + bias).argmax(-1) == y[test]).sum())
+        accuracy[k] = right / len(examples)
+    best = max(accuracy.values())
+    return next(k for k in candidates if accuracy[k] >= best - tolerance), accuracy
+
+
+def probes_head(config: PromptTuningConfig, task_model: TaskModel) -> bool:
+    """Whether ``config`` starts ``task_model``'s new head as a probe (``head_init``)."""
+    return task_model.head is not None and (
+        config.head_init == "probe" or (config.head_init == "auto" and task_model.kind == "decoder"))
 
 
 def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig, *,
@@ -349,10 +457,14 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
     backbone_params = list(task_model.model.parameters())
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    probe = config.head_init == "probe" or (config.head_init == "auto" and task_model.kind == "decoder")
-    probed = probe and task_model.head is not None and task_model.fresh_head
+    probed = probes_head(config, task_model) and task_model.fresh_head
+    if task_model.head is not None and task_model.fresh_head and config.readout_layer != "auto":
+        task_model.readout_layer = config.readout_layer
     if probed:
         with eval_mode(task_model.model), frozen(backbone_params):
+            if config.readout_layer == "auto":
+                task_model.readout_layer = choose_readout_layer(task_model, examples, config.batch_size,
+                                                                tolerance=config.layer_tolerance)[0]
             probe_head(task_model, examples, config.batch_size)
     groups = [{"params": [task_model.prompt], "lr": config.lr}]
     if task_model.head is not None:
