@@ -12,8 +12,8 @@ this step), prefills each alone and samples its first token, then runs one decod
 every row and retires the rows that finished. A request that does not fit waits at the head of
 the queue and nothing overtakes it, so no task starves. Rows are left-padded to the longest
 row's cache; each row's positions are its own. While every row runs on one expert (or dense),
-that expert is installed by itself (its bias compensation applies); rows of several experts
-run with all of them resident, which experts with bias compensation cannot join yet.
+that expert is installed by itself; rows of several experts run with all of them resident
+(each row with its own expert's bias compensation).
 
 transformers' continuous batching (``generate_batch``) is not used: it takes token ids only,
 while DoE rows start with a soft prompt given as embeddings, and its scheduler packs the tokens

@@ -84,6 +84,7 @@ class _State:
     experts: Optional[dict[str, TaskExpert]] = None  # a mapping install: the resident experts
     grouped: Optional[list[GroupedIndices]] = None  # per block, their lists and a dense one
     batch: Optional[BatchGroups] = None  # the row assignment every wrapper reads
+    offsets: Optional[list] = None  # per block, (G, hidden) output offsets of the groups, or None
 
 
 class _Target(NamedTuple):
@@ -93,6 +94,7 @@ class _Target(NamedTuple):
     experts: Optional[dict[str, TaskExpert]]
     grouped: Optional[list[GroupedIndices]]
     batch: Optional[BatchGroups]
+    offsets: Optional[list] = None  # per block, (G, hidden) or None: the experts' bias compensation
 
     def lead(self) -> TaskExpert:
         """The expert whose lists the wrappers' own ``indices`` hold."""
@@ -118,9 +120,6 @@ def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fing
         if not isinstance(expert, TaskExpert):
             raise TypeError(f"experts[{name!r}]: expected a doe.TaskExpert, got {type(expert).__name__}")
         check_expert(model, expert, blocks, fingerprint)
-        if expert.offsets is not None:
-            raise ValueError(f"experts[{name!r}] carries bias compensation (output offsets), which mixed batches do "
-                             "not apply yet: run it alone, or use expert.with_offsets(None)")
         mapping[name] = expert
     lists = [e.indices for e in mapping.values()]  # validated host copies
     for e in mapping.values():
@@ -128,7 +127,12 @@ def _target(model: nn.Module, experts: Experts, blocks: Sequence[FFNBlock], fing
     grouped = [GroupedIndices([idx[i] for idx in lists] + [torch.arange(b.num_neurons, dtype=torch.int32)],
                               b.num_neurons, device, validated=True) for i, b in enumerate(blocks)]
     hint = "several experts are resident: run the model inside doe.mixed_batch(model, tasks)"
-    return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1, hint=hint))
+    offsets = None
+    if any(e.offsets is not None for e in mapping.values()):  # one row per group, zeros where none (dense)
+        offsets = [torch.stack([torch.zeros(b.hidden_size) if e.offsets is None or e.offsets[i] is None
+                                else e.offsets[i].float().cpu() for e in mapping.values()] + [torch.zeros(b.hidden_size)])
+                   for i, b in enumerate(blocks)]
+    return _Target(None, mapping, grouped, BatchGroups(len(mapping) + 1, hint=hint), offsets)
 
 
 def _find_state(model: nn.Module) -> tuple[Optional[nn.Module], Optional[_State]]:
@@ -266,12 +270,13 @@ def _apply(state: _State) -> None:
     """Make the model match ``state``. Idempotent: safe to re-run after any interruption."""
     for w in state.planned:
         to_neuron_major_(w, 1)
-    target = _Target(state.expert, state.experts, state.grouped, state.batch)
+    target = _Target(state.expert, state.experts, state.grouped, state.batch, state.offsets)
     lead = target.lead()
     staged = lead.stage(state.wrappers[0][0].indices.device)
     offsets = lead.offsets if target.grouped is None else None
     for i, (ws, idx) in enumerate(zip(state.wrappers, staged)):
         grouped = None if target.grouped is None else target.grouped[i]
+        table = None if target.offsets is None else target.offsets[i]
         offset = None if offsets is None else offsets[i]
         for w in ws:
             w.backend = state.backend
@@ -281,10 +286,12 @@ def _apply(state: _State) -> None:
             if isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols":
                 if offset is not None or w.offset is not None:
                     w.set_offset(offset)
+            reads = isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols"
             if grouped is None:
                 w.set_groups(None)
-            elif w.mixed is None or w.mixed[0] is not grouped or w.mixed[1] is not target.batch:
-                w.set_groups(grouped, target.batch)
+            elif (w.mixed is None or w.mixed[0] is not grouped or w.mixed[1] is not target.batch
+                  or (reads and (w.group_offsets is None) != (table is None))):
+                w.set_groups(grouped, target.batch, table if reads else None)
     for s in state.swaps:
         # One dict store per swap: an interrupt lands before or after it, never inside.
         s.parent._modules[s.attr] = s.wrapper
@@ -357,7 +364,7 @@ def _install(model, expert, spec, backend, layout, compact: bool) -> None:
     swaps, wrappers = build_swaps(model, blocks, target.lead().stage(device), backend)
     state = _State(target.expert, list(blocks), swaps, wrappers, planned_conversions(blocks, layout), fingerprint, backend,
                    layout, _compact_store(model) if compact else None, experts=target.experts,
-                   grouped=target.grouped, batch=target.batch)
+                   grouped=target.grouped, batch=target.batch, offsets=target.offsets)
     # Intent first: from here on every step can be redone by _apply or undone by restore_.
     _record_conversions(model, state.planned)
     model.__dict__[_STATE_ATTR] = state
@@ -384,7 +391,7 @@ def _switch(model, state: _State, expert, spec, backend, layout, compact: Option
         state.layout = layout
     if compact is not None:
         state.compact = _compact_store(model) if compact else None
-    vars(state).update(target._asdict())  # one store: expert, experts, grouped, batch
+    vars(state).update(target._asdict())  # one store: expert, experts, grouped, batch, offsets
     _apply(state)
 
 
@@ -477,24 +484,10 @@ def mixed_batch(model: nn.Module, tasks: Optional[Sequence[Optional[str]]] = Non
         handles = []
         try:
             for entry in dict.fromkeys([model, getattr(model, "base_model", model)]):
-                handles.append(entry.register_forward_pre_hook(_note_batch_size(batch), with_kwargs=True))
+                handles.append(entry.register_forward_pre_hook(batch.size_hook(), with_kwargs=True))
             yield model
         finally:
             for handle in handles:
                 handle.remove()
             batch.set(previous)
 
-
-_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "attention_mask")
-
-
-def _note_batch_size(batch):
-    """A forward pre-hook that tells ``batch`` how many rows the model's input has."""
-
-    def note(module, args, kwargs):
-        tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
-        tensors += [kwargs[name] for name in _BATCH_INPUTS if isinstance(kwargs.get(name), torch.Tensor)]
-        batch.input_items = next((t.shape[0] for t in tensors if t.dim() >= 2), None)
-        return None
-
-    return note

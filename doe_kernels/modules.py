@@ -204,6 +204,17 @@ def _offset(y: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
     return y if offset is None else y + offset
 
 
+def _group_offset(y: torch.Tensor, table: Optional[torch.Tensor], groups) -> torch.Tensor:
+    """y (..., out) of a mixed batch plus its row's group's offset: table (G, out), ``groups`` the
+    batch's TokenGroups (one group per row of y)."""
+    if table is None:
+        return y
+    rows = groups.plans.get("row_groups")
+    if rows is None:
+        rows = groups.plans["row_groups"] = groups.row_groups.long()
+    return y + table.index_select(0, rows).view(y.shape)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The original layer behind a gathered wrapper, or ``module`` itself."""
     return module.base_layer if isinstance(module, _Wrapper) else module
@@ -239,6 +250,7 @@ class _Wrapper(nn.Module):
         self.mixed: Optional[tuple[GroupedIndices, BatchGroups]] = None
         self.register_buffer("indices", validate_indices(indices, total, name=name).to(device), persistent=False)
         self.register_buffer("offset", None, persistent=False)
+        self.register_buffer("group_offsets", None, persistent=False)  # (G, out) while mixed, or None
 
     def _set_offset(self, offset: Optional[torch.Tensor], out_features: int, weight: torch.Tensor) -> None:
         if offset is None:
@@ -251,13 +263,21 @@ class _Wrapper(nn.Module):
             raise ValueError(f"{self._name}: the output offset holds NaN or infinite values")
         self.offset = offset.detach().to(device=weight.device, dtype=weight.dtype)
 
-    def set_groups(self, grouped: Optional[GroupedIndices], batch: Optional[BatchGroups] = None) -> None:
+    def _offset_layer(self) -> tuple[int, torch.Tensor]:
+        """(out, weight): the width of this module's output offsets and the weight whose dtype
+        and device they take (the layer that reads the kept neurons)."""
+        raise NotImplementedError
+
+    def set_groups(self, grouped: Optional[GroupedIndices], batch: Optional[BatchGroups] = None,
+                   offsets: Optional[torch.Tensor] = None) -> None:
         """Run each batch row on its own group's kept neurons: ``grouped`` holds the G groups'
         lists (over this layer's ``total`` neurons, on the device of ``indices``) and ``batch``
         (shared by the model's wrappers) says which group each row of a forward belongs to.
-        None goes back to ``indices`` for every row."""
+        ``offsets`` (G, out): added to each row's output by its group (as ``set_offset`` for one
+        list; zeros for a group without one). None goes back to ``indices`` for every row."""
         if grouped is None:
             self.mixed = None
+            self.group_offsets = None
             return
         if not isinstance(grouped, GroupedIndices) or not isinstance(batch, BatchGroups):
             raise TypeError(f"{self._name}: expected a GroupedIndices and a BatchGroups, got "
@@ -268,7 +288,18 @@ class _Wrapper(nn.Module):
         if batch.num_groups != grouped.num_groups:
             raise ValueError(f"{self._name}: the batch assigns {batch.num_groups} groups, the lists hold "
                              f"{grouped.num_groups}")
+        if offsets is not None:
+            width, weight = self._offset_layer()
+            if (not isinstance(offsets, torch.Tensor) or offsets.dim() != 2
+                    or tuple(offsets.shape) != (grouped.num_groups, width)):
+                got = tuple(offsets.shape) if isinstance(offsets, torch.Tensor) else type(offsets).__name__
+                raise ValueError(f"{self._name}: expected group offsets of shape ({grouped.num_groups}, {width}), "
+                                 f"got {got}")
+            if not torch.isfinite(offsets).all():
+                raise ValueError(f"{self._name}: the group offsets hold NaN or infinite values")
+            offsets = offsets.detach().to(device=weight.device, dtype=weight.dtype)
         self.mixed = (grouped, batch)
+        self.group_offsets = offsets
 
     def set_indices(self, indices: torch.Tensor, *, validated: bool = False, in_place: bool = False) -> None:
         """Switch to another kept set (an index swap; no weight is touched).
@@ -334,11 +365,19 @@ class GatheredLinear(_Wrapper):
         w = linear_weight(self.base_layer)  # (out, in) for Conv1D too
         self._set_offset(offset, w.shape[0], w)
 
+    def _offset_layer(self) -> tuple[int, torch.Tensor]:
+        if self.mode != "cols":
+            raise ValueError(f"{self._name}: an output offset belongs to the layer that reads the kept neurons "
+                             f"(mode='cols'), this one has mode={self.mode!r}")
+        w = linear_weight(self.base_layer)
+        return w.shape[0], w
+
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         w, b = _weight_bias(self.base_layer)
         if self.mixed is not None:
-            return _offset(_segmented(x, w.t() if self._transposed else w, b, _plan(self.mixed, x),
-                                      self.mode == "rows", resolve_backend(self.backend, x)), self.offset)
+            plan = _plan(self.mixed, x)
+            return _group_offset(_segmented(x, w.t() if self._transposed else w, b, plan, self.mode == "rows",
+                                            resolve_backend(self.backend, x)), self.group_offsets, plan[1])
         compact = use_compact(self.compact, w)
         if compact is not None:  # the store caches by the bias it is given: add the offset after
             return _offset(compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows",
@@ -397,6 +436,10 @@ class GatheredGatedMLP(_Wrapper):
         down = self._layers[2]
         self._set_offset(offset, down.weight.shape[0], down.weight)
 
+    def _offset_layer(self) -> tuple[int, torch.Tensor]:
+        w = self._layers[2].weight
+        return w.shape[0], w
+
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down, dropout = self._layers
         idx, total, name = self._buffers["indices"], self.total, self._name
@@ -410,7 +453,8 @@ class GatheredGatedMLP(_Wrapper):
             w, b = _weight_bias(layer)  # read after the layer's pre-hooks, as layer(t) would
             offset = None if rows else self.offset
             if plan is not None:
-                return _offset(_segmented(t, w, b, plan, rows, backend), offset)
+                return _group_offset(_segmented(t, w, b, plan, rows, backend), None if rows else self.group_offsets,
+                                     plan[1])
             if compact is not None:
                 return _offset(compact_linear(compact, t, w, b, idx, rows, total, name), offset)
             return _linear(t, w, _plus(b, offset), idx, rows, total, backend, name)

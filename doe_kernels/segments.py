@@ -219,6 +219,9 @@ class TokenGroups:
         return f"TokenGroups(rows={self.num_rows}, counts={list(self.counts)})"
 
 
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "attention_mask")
+
+
 class BatchGroups:
     """The group of each batch item for the forwards that run while it is set; shared by the
     wrappers of one model, so that every FFN block of a forward sees one assignment.
@@ -255,6 +258,18 @@ class BatchGroups:
             if bad:
                 raise ValueError(f"items: group {bad[0]} out of range, expected ids in [0, {self.num_groups})")
         self.items, self._rows, self.input_items = items, {}, None
+
+    def size_hook(self):
+        """A forward pre-hook (``register_forward_pre_hook(..., with_kwargs=True)``) for the module
+        a batch enters by: it notes the batch size of its input in ``input_items``."""
+
+        def note(module, args, kwargs):
+            tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+            tensors += [kwargs[name] for name in _BATCH_INPUTS if isinstance(kwargs.get(name), torch.Tensor)]
+            self.input_items = next((t.shape[0] for t in tensors if t.dim() >= 2), None)
+            return None
+
+        return note
 
     def rows_for(self, x: torch.Tensor) -> TokenGroups:
         items = self.items

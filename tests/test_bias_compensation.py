@@ -119,6 +119,34 @@ def test_offsets_travel_in_the_expert_file_and_are_checked(tmp_path):
         doe.unplug_(model, wrong, backend="torch")
     assert not doe.is_unplugged(model)
     assert_same_as(model, snap)
-    with pytest.raises(ValueError, match="mixed batches"):
-        doe.unplug_(model, {"a": with_off, "b": expert}, backend="torch")
-    assert not doe.is_unplugged(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "opt"])  # OPT flattens its rows before the FFN
+def test_mixed_batches_give_each_row_its_own_experts_offsets(family, backend):
+    model = make_tiny(family).to(DEVICE if backend == "triton" else "cpu")
+    snap = snapshot(model)
+    tasks = ["a", None, "b", "a", "c"]  # a compensated, b compensated otherwise, c plain, a dense row
+    indices = {name: random_expert_indices(model, keep, seed=i + 1)
+               for i, (name, keep) in enumerate([("a", 0.35), ("b", 0.2), ("c", 0.5)])}
+    offsets = {"a": _offsets(model, seed=2), "b": _offsets(model, seed=3), "c": None}
+    experts = {name: doe.TaskExpert.from_indices(model, idx, task=name).with_offsets(offsets[name])
+               for name, idx in indices.items()}
+    inputs = sample_inputs(model, batch=len(tasks), seq=6)
+    expected = []
+    for r, task in enumerate(tasks):  # each row alone on a hand-sliced copy with the offsets as a bias
+        ref = model if task is None else sliced_copy(model, indices[task]).eval()
+        if task is not None and offsets[task] is not None:
+            ref = _with_down_bias(ref, offsets[task])
+        expected.append(model_logits(ref, {k: v[r:r + 1] for k, v in inputs.items()}))
+    doe.unplug_(model, experts, backend=backend)
+    with doe.mixed_batch(model, tasks):
+        mixed = model_logits(model, inputs)
+    for r in range(len(tasks)):
+        torch.testing.assert_close(mixed[r:r + 1], expected[r], atol=2e-4, rtol=2e-4, msg=lambda m: f"row {r}: {m}")
+    doe.unplug_(model, {name: e.with_offsets(None) for name, e in experts.items()}, backend=backend)
+    with doe.mixed_batch(model, tasks):  # a mapping without offsets drops them
+        plain = model_logits(model, inputs)
+    assert (plain[0] - mixed[0]).abs().max() > 1e-3 and torch.allclose(plain[4], mixed[4], atol=1e-5)
+    doe.restore_(model)
+    assert_same_as(model, snap)
