@@ -103,8 +103,7 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                     continue
                 if reprobe:
                     fitted, tuned = reprobed(e, retunes[0] if retunes else 0)
-                    if not full_only:
-                        yield f"{prefix}{name} + re-probed", fitted
+                    yield f"{prefix}{name} + re-probed", fitted
                     if tuned is not None:
                         yield f"{prefix}{name} + re-probed + re-tuned", tuned
                     if full_only:

@@ -45,7 +45,7 @@ class AttributionConfig:
     """How neurons are scored (``METHODS``, gradient ``TARGETS``) and on how many examples."""
 
     method: str = "attribution"
-    target: str = "logit"  # what the gradient is of: the gold label's logit or its log-probability
+    target: str = "log_prob"  # what the gradient is of: the gold label's log-probability or its logit
     batch_size: int = 16
     max_examples: Optional[int] = None
     ig_steps: int = 4

@@ -166,7 +166,8 @@ def _cmd_localize(args) -> int:
     for name in ("epochs", "prompt_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs}
+    # an explicit --retune-epochs re-tunes after a re-probe too
+    retune = {} if args.retune_epochs is None else {"retune_epochs": args.retune_epochs, "retune_after_reprobe": True}
     layer = args.readout_layer
     if layer not in ("auto", "last") and not layer.isdigit():
         raise UsageError(f"--readout-layer: expected auto, last or a layer number, got {layer!r}")
@@ -187,7 +188,10 @@ def _cmd_localize(args) -> int:
     tok, model = _load_model(args.model, args.device)
     data = _load_data(spec, max_train=args.max_train, max_eval=args.max_eval)
     result = None
-    phases = 1 + (args.method != "random") + len(keeps) * (configs[0].retune_epochs > 0)
+    from doe.models import model_kind
+
+    retunes = configs[0].retunes(model_kind(model)) or (data.spec.is_generation and configs[0].retune_epochs > 0)
+    phases = 1 + (args.method != "random") + len(keeps) * retunes
     with progress.steps(phases):
         for keep, config in zip(keeps, configs):
             result = find_expert(model, tok, data, config,

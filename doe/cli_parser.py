@@ -75,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, action="append", help="keep ratio (repeatable; default 0.35)")
     p.add_argument("--method", default="attribution",
                    choices=["attribution", "activation", "gradient", "integrated_gradients", "random", "skill"])
-    p.add_argument("--target", default="logit", choices=["logit", "log_prob"],
-                   help="gradient of the gold label's logit (the paper) or of its log-probability")
-    p.add_argument("--scope", default="layer", choices=["layer", "global"])
+    p.add_argument("--target", default="log_prob", choices=["logit", "log_prob"],
+                   help="gradient of the gold label's log-probability (default) or of its logit (the paper)")
+    p.add_argument("--scope", default="global", choices=["layer", "global"],
+                   help="rank all neurons of the model together (global, default) or keep the ratio in every layer")
     p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
-    p.add_argument("--bias-compensation", action="store_true",
+    p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=True,
                    help="add back the mean contribution of the neurons each layer leaves out (measured on the "
-                        "training texts; one vector per layer in the expert file, free at inference)")
+                        "training texts; one vector per layer in the expert file, free at inference; default on)")
     p.add_argument("--epochs", type=int, default=8, help="prompt-tuning epochs (default 8)")
     p.add_argument("--retune-epochs", type=int, default=None,
                    help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")

@@ -30,14 +30,17 @@ __all__ = ["LocalizationConfig", "localize", "compensation_offsets", "ExpertSear
 class LocalizationConfig:
     """keep_ratio: fraction of FFN neurons kept (0.35 = the paper's 65% pruning).
     scope: "layer" keeps that fraction in every block, "global" ranks all neurons together
-    (each block keeps at least ``min_per_layer``). multiple_of: round each block's count to a
+    (each block keeps at least ``min_per_layer``). bias_compensation: the expert adds back the
+    mean contribution of the neurons it leaves out (``compensation_offsets``). The defaults
+    (global, compensated) are what measured best on SmolLM2 and MiniLM
+    (benchmarks/results/2026-12-05-cpu/ablation-r8.md). multiple_of: round each block's count to a
     multiple the kernels like (e.g. 16), never above the block size."""
 
     keep_ratio: float = 0.35
-    scope: str = "layer"
+    scope: str = "global"
     multiple_of: Optional[int] = None
     min_per_layer: int = 1
-    bias_compensation: bool = False
+    bias_compensation: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
@@ -139,9 +142,11 @@ class ExpertSearchConfig:
     retune_epochs: int = 2  # re-tune the prompt on the expert-localized model (0 = skip)
     retune_head_lr: float = 1e-2  # the head only needs to adapt, not to be learned again
     #: a head that started as a probe (``PromptTuningConfig.head_init``) is fitted again on the
-    #: expert's states before re-tuning (then tuned at ``probe_head_lr``): pruning moves the
-    #: states the dense probe was fitted on
+    #: expert's states: pruning moves the states the dense probe was fitted on
     reprobe: bool = True
+    #: re-tune after a re-probe too (at ``probe_head_lr``); off: on SmolLM2 / Reuters R8 (3 seeds)
+    #: it moved accuracy by +0.5 points at keep 0.35 and -2.5 at keep 0.2
+    retune_after_reprobe: bool = False
 
     def __post_init__(self) -> None:
         if self.retune_epochs < 0:
@@ -152,7 +157,17 @@ class ExpertSearchConfig:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt.to_dict(), "attribution": self.attribution.to_dict(),
                 "localization": self.localization.to_dict(), "retune_epochs": self.retune_epochs,
-                "retune_head_lr": self.retune_head_lr, "reprobe": self.reprobe}
+                "retune_head_lr": self.retune_head_lr, "reprobe": self.reprobe,
+                "retune_after_reprobe": self.retune_after_reprobe}
+
+    def reprobes(self, kind: str) -> bool:
+        """Whether the expert's head is fitted again on a model of ``kind`` (encoder, decoder, ...)."""
+        probe = self.prompt.head_init == "probe" or (self.prompt.head_init == "auto" and kind == "decoder")
+        return self.reprobe and probe and self.prompt.readout != "verbalizer"
+
+    def retunes(self, kind: str) -> bool:
+        """Whether the prompt is tuned again on the expert of a model of ``kind``."""
+        return self.retune_epochs > 0 and (self.retune_after_reprobe or not self.reprobes(kind))
 
 
 @dataclass
@@ -212,7 +227,8 @@ def find_expert(
         expert = expert.with_offsets(compensation_offsets(model, expert, means))
     prompt, head = tuning.prompt, tuning.head
     reprobe = config.reprobe and probes_head(config.prompt, task_model)
-    if config.retune_epochs or reprobe:
+    retune = config.retune_epochs > 0 and (config.retune_after_reprobe or not reprobe)
+    if retune or reprobe:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
                             max_length=config.prompt.max_length, readout=task_model.readout)
         retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": max(config.retune_epochs, 1),
@@ -222,7 +238,7 @@ def find_expert(
             if reprobe:
                 with eval_mode(model), frozen(list(model.parameters())):
                     probe_head(retuned, list(data.train), config.prompt.batch_size)
-            if config.retune_epochs:
+            if retune:
                 prompt_tune(retuned, data, retune_cfg, phase_name=f"re-tuning {data.spec.name} on its expert "
                                                                   f"(keep {expert.keep_ratio:.2f})")
         prompt, head = retuned.prompt.detach().cpu().clone(), retuned.head_state()

@@ -100,7 +100,7 @@ def test_localize_per_layer_keeps_top_scores():
     n = doe.find_ffn_blocks(model)[0].num_neurons
     g = torch.Generator().manual_seed(0)
     raw = [torch.rand(n, generator=g) for _ in range(2)]
-    expert = localize(model, _scores([r.tolist() for r in raw]), LocalizationConfig(keep_ratio=0.25))
+    expert = localize(model, _scores([r.tolist() for r in raw]), LocalizationConfig(keep_ratio=0.25, scope="layer"))
     for r, idx in zip(raw, expert.indices):
         k = idx.numel()
         assert k == -(-n // 4)  # ceil(0.25 * n)

@@ -189,7 +189,7 @@ def test_find_expert_end_to_end(sentiment, tokenizer, tmp_path):
     config = ExpertSearchConfig(
         prompt=PromptTuningConfig(num_tokens=4, epochs=2, **QUIET),
         attribution=AttributionConfig(**QUIET),
-        localization=LocalizationConfig(keep_ratio=0.35),
+        localization=LocalizationConfig(keep_ratio=0.35, scope="layer"),
         retune_epochs=1,
     )
     result = find_expert(model, tokenizer, sentiment, config)

@@ -151,8 +151,8 @@ def test_the_expert_head_is_fitted_again_on_the_expert_states_as_on_a_hand_slice
     model, tok = deep_llama(), tiny_tokenizer([e.text for e in data.train])
     prompt = PromptTuningConfig(epochs=1, num_tokens=2, show_progress=False, readout="mean", readout_layer=3)
     attribution = AttributionConfig(show_progress=False)
-    config = ExpertSearchConfig(prompt=prompt, attribution=attribution,
-                                localization=LocalizationConfig(keep_ratio=0.3), retune_epochs=0)
+    local = LocalizationConfig(keep_ratio=0.3, bias_compensation=False)  # the sliced copy carries no offsets
+    config = ExpertSearchConfig(prompt=prompt, attribution=attribution, localization=local, retune_epochs=0)
     found = find_expert(model, tok, data, config)
     expert = found.expert
     assert expert.head["readout_layer"].item() == 3
@@ -165,7 +165,6 @@ def test_the_expert_head_is_fitted_again_on_the_expert_states_as_on_a_hand_slice
     torch.testing.assert_close(F.softmax(ours(**batch), -1), F.softmax(by_hand(**batch), -1), atol=2e-3, rtol=0)
     assert not torch.equal(expert.head["weight"], expert.dense_head["weight"])
     kept = find_expert(model, tok, data, ExpertSearchConfig(prompt=prompt, attribution=attribution,
-                                                            localization=LocalizationConfig(keep_ratio=0.3),
-                                                            retune_epochs=0, reprobe=False),
+                                                            localization=local, retune_epochs=0, reprobe=False),
                        task_model=found.task_model, scores=found.scores).expert
     assert torch.equal(kept.head["weight"], kept.dense_head["weight"])
