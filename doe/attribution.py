@@ -131,11 +131,15 @@ def _capture_down_inputs(blocks, scale: Optional[dict] = None):
             h.remove()
 
 
-def _token_mask(task_model: TaskModel, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask of real tokens (prompt included) aligned with h, or all ones for (B, T) h's
-    that don't carry the prompt (T5 decoder)."""
+def _token_mask(task_model: TaskModel, attention_mask: torch.Tensor, h: torch.Tensor,
+                prompt: bool = True) -> torch.Tensor:
+    """(B, T) mask of real tokens (the soft prompt's too unless ``prompt=False``) aligned with h,
+    or all ones for (B, T) h's that don't carry the prompt (T5 decoder)."""
     full = task_model.full_attention_mask(attention_mask)
     if h.dim() == 3 and h.shape[1] == full.shape[1]:
+        if not prompt:
+            full = full.clone()
+            full[:, : task_model.prompt.shape[0]] = 0
         return full.to(h.dtype)
     return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
 
@@ -201,8 +205,10 @@ def score_neurons(task_model: TaskModel, data: TaskData | Sequence[Example], con
 
 def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_size: int = 16) -> list[torch.Tensor]:
     """Per FFN block, the mean of each neuron's activation h (the down projection's input; signed,
-    fp32, (I,)) over the real tokens (soft prompt included) of ``examples`` run through the dense
-    ``task_model``."""
+    fp32, (I,)) over the text tokens of ``examples`` run through the dense ``task_model`` (with
+    its prompt). The soft prompt's own positions are left out: tuned prompt vectors drive some
+    neurons far beyond what text does (on MiniLM / Reuters R8 they tripled the first layer's
+    compensation and took an expert from 90% to chance; without them it scored 93%)."""
     examples = list(examples)
     if not examples:
         raise ValueError("mean_down_inputs: expected at least one example, got none")
@@ -217,7 +223,7 @@ def mean_down_inputs(task_model: TaskModel, examples: Sequence[Example], batch_s
             for i, h in enumerate(hs):
                 if h is None:  # after the layer the head reads: never run, mean 0
                     continue
-                mask = _token_mask(task_model, enc["attention_mask"], h).double()
+                mask = _token_mask(task_model, enc["attention_mask"], h, prompt=False).double()
                 sums[i] += (h.double() * mask.unsqueeze(-1)).sum(dim=tuple(range(h.dim() - 1))).cpu()
                 counts[i] += float(mask.sum())
     return [(s / max(c, 1.0)).float() for s, c in zip(sums, counts)]

@@ -64,11 +64,12 @@ def _search(cfg: DemoConfig, decoder: bool) -> ExpertSearchConfig:
     """The recipe. On a decoder, what the SmolLM2 ablation measured best: a head on the mean of
     the text's states, global allocation, the log-probability target, bias compensation."""
     retune = {} if cfg.retune_epochs is None else {"retune_epochs": cfg.retune_epochs}
-    if not decoder:
+    if not decoder:  # the recipe the README's MiniLM demo numbers were measured with
         return ExpertSearchConfig(
             prompt=PromptTuningConfig(epochs=cfg.epochs, seed=cfg.seed, show_progress=cfg.show_progress),
-            attribution=AttributionConfig(show_progress=cfg.show_progress),
-            localization=LocalizationConfig(keep_ratio=cfg.keep_ratio), **retune)
+            attribution=AttributionConfig(target="logit", show_progress=cfg.show_progress),
+            localization=LocalizationConfig(keep_ratio=cfg.keep_ratio, scope="layer", bias_compensation=False),
+            **retune)
     return ExpertSearchConfig(
         prompt=PromptTuningConfig(epochs=cfg.epochs, seed=cfg.seed, show_progress=cfg.show_progress, readout="mean"),
         attribution=AttributionConfig(target="log_prob", show_progress=cfg.show_progress),

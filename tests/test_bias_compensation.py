@@ -75,7 +75,7 @@ def test_compensation_offsets_are_the_pruned_columns_times_the_mean_activation()
         torch.testing.assert_close(off, w[:, pruned] @ mean[pruned], atol=1e-6, rtol=1e-5)
 
     # the first block sees the same inputs with and without the expert: with the offsets its
-    # output keeps the dense mean over the real tokens
+    # output keeps the dense mean over the text's tokens (the soft prompt's positions left out)
     block0 = find_ffn_blocks(model)[0]
     outs = {}
 
@@ -86,6 +86,7 @@ def test_compensation_offsets_are_the_pruned_columns_times_the_mean_activation()
 
     enc = tm.encode(data.train)
     mask = tm.full_attention_mask(enc["attention_mask"]).float().unsqueeze(-1)
+    mask[:, :2] = 0  # the prompt's two positions
     with torch.no_grad():
         handle = block0.container.register_forward_hook(grab("dense"))
         tm(**enc)
