@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-tuning epochs on the expert (default: ExpertSearchConfig's; 0 skips)")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--readout", default="auto", choices=["auto", "head", "mean", "verbalizer"],
-                   help="how classes are read: a linear head on the last text token (head, decoders) or on the "
-                        "mean of the text's states (mean; what encoders always do), or the next-token logits of the "
-                        "label words (verbalizer: decoders, seq2seq); auto: a head except on seq2seq models")
+                   help="how classes are read: a linear head on the mean of the text's states (mean; what encoders "
+                        "always do) or on the last text token (head, decoders), or the next-token logits of the "
+                        "label words (verbalizer: decoders, seq2seq); auto: mean except on seq2seq models")
     p.add_argument("--readout-layer", default="auto", metavar="auto|last|N",
                    help="the layer a head reads: N (the states after N layers; the forward stops there), last, or "
                         "auto (default: on decoders, the shallowest layer whose probe cross-validates within a point "

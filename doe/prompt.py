@@ -4,10 +4,11 @@
 
 - encoders (BERT, RoBERTa, DistilBERT, the packaged MiniLM): [prompt; text] -> last hidden
   state -> mean over text tokens -> a small linear head;
-- decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> the last text
-  token's hidden state -> a small linear head (``readout="head"``), or the mean of the text's
-  hidden states -> a head (``readout="mean"``), or the next-token logits at the last text token
-  at one verbalizer token per label (``readout="verbalizer"``);
+- decoder LMs (GPT-2, OPT, LLaMA, Mistral, Qwen2, Gemma): [prompt; text] -> the mean of the
+  text's hidden states -> a small linear head (``readout="mean"``, the default), or the last
+  text token's hidden state -> a head (``readout="head"``, as LlamaForSequenceClassification),
+  or the next-token logits at the last text token at one verbalizer token per label
+  (``readout="verbalizer"``);
 - T5: [prompt; text] into the encoder, the first decoder step's logits at the verbalizer tokens.
 
 A head may read an earlier layer's states (``readout_layer``: k = after k layers): on a decoder,
@@ -119,8 +120,10 @@ def _readout(kind: str, readout: Optional[str], prompt, head) -> str:
             return "mean"
         if head is not None or kind == "encoder":
             return "head"
-        # a fresh decoder gets a head; one given a prompt alone was tuned with verbalizers
-        return "head" if prompt is None and kind == "decoder" else "verbalizer"
+        # a fresh decoder gets a head on the mean of the text's states (on SmolLM2 / Reuters R8 its
+        # probes cross-validated at 91.5% against 78.5% on the last token's); one given a prompt
+        # alone was tuned with verbalizers
+        return "mean" if prompt is None and kind == "decoder" else "verbalizer"
     if readout not in READOUTS:
         raise ValueError(f"readout: expected one of auto, {', '.join(READOUTS)}, got {readout!r}")
     if kind == "encoder" and readout == "mean":

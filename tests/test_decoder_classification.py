@@ -80,7 +80,7 @@ def test_mean_heads_read_the_mean_of_the_text_next_to_last_token_heads_and_round
 def test_readout_defaults_and_refusals():
     tok = tiny_tokenizer([], SPEC.label_words)
     llama = make_tiny("llama")
-    assert TaskModel(llama, tok, SPEC).readout == "head"  # a new decoder prompt gets a head
+    assert TaskModel(llama, tok, SPEC).readout == "mean"  # a new decoder prompt gets a head on the mean
     old = TaskModel(llama, tok, SPEC, prompt=torch.zeros(2, HIDDEN))  # a prompt tuned with verbalizers
     assert old.readout == "verbalizer" and old.head is None and old.label_token_ids.numel() == 2
     with_head = TaskModel(llama, tok, SPEC, prompt=torch.zeros(2, HIDDEN),
