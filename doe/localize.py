@@ -32,8 +32,8 @@ class LocalizationConfig:
     scope: "layer" keeps that fraction in every block, "global" ranks all neurons together
     (each block keeps at least ``min_per_layer``). bias_compensation: the expert adds back the
     mean contribution of the neurons it leaves out (``compensation_offsets``). The defaults
-    (global, compensated) are what measured best on SmolLM2 and MiniLM
-    (benchmarks/results/2026-12-05-cpu/ablation-r8.md). multiple_of: round each block's count to a
+    (global, compensated) are what measured best on SmolLM2 and MiniLM (Reuters R8:
+    benchmarks/results/2026-12-05-cpu/ablation-r8-readout.md and ablation-r8-minilm.md). multiple_of: round each block's count to a
     multiple the kernels like (e.g. 16), never above the block size."""
 
     keep_ratio: float = 0.35
@@ -162,8 +162,7 @@ class ExpertSearchConfig:
 
     def reprobes(self, kind: str) -> bool:
         """Whether the expert's head is fitted again on a model of ``kind`` (encoder, decoder, ...)."""
-        probe = self.prompt.head_init == "probe" or (self.prompt.head_init == "auto" and kind == "decoder")
-        return self.reprobe and probe and self.prompt.readout != "verbalizer"
+        return self.reprobe and probes_head(self.prompt, kind) and self.prompt.readout != "verbalizer"
 
     def retunes(self, kind: str) -> bool:
         """Whether the prompt is tuned again on the expert of a model of ``kind``."""

@@ -439,10 +439,13 @@ def choose_readout_layer(task_model: TaskModel, examples: Sequence[Example], bat
     return next(k for k in candidates if accuracy[k] >= best - tolerance), accuracy
 
 
-def probes_head(config: PromptTuningConfig, task_model: TaskModel) -> bool:
-    """Whether ``config`` starts ``task_model``'s new head as a probe (``head_init``)."""
-    return task_model.head is not None and (
-        config.head_init == "probe" or (config.head_init == "auto" and task_model.kind == "decoder"))
+def probes_head(config: PromptTuningConfig, task_model: TaskModel | str) -> bool:
+    """Whether ``config`` starts ``task_model``'s new head as a probe (``head_init``); given a
+    model kind ("decoder", ...) instead, whether it would for a head on such a model."""
+    kind = task_model if isinstance(task_model, str) else task_model.kind
+    if not isinstance(task_model, str) and task_model.head is None:
+        return False
+    return config.head_init == "probe" or (config.head_init == "auto" and kind == "decoder")
 
 
 def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig, *,
