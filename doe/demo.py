@@ -96,9 +96,13 @@ def _topic_words(cfg: DemoConfig) -> TaskData:
 
 def _experts(model, tok, data: dict[str, TaskData], cfg: DemoConfig) -> dict[str, TaskExpert]:
     fingerprint = model_fingerprint(model)
-    search = _search(cfg, model_kind(model) == "decoder")
-    _log(f"  prompt tuning {search.prompt.epochs} epochs, then {search.retune_epochs} re-tuning epochs on each "
-         f"expert (library default {ExpertSearchConfig.retune_epochs})")
+    kind = model_kind(model)
+    search = _search(cfg, kind == "decoder")
+    after = (f"{search.retune_epochs} re-tuning epochs on each expert (library default "
+             f"{ExpertSearchConfig.retune_epochs})" if search.retunes(kind) else
+             f"each expert's head fitted again on its states ({search.retune_epochs} re-tuning epochs for a "
+             "generation task, which has no head)")
+    _log(f"  prompt tuning {search.prompt.epochs} epochs, then {after}")
     experts = {}
     for task, d in data.items():
         folder = cfg.cache / "experts" / task
