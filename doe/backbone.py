@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from doe.locking import model_lock
 from doe.models import model_kind
 
 __all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model",
@@ -81,15 +82,16 @@ def layer_states(model: nn.Module, inputs: dict, layers) -> dict:
                 raise _Stop
         return record
 
-    handles = [stack[k - 1].register_forward_hook(hook(k)) for k in ints]
-    try:
-        last = run(**call)[0]
-        out[None] = last
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    # under the model's lock: another thread's forward must not meet these hooks
+    with model_lock(model):
+        handles = [stack[k - 1].register_forward_hook(hook(k)) for k in ints]
+        try:
+            out[None] = run(**call)[0]
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
     return out
 
 
