@@ -199,8 +199,12 @@ def _cmd_localize(args) -> int:
                                  scores=result.scores if result else None)
             out = Path(args.out) if len(keeps) == 1 else Path(args.out) / f"keep{keep}"
             result.expert.save_pretrained(out)
-            print(f"{data.spec.name}: kept {sum(result.expert.kept)}/{sum(result.expert.num_neurons)} FFN neurons "
-                  f"({result.expert.keep_ratio:.1%}, {args.method}) -> {out}")
+            expert = result.expert
+            depth = expert.metadata.get("readout_depth")
+            reads = "" if depth is None else (f"; {sum(expert.kept[:depth]) / sum(expert.num_neurons[:depth]):.1%} of "
+                                              f"the {depth} layers its head reads, the only ones it runs")
+            print(f"{data.spec.name}: kept {sum(expert.kept)}/{sum(expert.num_neurons)} FFN neurons "
+                  f"({expert.keep_ratio:.1%}, {args.method}{reads}) -> {out}")
     return 0
 
 
