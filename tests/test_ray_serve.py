@@ -180,7 +180,9 @@ def test_two_replicas_answer_like_the_runtime_and_experts_change_on_every_replic
     serve.delete(doe_ray.DEPLOYMENT)
 
 
-RETRYABLE = (502, 503, 504)
+# 408: a request whose body Ray's proxy never passed on (its replica killed in between) meets the
+# app's --body-timeout; clients such as openai's retry it like 5xx
+RETRYABLE = (408, 502, 503, 504)
 RAY_REPLICA_DIED = (500, "Internal Server Error")  # Ray's proxy, for a request whose replica died under it
 
 
