@@ -34,7 +34,7 @@ from doe.locking import model_lock
 from doe.models import model_kind
 
 __all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model",
-           "layer_modules", "layer_states", "read_states"]
+           "layer_modules", "layer_states", "head_pooling", "read_states"]
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -93,6 +93,12 @@ def layer_states(model: nn.Module, inputs: dict, layers) -> dict:
             for h in handles:
                 h.remove()
     return out
+
+
+def head_pooling(kind: str, head: Optional[nn.Module]) -> str:
+    """How a head on a model of ``kind`` pools the text's states: "mean" (encoders always, a
+    decoder head whose ``pooling`` attribute says so) or "last" (the last text token's)."""
+    return "mean" if kind == "encoder" or getattr(head, "pooling", None) == "mean" else "last"
 
 
 def read_states(hidden: torch.Tensor, inputs: dict, rows: Sequence[int], pooling: Optional[str]) -> torch.Tensor:
@@ -218,8 +224,7 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
     # per row: which layer it reads (None: the last hidden states) and how it pools them
     where = [getattr(heads[r], "layer", None) for r in range(b)]
-    pooling = ["mean" if kind == "encoder" or getattr(heads[r], "pooling", None) == "mean" else "last"
-               for r in range(b)]
+    pooling = [head_pooling(kind, heads[r]) for r in range(b)]
     hidden = layer_states(model, inputs, set(where))
     states = None
     for key in dict.fromkeys(zip(where, pooling)):

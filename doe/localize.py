@@ -33,8 +33,9 @@ class LocalizationConfig:
     (each block keeps at least ``min_per_layer``). bias_compensation: the expert adds back the
     mean contribution of the neurons it leaves out (``compensation_offsets``). The defaults
     (global, compensated) are what measured best on SmolLM2 and MiniLM (Reuters R8:
-    benchmarks/results/2026-12-05-cpu/ablation-r8-readout.md and ablation-r8-minilm.md). multiple_of: round each block's count to a
-    multiple the kernels like (e.g. 16), never above the block size."""
+    benchmarks/results/2026-12-05-cpu/ablation-r8-readout.md and ablation-r8-minilm.md).
+    multiple_of: round each block's count to a multiple the kernels like (e.g. 16), never above
+    the block size."""
 
     keep_ratio: float = 0.35
     scope: str = "global"
@@ -166,7 +167,10 @@ class ExpertSearchConfig:
 
     def retunes(self, kind: str) -> bool:
         """Whether the prompt is tuned again on the expert of a model of ``kind``."""
-        return self.retune_epochs > 0 and (self.retune_after_reprobe or not self.reprobes(kind))
+        return self._retunes_after(self.reprobes(kind))
+
+    def _retunes_after(self, reprobed: bool) -> bool:
+        return self.retune_epochs > 0 and (self.retune_after_reprobe or not reprobed)
 
 
 @dataclass
@@ -226,18 +230,18 @@ def find_expert(
         expert = expert.with_offsets(compensation_offsets(model, expert, means))
     prompt, head = tuning.prompt, tuning.head
     reprobe = config.reprobe and probes_head(config.prompt, task_model)
-    retune = config.retune_epochs > 0 and (config.retune_after_reprobe or not reprobe)
+    retune = config._retunes_after(reprobe)
     if retune or reprobe:
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
                             max_length=config.prompt.max_length, readout=task_model.readout)
-        retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": max(config.retune_epochs, 1),
-                                           "head_lr": config.prompt.probe_head_lr if reprobe else
-                                           config.retune_head_lr})
         with unplugged(model, expert):
             if reprobe:
                 with eval_mode(model), frozen(list(model.parameters())):
                     probe_head(retuned, list(data.train), config.prompt.batch_size)
             if retune:
+                head_lr = config.prompt.probe_head_lr if reprobe else config.retune_head_lr
+                retune_cfg = PromptTuningConfig(**{**config.prompt.to_dict(), "epochs": config.retune_epochs,
+                                                   "head_lr": head_lr})
                 prompt_tune(retuned, data, retune_cfg, phase_name=f"re-tuning {data.spec.name} on its expert "
                                                                   f"(keep {expert.keep_ratio:.2f})")
         prompt, head = retuned.prompt.detach().cpu().clone(), retuned.head_state()

@@ -32,12 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from doe import progress
-from doe.backbone import classify, layer_modules, layer_states, prompted_inputs, read_states
+from doe.backbone import classify, head_pooling, layer_modules, layer_states, prompted_inputs, read_states
 from doe.models import eval_mode, frozen, model_kind
 from doe.tasks import Example, TaskData, TaskSpec
 
-__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "probe_head", "probes_head", "choose_readout_layer",
-           "prompt_tune"]
+__all__ = ["PromptTuningConfig", "READOUTS", "TaskModel", "chat_pieces", "probe_head", "probes_head",
+           "choose_readout_layer", "prompt_tune"]
 
 READOUTS = ("head", "mean", "verbalizer")
 _MEAN_MARK = "pooling_mean"  # a head state's key that says the head reads the mean of the text
@@ -413,7 +413,7 @@ def choose_readout_layer(task_model: TaskModel, examples: Sequence[Example], bat
     if folds < 2:
         raise ValueError(f"choose_readout_layer: expected at least 2 examples to cross-validate, got {len(examples)}")
     candidates = list(range(1, len(layer_modules(task_model.model)))) + [None]
-    pooling = getattr(task_model.head, "pooling", None) if task_model.kind == "decoder" else "mean"
+    pooling = head_pooling(task_model.kind, task_model.head)
     feats: dict = {k: [] for k in candidates}
     with eval_mode(task_model):
         for i in range(0, len(examples), batch_size):

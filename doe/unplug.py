@@ -279,14 +279,13 @@ def _apply(state: _State) -> None:
         table = None if target.offsets is None else target.offsets[i]
         offset = None if offsets is None else offsets[i]
         for w in ws:
+            reads = isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols"  # the output side
             w.backend = state.backend
             w.compact = state.compact
             if w.indices is not idx:
                 w.set_indices(idx, validated=True)
-            if isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols":
-                if offset is not None or w.offset is not None:
-                    w.set_offset(offset)
-            reads = isinstance(w, GatheredGatedMLP) or getattr(w, "mode", None) == "cols"
+            if reads and (offset is not None or w.offset is not None):
+                w.set_offset(offset)
             if grouped is None:
                 w.set_groups(None)
             elif (w.mixed is None or w.mixed[0] is not grouped or w.mixed[1] is not target.batch
