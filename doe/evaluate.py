@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from doe.backbone import layer_modules
 from doe.expert import TaskExpert
 from doe.models import eval_mode
 from doe.prompt import TaskModel
@@ -29,11 +30,12 @@ class EvalRow:
     """One model's metric and median latency per batch on the held-out split."""
 
     name: str
-    keep_ratio: float
+    keep_ratio: float  # kept FFN neurons over all FFN neurons in the layers the row runs
     metric: float
     latency_ms: float  # median per batch
     speedup: float = 1.0  # dense latency / this latency
     extra: dict = field(default_factory=dict)  # generation tasks: perplexity, exact_match, rouge_l
+    layers: Optional[int] = None  # transformer layers the row runs (a head reading an earlier layer stops there)
 
 
 @dataclass
@@ -57,17 +59,18 @@ class EvalReport:
         lines = [f"task {self.task} · {self.examples} held-out examples · metric {self.metric_name} · "
                  f"batch {self.batch_size} · {self.device}", ""]
         if self.rows and self.rows[0].extra:  # a generation task
-            lines += ["| model | keep | NLL/token | perplexity | exact match | ROUGE-L | latency ms/batch | speed-up |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += ["| model | layers | keep | NLL/token | perplexity | exact match | ROUGE-L | latency ms/batch | speed-up |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in self.rows:
                 x = r.extra
-                lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {r.metric:.3f} | {x['perplexity']:.2f} | "
+                lines.append(f"| {r.name} | {r.layers} | {r.keep_ratio:.2f} | {r.metric:.3f} | {x['perplexity']:.2f} | "
                              f"{100 * x['exact_match']:.1f} | {100 * x['rouge_l']:.1f} | {r.latency_ms:.2f} | "
                              f"{r.speedup:.2f}x |")
             return "\n".join(lines)
-        lines += [f"| model | keep | {self.metric_name} | latency ms/batch | speed-up |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| model | layers | keep | {self.metric_name} | latency ms/batch | speed-up |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in self.rows:
-            lines.append(f"| {r.name} | {r.keep_ratio:.2f} | {100 * r.metric:.1f} | {r.latency_ms:.2f} | {r.speedup:.2f}x |")
+            lines.append(f"| {r.name} | {r.layers} | {r.keep_ratio:.2f} | {100 * r.metric:.1f} | {r.latency_ms:.2f} | {r.speedup:.2f}x |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -166,17 +169,26 @@ def evaluate(
             return score_generation(task_model, examples, batch_size)
         return (*score_task_model(task_model, examples, batch_size), {})
 
+    total = len(layer_modules(model))
+
+    def run(task_model, expert=None) -> tuple[int, float]:
+        """(layers the row runs, kept share of their FFN neurons)."""
+        depth = min(task_model.readout_layer or total, total)
+        if expert is None:
+            return depth, 1.0
+        return depth, sum(expert.kept[:depth]) / sum(expert.num_neurons[:depth])
+
     metric, latency, extra = score(dense)
-    report.rows.append(EvalRow("dense", 1.0, metric, latency, extra=extra))
+    report.rows.append(EvalRow("dense", 1.0, metric, latency, extra=extra, layers=run(dense)[0]))
     if zero_shot and generative:
         metric, ms, extra = score(TaskModel(model, tokenizer, data.spec, prompt=dense.prompt.detach()[:0],
                                             max_length=dense.max_length))
-        report.rows.append(EvalRow("zero-shot", 1.0, metric, ms, latency / ms, extra=extra))
+        report.rows.append(EvalRow("zero-shot", 1.0, metric, ms, latency / ms, extra=extra, layers=total))
     elif zero_shot and dense.kind != "encoder":
         untuned = TaskModel(model, tokenizer, data.spec, prompt=dense.prompt.detach()[:0], readout="verbalizer",
                             max_length=dense.max_length)
         zs_metric, ms = score_task_model(untuned, examples, batch_size)
-        report.rows.append(EvalRow("zero-shot", 1.0, zs_metric, ms, latency / ms))
+        report.rows.append(EvalRow("zero-shot", 1.0, zs_metric, ms, latency / ms, layers=total))
     for i, expert in enumerate(experts):
         # An expert of another task is judged with this task's prompt and head: only its
         # neurons are borrowed.
@@ -186,7 +198,8 @@ def evaluate(
         task_model = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head, max_length=dense.max_length)
         with unplugged(model, expert):
             metric, ms, extra = score(task_model)
+        layers, keep = run(task_model, expert)
         name = names[i] if names is not None else (
-            f"expert@{expert.keep_ratio:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else ""))
-        report.rows.append(EvalRow(name, expert.keep_ratio, metric, ms, latency / ms, extra=extra))
+            f"expert@{keep:.2f}" + (f" ({expert.task})" if expert.task != data.spec.name else ""))
+        report.rows.append(EvalRow(name, keep, metric, ms, latency / ms, extra=extra, layers=layers))
     return report

@@ -53,12 +53,14 @@ def test_localize_eval_run_round_trip(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--max-eval", "16", "--experts",
                  str(experts / "keep0.35"), str(experts / "keep0.2")]) == 0
     table = capsys.readouterr().out
-    assert "| dense | 1.00 |" in table
-    assert "| keep0.35 (attribution) | 0.35 |" in table and "| keep0.2 (attribution) | 0.20 |" in table
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert f"| dense | {layers} | 1.00 |" in table
+    assert (f"| keep0.35 (attribution) | {layers} | 0.35 |" in table
+            and f"| keep0.2 (attribution) | {layers} | 0.20 |" in table)
     # without --model: the model the experts record (the folder they were made on)
     assert e35.metadata["model_name"] == str(model_dir.resolve())
     assert main(["eval", "--device", "cpu", "--max-eval", "16", "--experts", str(experts / "keep0.35")]) == 0
-    assert "| keep0.35 (attribution) | 0.35 |" in capsys.readouterr().out
+    assert f"| keep0.35 (attribution) | {layers} | 0.35 |" in capsys.readouterr().out
     other = tmp_path / "other-model"  # same family, another FFN size: another fingerprint
     _wider_bert(other)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):

@@ -11,6 +11,7 @@ import transformers as tf
 
 from doe.attribution import AttributionConfig, score_neurons
 from doe.backbone import classify, layer_modules, prompted_inputs
+from doe.evaluate import evaluate
 from doe.expert import TaskExpert
 from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert, localize
 from doe.prompt import PromptTuningConfig, TaskModel, choose_readout_layer, probe_head, prompt_tune
@@ -168,3 +169,19 @@ def test_the_expert_head_is_fitted_again_on_the_expert_states_as_on_a_hand_slice
                                                             localization=local, retune_epochs=0, reprobe=False),
                        task_model=found.task_model, scores=found.scores).expert
     assert torch.equal(kept.head["weight"], kept.dense_head["weight"])
+
+
+def test_eval_reports_the_layers_each_row_runs_and_the_keep_within_them():
+    data = load_task(TASK, max_train=12, max_eval=6)
+    model, tok = deep_llama(), tiny_tokenizer([e.text for e in data.train])
+    tm = TaskModel(model, tok, data.spec, readout="mean", readout_layer=2, num_tokens=2)
+    scores = score_neurons(tm, list(data.train), AttributionConfig(batch_size=4, show_progress=False))
+    expert = localize(model, scores, LocalizationConfig(keep_ratio=0.25, bias_compensation=False))
+    report = evaluate(model, tok, data, tm, [expert], batch_size=4)
+    dense, row = report.rows
+    width = model.config.intermediate_size
+    kept = [int(i.numel()) for i in expert.indices]
+    assert (dense.layers, dense.keep_ratio) == (2, 1.0)
+    assert row.layers == 2 and row.keep_ratio == pytest.approx(sum(kept[:2]) / (2 * width))
+    assert row.keep_ratio > expert.keep_ratio  # the blocks after layer 2 keep one neuron each and never run
+    assert f"| {row.name} | 2 | {row.keep_ratio:.2f} |" in report.to_markdown()
