@@ -6,7 +6,7 @@ changed at a time.
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
                                       [--readout auto|head|mean|verbalizer] [--random-at 0.2]
                                       [--retune-compensated-only] [--readout-layer auto|last|N]
-                                      [--reprobe]
+                                      [--reprobe] [--dense-blocks 0]
 
 --task takes a registered task or a published data set (benchmarks.published: reuters_r8).
 --retune-epochs takes a comma list; the first value re-tunes every variant, each further value
@@ -44,7 +44,8 @@ def resolve_task(task: str):
 
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs, seeds: list,
         scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=(),
-        retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False) -> list:
+        retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False,
+        dense_blocks: tuple = ()) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import LocalizationConfig, compensation_offsets, localize
     from doe.models import load_model
@@ -120,12 +121,13 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
         for target in targets:
             scores = score_neurons(tm, data, AttributionConfig(seed=seed, target=target, show_progress=False))
             for keep, scope in itertools.product(keeps, scopes):
-                expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope=scope),
-                                  task=data.spec.name)
+                expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope=scope,
+                                                                    dense_blocks=dense_blocks), task=data.spec.name)
                 record(keep, variants(expert, f"{scope}/{target}", retunes[1:]))
         for keep in random_at:
             scores = score_neurons(tm, data, AttributionConfig(method="random", seed=seed, show_progress=False))
-            expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope="layer"), task=data.spec.name)
+            expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope="layer", dense_blocks=dense_blocks),
+                              task=data.spec.name)
             record(keep, variants(expert, "random", retunes[1:], full_only=True))
     return rows
 
@@ -165,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
     ap.add_argument("--readout-layer", default="auto", help="auto, last, or a layer number")
     ap.add_argument("--reprobe", action="store_true", help="add the re-probed rows (see above)")
+    ap.add_argument("--dense-blocks", default="", help="comma list of FFN blocks every expert keeps whole")
     ap.add_argument("--retune-compensated-only", action="store_true",
                     help="re-tune only the compensated experts (the other rows as localized)")
     args = ap.parse_args(argv)
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
                [int(e) for e in args.retune_epochs.split(",")], [int(s) for s in args.seeds.split(",")],
                tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
                [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only,
-               _layer_arg(args.readout_layer), args.reprobe)
+               _layer_arg(args.readout_layer), args.reprobe, tuple(int(b) for b in args.dense_blocks.split(",") if b))
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

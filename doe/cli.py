@@ -172,6 +172,12 @@ def _cmd_localize(args) -> int:
     if layer not in ("auto", "last") and not layer.isdigit():
         raise UsageError(f"--readout-layer: expected auto, last or a layer number, got {layer!r}")
     layer = None if layer == "last" else layer if layer == "auto" else int(layer)
+    dense = args.dense_blocks
+    if dense not in ("auto", "none") and not all(b.strip().isdigit() for b in dense.split(",")):
+        raise UsageError(f"--dense-blocks: expected auto, none or block numbers such as 0,1; got {dense!r}")
+    dense = () if dense == "none" else dense if dense == "auto" else tuple(int(b) for b in dense.split(","))
+    if args.retune_offsets is not None:
+        retune["retune_offsets"] = args.retune_offsets
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
@@ -179,7 +185,7 @@ def _cmd_localize(args) -> int:
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,
-                                            bias_compensation=args.bias_compensation),
+                                            bias_compensation=args.bias_compensation, dense_blocks=dense),
             reprobe=not args.no_reprobe, **retune,
         ) for keep in keeps]
     spec = _task(args)

@@ -449,9 +449,10 @@ def probes_head(config: PromptTuningConfig, task_model: TaskModel | str) -> bool
 
 
 def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], config: PromptTuningConfig, *,
-                phase_name: Optional[str] = None) -> PromptTuningResult:
+                phase_name: Optional[str] = None, extra: Sequence[dict] = ()) -> PromptTuningResult:
     """Train the soft prompt (and head) of ``task_model`` on ``data`` (its train split).
-    ``phase_name`` labels the progress bar (default: ``prompt tuning <task>``).
+    ``phase_name`` labels the progress bar (default: ``prompt tuning <task>``); ``extra``: more
+    optimizer parameter groups trained with them (``{"params": [...], "lr": ...}``).
 
     The backbone's parameters are frozen for the duration (their requires_grad flags are put
     back afterwards) and must come out bit-identical. Works on an unplugged (expert) model
@@ -476,7 +477,7 @@ def prompt_tune(task_model: TaskModel, data: TaskData | Sequence[Example], confi
     if task_model.head is not None:
         groups.append({"params": list(task_model.head.parameters()),
                        "lr": config.probe_head_lr if probed else config.head_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups + list(extra), weight_decay=config.weight_decay)
     losses: list[float] = []
     # Dropout off: the backbone is a fixed function.
     with eval_mode(task_model.model), frozen(backbone_params):

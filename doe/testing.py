@@ -22,7 +22,7 @@ __all__ = [
     "random_expert_indices",
     "slice_projection",
     "sliced_ffn_modules",
-    "sliced_copy",
+    "sliced_copy", "with_down_bias",
     "snapshot",
     "assert_same_as",
     "gathered_wrappers",
@@ -104,6 +104,20 @@ def sliced_copy(model: nn.Module, indices: Indices, spec: Union[FFNSpec, Sequenc
     :func:`slice_projection`). The full FFN weights are never copied: deepcopy's memo maps each
     original projection to its sliced copy."""
     return copy.deepcopy(model, sliced_ffn_modules(model, indices, spec, pad_to))
+
+
+def with_down_bias(model: nn.Module, offsets: Sequence[torch.Tensor | None] | None) -> nn.Module:
+    """``model`` (e.g. a :func:`sliced_copy`) with each FFN block's down-projection bias plus its
+    expert output offset (hidden,) (a new bias where it had none): what an expert's offsets do."""
+    for block, off in zip(find_ffn_blocks(model), offsets or ()):
+        if off is None:
+            continue
+        down, off = block.down, off.to(block.down.weight.device, block.down.weight.dtype)
+        if getattr(down, "bias", None) is None:
+            down.bias = nn.Parameter(off.clone())
+        else:
+            down.bias.data += off
+    return model
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -13,7 +13,7 @@ from doe.attribution import mean_down_inputs
 from doe.localize import compensation_offsets
 from doe.prompt import TaskModel
 from doe.tasks import load_task
-from doe.testing import assert_same_as, random_expert_indices, sliced_copy, snapshot
+from doe.testing import assert_same_as, random_expert_indices, sliced_copy, snapshot, with_down_bias
 from kernel_utils import DEVICE, triton_runs
 from tiny_models import make_tiny, model_logits, sample_inputs, tiny_tokenizer
 
@@ -27,17 +27,6 @@ def _offsets(model, seed=1):
     return [(torch.randn(b.hidden_size, generator=g) * 0.5).to(device) for b in find_ffn_blocks(model)]
 
 
-def _with_down_bias(model, offsets):
-    """Each sliced down projection's bias plus the offset (a new bias where it had none)."""
-    for block, off in zip(find_ffn_blocks(model), offsets):
-        down = block.down
-        if getattr(down, "bias", None) is None:
-            down.bias = nn.Parameter(off.clone())
-        else:
-            down.bias.data += off
-    return model
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_offsets_equal_a_sliced_model_with_the_bias_and_restore_exactly(family, backend):
@@ -47,7 +36,7 @@ def test_offsets_equal_a_sliced_model_with_the_bias_and_restore_exactly(family, 
     indices = random_expert_indices(model, 0.35)
     offsets = _offsets(model)
     expert = doe.TaskExpert.from_indices(model, indices, task="toy").with_offsets(offsets)
-    reference = model_logits(_with_down_bias(sliced_copy(model, expert.indices), offsets), inputs)
+    reference = model_logits(with_down_bias(sliced_copy(model, expert.indices), offsets), inputs)
     plain = model_logits(sliced_copy(model, expert.indices), inputs)
 
     doe.unplug_(model, expert, backend=backend)
@@ -138,7 +127,7 @@ def test_mixed_batches_give_each_row_its_own_experts_offsets(family, backend):
     for r, task in enumerate(tasks):  # each row alone on a hand-sliced copy with the offsets as a bias
         ref = model if task is None else sliced_copy(model, indices[task]).eval()
         if task is not None and offsets[task] is not None:
-            ref = _with_down_bias(ref, offsets[task])
+            ref = with_down_bias(ref, offsets[task])
         expected.append(model_logits(ref, {k: v[r:r + 1] for k, v in inputs.items()}))
     doe.unplug_(model, experts, backend=backend)
     with doe.mixed_batch(model, tasks):

@@ -162,10 +162,12 @@ def test_router_fit_then_run_routes_mixed_requests(model_dir, tmp_path, capsys):
         (["run", "--requests", "{file}", "--out", "{tmp}"], "expected a file path, got the folder"),
         (["run", "--requests", "{file}", "--out", "{tmp}/o", "--mixed", "--compact-weights"], "give one of them"),
         (["serve", "--experts", "x", "--mixed", "--compact-weights"], "give one of them"),
+        (["localize", "--task", "offline_question", "--dense-blocks", "first"], "--dense-blocks: expected auto, none"),
+        (["localize", "--task", "offline_question", "--dense-blocks", "0,0"], "distinct block numbers"),
     ],
     ids=["keep-out-of-range", "keep-twice", "bad-device", "out-under-file", "demo-no-requests", "cache-under-file",
          "router-bad-expert", "router-bad-train", "eval-missing-file", "run-out-is-folder", "run-compact-mixed",
-         "serve-compact-mixed"],
+         "serve-compact-mixed", "dense-blocks-word", "dense-blocks-twice"],
 )
 def test_arguments_are_checked_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     import doe.cli

@@ -13,12 +13,13 @@ import doe
 from doe.cli import main
 from doe.evaluate import evaluate
 from doe.generative import GenerativeTaskModel
-from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
+from doe.attribution import mean_down_inputs
+from doe.localize import ExpertSearchConfig, LocalizationConfig, compensation_offsets, find_expert
 from doe.metrics import exact_match, rouge_l
 from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
 from doe.runtime import UnplugAndPlay
 from doe.tasks import Example, TaskSpec, generation_task, load_task
-from doe.testing import assert_same_as, sliced_copy, snapshot
+from doe.testing import assert_same_as, sliced_copy, snapshot, with_down_bias
 from tiny_models import make_tiny, tiny_tokenizer
 
 WORDS = "red green blue cat dog sun moon tree rock fish".split()
@@ -131,7 +132,11 @@ def test_an_expert_of_a_generation_task_scores_as_a_hand_sliced_model(task, tok)
     assert expert.metadata["task_spec"]["task_type"] == "generation"
     report = evaluate(model, tok, task, result.task_model, [expert], batch_size=4, zero_shot=True)
     assert [r.name for r in report.rows] == ["dense", "zero-shot", "expert@0.50"]
-    sliced = sliced_copy(model, expert.indices)
+    # re-tuning trained each block's offset from its compensation: the reference carries them as biases
+    means = mean_down_inputs(result.task_model, list(task.train))
+    compensation = compensation_offsets(model, expert, means)
+    assert all(not torch.allclose(o, c) for o, c in zip(expert.offsets, compensation))
+    sliced = with_down_bias(sliced_copy(model, expert.indices), expert.offsets)
     tm = TaskModel(model, tok, task.spec)  # the layout (prompt ids, completion ids) only
     eos = model.generation_config.eos_token_id
     nll = count = em = rl = 0.0

@@ -206,7 +206,7 @@ def test_find_expert_end_to_end(sentiment, tokenizer, tmp_path):
     report = evaluate(model, tokenizer, sentiment, result.task_model, [loaded], batch_size=8)
     assert [r.name for r in report.rows] == ["dense", "expert@0.35"]
     assert all(0.0 <= r.metric <= 1.0 and r.latency_ms > 0 for r in report.rows)
-    assert "| expert@0.35 | 0.35 |" in report.to_markdown()
+    assert "| expert@0.35 | 2 | 0.35 |" in report.to_markdown()
     assert not doe.is_unplugged(model)
 
 

@@ -1,0 +1,99 @@
+"""Blocks an expert keeps whole: the budget the others share, the sensitivity that picks them
+(against hand-sliced copies pruned one block at a time) and the rule that turns it into blocks."""
+
+import pytest
+import torch
+
+from doe.attribution import AttributionConfig, NeuronScores, score_neurons
+from doe.localize import (ExpertSearchConfig, LocalizationConfig, _sensitive_blocks, block_sensitivity, find_expert,
+                          localize)
+from doe.prompt import PromptTuningConfig, TaskModel
+from doe.tasks import load_task
+from doe.testing import sliced_copy
+from test_readout_layer import deep_llama
+from tiny_models import tiny_tokenizer
+
+TASK = "offline_sentiment"
+
+
+def random_scores(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = model.config.intermediate_size
+    layers = model.config.num_hidden_layers
+    return NeuronScores([torch.rand(n, generator=g) * (i + 1) for i in range(layers)], [1.0] * layers, "attribution")
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_dense_blocks_are_kept_whole_and_the_others_share_the_rest_of_the_keep(scope):
+    model = deep_llama()
+    scores = random_scores(model)
+    n = model.config.intermediate_size
+    expert = localize(model, scores, LocalizationConfig(keep_ratio=0.4, scope=scope, dense_blocks=(1,),
+                                                        bias_compensation=False))
+    kept = expert.kept
+    assert kept[1] == n and sum(kept) == pytest.approx(0.4 * 4 * n, abs=3)
+    if scope == "layer":  # the rest share 0.4 * 4n - n evenly
+        assert kept[0] == kept[2] == kept[3] == -(-(0.4 * 4 * n - n) // 3)
+    for m, idx in zip(scores.means(), expert.indices):
+        assert set(idx.tolist()) == set(torch.topk(m, idx.numel()).indices.tolist())
+
+
+def test_bad_dense_blocks_are_refused_with_what_was_expected():
+    model = deep_llama()
+    scores = random_scores(model)
+    with pytest.raises(ValueError, match="below 4"):
+        localize(model, scores, LocalizationConfig(dense_blocks=(7,)))
+    with pytest.raises(ValueError, match="chosen by find_expert"):
+        localize(model, scores, LocalizationConfig(dense_blocks="auto"))
+    with pytest.raises(ValueError, match=r"leaves 0 after the dense blocks \[0\]"):
+        localize(model, scores, LocalizationConfig(keep_ratio=0.2, dense_blocks=(0,)))
+    for bad in [(1, 1), ("a",), (-1,), "all", 0]:
+        with pytest.raises(ValueError, match="dense_blocks: expected 'auto' or distinct block numbers"):
+            LocalizationConfig(dense_blocks=bad)
+    with pytest.raises(ValueError, match="sensitivity_factor"):
+        LocalizationConfig(sensitivity_factor=0)
+
+
+def test_the_rule_keeps_outliers_whole_while_the_keep_leaves_the_others_half_their_share():
+    sizes = [100] * 4
+    rises = [5.0, 0.1, 0.2, 0.15]
+    assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.5), sizes) == (0,)
+    assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.3), sizes) == ()  # 20 left for 300
+    assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.5, sensitivity_factor=40), sizes) == ()
+    assert _sensitive_blocks([0.0] * 4, LocalizationConfig(), sizes) == ()
+
+
+@torch.no_grad()
+def test_block_sensitivity_is_the_loss_rise_of_a_copy_sliced_in_that_block_alone():
+    data = load_task(TASK, max_train=12)
+    model, tok = deep_llama(), tiny_tokenizer([e.text for e in data.train])
+    tm = TaskModel(model, tok, data.spec, readout="mean", readout_layer=3, num_tokens=2)
+    examples = list(data.train)
+    scores = score_neurons(tm, examples, AttributionConfig(batch_size=4, show_progress=False))
+    expert = localize(model, scores, LocalizationConfig(keep_ratio=0.6, scope="layer", dense_blocks=(1,)))
+    rises = block_sensitivity(tm, expert, examples, batch_size=5)
+    assert rises[1] == 0.0 and rises[3] == 0.0  # kept whole; after the layer the head reads
+    dense = float(tm.loss(examples))
+    whole = [torch.arange(n) for n in expert.num_neurons]
+    for i in (0, 2):
+        copy = sliced_copy(model, whole[:i] + [expert.indices[i]] + whole[i + 1:])
+        by_hand = TaskModel(copy, tok, data.spec, prompt=tm.prompt.detach(), head=tm.head_state())
+        assert rises[i] == pytest.approx(float(by_hand.loss(examples)) - dense, abs=1e-5)
+        assert rises[i] != 0.0
+
+
+def test_find_expert_keeps_the_blocks_the_rule_picks_from_the_measured_sensitivity():
+    data = load_task(TASK, max_train=16, max_eval=4)
+    model, tok = deep_llama(), tiny_tokenizer([e.text for e in data.train])
+    prompt = PromptTuningConfig(epochs=1, num_tokens=2, show_progress=False, readout="mean", readout_layer=None)
+    local = LocalizationConfig(keep_ratio=0.5, sensitivity_factor=0.2, bias_compensation=False)
+    config = ExpertSearchConfig(prompt=prompt, attribution=AttributionConfig(show_progress=False),
+                                localization=local, retune_epochs=0, sensitivity_examples=8)
+    found = find_expert(model, tok, data, config)
+    first = localize(model, found.scores, LocalizationConfig(keep_ratio=0.5, dense_blocks=()))
+    rises = block_sensitivity(found.task_model, first, list(data.train)[:8], config.attribution.batch_size)
+    assert found.expert.metadata["block_sensitivity"] == [round(r, 4) for r in rises]
+    chosen = _sensitive_blocks(rises, local, first.num_neurons)
+    assert chosen and tuple(found.expert.metadata["localization"]["dense_blocks"]) == chosen
+    assert all(found.expert.kept[b] == found.expert.num_neurons[b] for b in chosen)
+    assert sum(found.expert.kept) == pytest.approx(0.5 * sum(found.expert.num_neurons), abs=4)
