@@ -47,7 +47,7 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
         retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False,
         dense_blocks: tuple = ()) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
-    from doe.localize import LocalizationConfig, compensation_offsets, localize
+    from doe.localize import LocalizationConfig, choose_dense_blocks, compensation_offsets, localize
     from doe.models import load_model
     from doe.prompt import PromptTuningConfig, TaskModel, probe_head, prompt_tune
     from doe.tasks import load_task
@@ -118,16 +118,23 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                 rows.append(dict(seed=seed, keep=keep, variant=variant, acc=a))
                 print(f"  keep {keep} {variant}: {a:.3f}", flush=True)
 
+        chosen = {}
         for target in targets:
             scores = score_neurons(tm, data, AttributionConfig(seed=seed, target=target, show_progress=False))
             for keep, scope in itertools.product(keeps, scopes):
-                expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope=scope,
-                                                                    dense_blocks=dense_blocks), task=data.spec.name)
+                local = LocalizationConfig(keep_ratio=keep, scope=scope, dense_blocks=dense_blocks)
+                if dense_blocks == "auto":
+                    local, rises = choose_dense_blocks(tm, scores, local, data.train[:64])
+                    print(f"  keep {keep}: dense blocks {list(local.dense_blocks)} (largest rises "
+                          f"{sorted(rises, reverse=True)[:3]})", flush=True)
+                chosen[keep] = local.dense_blocks
+                expert = localize(model, scores, local, task=data.spec.name)
                 record(keep, variants(expert, f"{scope}/{target}", retunes[1:]))
-        for keep in random_at:
+        for keep in random_at:  # the blocks the attribution expert at that keep kept whole
+            random_dense = chosen.get(keep, ())
             scores = score_neurons(tm, data, AttributionConfig(method="random", seed=seed, show_progress=False))
-            expert = localize(model, scores, LocalizationConfig(keep_ratio=keep, scope="layer", dense_blocks=dense_blocks),
-                              task=data.spec.name)
+            local = LocalizationConfig(keep_ratio=keep, scope="layer", dense_blocks=random_dense)
+            expert = localize(model, scores, local, task=data.spec.name)
             record(keep, variants(expert, "random", retunes[1:], full_only=True))
     return rows
 
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
     ap.add_argument("--readout-layer", default="auto", help="auto, last, or a layer number")
     ap.add_argument("--reprobe", action="store_true", help="add the re-probed rows (see above)")
-    ap.add_argument("--dense-blocks", default="", help="comma list of FFN blocks every expert keeps whole")
+    ap.add_argument("--dense-blocks", default="", help="auto, or a comma list of FFN blocks every expert keeps whole")
     ap.add_argument("--retune-compensated-only", action="store_true",
                     help="re-tune only the compensated experts (the other rows as localized)")
     args = ap.parse_args(argv)
@@ -176,7 +183,8 @@ def main(argv=None) -> int:
                [int(e) for e in args.retune_epochs.split(",")], [int(s) for s in args.seeds.split(",")],
                tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
                [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only,
-               _layer_arg(args.readout_layer), args.reprobe, tuple(int(b) for b in args.dense_blocks.split(",") if b))
+               _layer_arg(args.readout_layer), args.reprobe,
+               "auto" if args.dense_blocks == "auto" else tuple(int(b) for b in args.dense_blocks.split(",") if b))
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

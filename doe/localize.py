@@ -23,7 +23,7 @@ from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, probe_
 from doe.tasks import Example, TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 
-__all__ = ["LocalizationConfig", "localize", "compensation_offsets", "ExpertSearchConfig", "ExpertSearchResult",
+__all__ = ["LocalizationConfig", "localize", "compensation_offsets", "block_sensitivity", "choose_dense_blocks", "ExpertSearchConfig", "ExpertSearchResult",
            "find_expert"]
 
 
@@ -37,7 +37,8 @@ class LocalizationConfig:
     benchmarks/results/2026-12-05-cpu/ablation-r8-readout.md and ablation-r8-minilm.md).
     multiple_of: round each block's count to a multiple the kernels like (e.g. 16), never above
     the block size. dense_blocks: blocks kept whole; the others share what remains of the keep
-    ratio. "auto" (``find_expert``): the blocks whose pruning alone raises the task's training
+    ratio. "auto" (resolved by ``find_expert``; ``localize`` alone, with no task to measure,
+    keeps none whole): the blocks whose pruning alone raises the task's training
     loss more than ``sensitivity_factor`` times the median block's (``block_sensitivity``). On
     SmolLM2 that is the first FFN, which acts as a per-token lookup: neurons scored on the
     training texts do not cover unseen words, and pruning it alone took a generation task's
@@ -130,9 +131,8 @@ def localize(
         A TaskExpert with sorted int32 indices per block (no prompt yet).
     """
     means = scores.means()
-    if config.dense_blocks == "auto":
-        raise ValueError("localize: dense_blocks='auto' is chosen by find_expert, which measures each block on the "
-                         "task (block_sensitivity); pass block numbers here")
+    if config.dense_blocks == "auto":  # measured on the task by find_expert / choose_dense_blocks
+        config = replace(config, dense_blocks=())
     if any(b >= len(means) for b in config.dense_blocks):
         raise ValueError(f"LocalizationConfig.dense_blocks: expected block numbers below {len(means)} (this "
                          f"model's FFN blocks), got {list(config.dense_blocks)}")
@@ -235,6 +235,18 @@ def _added_to_outputs(model: nn.Module, names: Sequence[str], vectors: Sequence[
     finally:
         for h in hooks:
             h.remove()
+
+
+def choose_dense_blocks(task_model: TaskModel, scores: NeuronScores, config: LocalizationConfig,
+                        examples: Sequence[Example], batch_size: int = 16) -> tuple[LocalizationConfig, list[float]]:
+    """``config`` with ``dense_blocks`` resolved (what "auto" means: the blocks ``block_sensitivity``
+    finds on ``examples`` for the expert localized without dense blocks, then picked by the rule
+    of ``_sensitive_blocks``), and the sensitivities measured."""
+    first = localize(task_model.model, scores, replace(config, dense_blocks=()))
+    rises = block_sensitivity(task_model, first, examples, batch_size)
+    reached = len(rises) if scores.depth is None else min(scores.depth, len(rises))  # the blocks the keep is over
+    chosen = _sensitive_blocks(rises[:reached], config, first.num_neurons[:reached])
+    return replace(config, dense_blocks=chosen), rises
 
 
 @dataclass
@@ -340,10 +352,8 @@ def find_expert(
             "task_spec": spec_to_dict(data.spec)}
     local = config.localization
     if local.dense_blocks == "auto":
-        first = localize(model, scores, replace(local, dense_blocks=()), task=data.spec.name)
-        examples = list(data.train)[: config.sensitivity_examples]
-        rises = block_sensitivity(task_model, first, examples, config.attribution.batch_size)
-        local = replace(local, dense_blocks=_sensitive_blocks(rises, local, first.num_neurons))
+        local, rises = choose_dense_blocks(task_model, scores, local, list(data.train)[: config.sensitivity_examples],
+                                           config.attribution.batch_size)
         meta["block_sensitivity"] = [round(r, 4) for r in rises]
     expert = localize(model, scores, local, task=data.spec.name, metadata=meta)
     if config.localization.bias_compensation:

@@ -43,8 +43,9 @@ def test_bad_dense_blocks_are_refused_with_what_was_expected():
     scores = random_scores(model)
     with pytest.raises(ValueError, match="below 4"):
         localize(model, scores, LocalizationConfig(dense_blocks=(7,)))
-    with pytest.raises(ValueError, match="chosen by find_expert"):
-        localize(model, scores, LocalizationConfig(dense_blocks="auto"))
+    plain = localize(model, scores, LocalizationConfig(dense_blocks="auto"))  # no task to measure: none whole
+    none = localize(model, scores, LocalizationConfig(dense_blocks=()))
+    assert all(torch.equal(a, b) for a, b in zip(plain.indices, none.indices))
     with pytest.raises(ValueError, match=r"leaves 0 after the dense blocks \[0\]"):
         localize(model, scores, LocalizationConfig(keep_ratio=0.2, dense_blocks=(0,)))
     for bad in [(1, 1), ("a",), (-1,), "all", 0]:
