@@ -68,7 +68,8 @@ def _search(cfg: DemoConfig, decoder: bool) -> ExpertSearchConfig:
         return ExpertSearchConfig(
             prompt=PromptTuningConfig(epochs=cfg.epochs, seed=cfg.seed, show_progress=cfg.show_progress),
             attribution=AttributionConfig(target="logit", show_progress=cfg.show_progress),
-            localization=LocalizationConfig(keep_ratio=cfg.keep_ratio, scope="layer", bias_compensation=False),
+            localization=LocalizationConfig(keep_ratio=cfg.keep_ratio, scope="layer", bias_compensation=False,
+                                          dense_blocks=()),
             **retune)
     return ExpertSearchConfig(
         prompt=PromptTuningConfig(epochs=cfg.epochs, seed=cfg.seed, show_progress=cfg.show_progress, readout="mean"),
