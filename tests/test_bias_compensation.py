@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import doe
 from doe.architectures import find_ffn_blocks
