@@ -371,7 +371,8 @@ def find_expert(
                             max_length=config.prompt.max_length, readout=task_model.readout)
         learn = retune and config.retune_offsets in (True, "auto" if data.spec.is_generation else True)
         outputs = _block_outputs(model) if learn else []
-        deltas = [torch.zeros(b.hidden_size, requires_grad=True) for b in find_ffn_blocks(model)] if learn else []
+        deltas = [torch.zeros(b.hidden_size, device=task_model.device, requires_grad=True)
+                  for b in find_ffn_blocks(model)] if learn else []
         with unplugged(model, expert), _added_to_outputs(model, outputs, deltas):
             if reprobe:
                 with eval_mode(model), frozen(list(model.parameters())):
@@ -385,7 +386,7 @@ def find_expert(
                             extra=[{"params": deltas, "lr": config.retune_offset_lr}] if learn else ())
         prompt, head = retuned.prompt.detach().cpu().clone(), retuned.head_state()
         if learn:
-            expert = expert.with_offsets([d.detach().clone() if o is None else o + d.detach()
+            expert = expert.with_offsets([d.detach().cpu() if o is None else o + d.detach().cpu()
                                           for o, d in zip(expert.offsets or [None] * len(deltas), deltas)])
     expert.prompt, expert.head = prompt, head
     expert.dense_prompt, expert.dense_head = tuning.prompt, tuning.head
