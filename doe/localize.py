@@ -23,8 +23,8 @@ from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, probe_
 from doe.tasks import Example, TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 
-__all__ = ["LocalizationConfig", "localize", "compensation_offsets", "block_sensitivity", "choose_dense_blocks", "ExpertSearchConfig", "ExpertSearchResult",
-           "find_expert"]
+__all__ = ["LocalizationConfig", "localize", "compensation_offsets", "block_sensitivity", "choose_dense_blocks",
+           "ExpertSearchConfig", "ExpertSearchResult", "find_expert"]
 
 
 @dataclass
@@ -208,21 +208,20 @@ def _sensitive_blocks(rises: Sequence[float], config: LocalizationConfig, totals
     if not measured:
         return ()
     bar = config.sensitivity_factor * max(measured[len(measured) // 2], 1e-6)
-    chosen, budget = [], config.keep_ratio * sum(totals)
+    chosen, taken, budget = [], 0, config.keep_ratio * sum(totals)
     for i in sorted(range(len(rises)), key=lambda b: -rises[b]):
-        if rises[i] <= bar:
-            break
-        rest = sum(totals) - sum(totals[b] for b in chosen) - totals[i]
-        if rest and budget - sum(totals[b] for b in chosen) - totals[i] < 0.5 * config.keep_ratio * rest:
+        rest = sum(totals) - taken - totals[i]
+        if rises[i] <= bar or (rest and budget - taken - totals[i] < 0.5 * config.keep_ratio * rest):
             break
         chosen.append(i)
+        taken += totals[i]
     return tuple(sorted(chosen))
 
 
-def _block_outputs(model: nn.Module) -> list[str]:
+def _block_outputs(blocks: Sequence) -> list[str]:
     """Per FFN block, the name of the module whose output is the block's (the one that carries
     an expert's output offset once unplugged)."""
-    return [b.name if b.gated else f"{b.name}.{b.down_name}" for b in find_ffn_blocks(model)]
+    return [b.name if b.gated else f"{b.name}.{b.down_name}" for b in blocks]
 
 
 @contextmanager
@@ -370,9 +369,9 @@ def find_expert(
         retuned = TaskModel(model, tokenizer, data.spec, prompt=prompt, head=head,
                             max_length=config.prompt.max_length, readout=task_model.readout)
         learn = retune and config.retune_offsets in (True, "auto" if data.spec.is_generation else True)
-        outputs = _block_outputs(model) if learn else []
-        deltas = [torch.zeros(b.hidden_size, device=task_model.device, requires_grad=True)
-                  for b in find_ffn_blocks(model)] if learn else []
+        blocks = find_ffn_blocks(model) if learn else []
+        outputs = _block_outputs(blocks)
+        deltas = [torch.zeros(b.hidden_size, device=task_model.device, requires_grad=True) for b in blocks]
         with unplugged(model, expert), _added_to_outputs(model, outputs, deltas):
             if reprobe:
                 with eval_mode(model), frozen(list(model.parameters())):
