@@ -67,6 +67,12 @@ class AttributionConfig:
         return asdict(self)
 
 
+def reached_blocks(depth: Optional[int], num_blocks: int) -> int:
+    """How many of ``num_blocks`` FFN blocks a task runs when its head reads after ``depth``
+    layers (None: all of them)."""
+    return num_blocks if depth is None else min(depth, num_blocks)
+
+
 @dataclass
 class NeuronScores:
     """Per FFN block: fp32 score sums (I,) and the count they were summed over."""

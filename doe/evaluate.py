@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from doe.attribution import reached_blocks
 from doe.backbone import layer_modules
 from doe.expert import TaskExpert
 from doe.models import eval_mode
@@ -173,7 +174,7 @@ def evaluate(
 
     def run(task_model, expert=None) -> tuple[int, float]:
         """(layers the row runs, kept share of their FFN neurons)."""
-        depth = min(task_model.readout_layer or total, total)
+        depth = reached_blocks(task_model.readout_layer, total)
         if expert is None:
             return depth, 1.0
         return depth, sum(expert.kept[:depth]) / sum(expert.num_neurons[:depth])

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from doe.architectures import find_ffn_blocks
-from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, score_neurons
+from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, reached_blocks, score_neurons
 from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_source
 from doe.models import eval_mode, frozen
@@ -136,7 +136,7 @@ def localize(
     if any(b >= len(means) for b in config.dense_blocks):
         raise ValueError(f"LocalizationConfig.dense_blocks: expected block numbers below {len(means)} (this "
                          f"model's FFN blocks), got {list(config.dense_blocks)}")
-    reached = len(means) if scores.depth is None else min(scores.depth, len(means))
+    reached = reached_blocks(scores.depth, len(means))
     # blocks after the layer the task's head reads never run for it: the fewest neurons there
     counts = _layer_counts(means[:reached], config) + [config.min_per_layer] * (len(means) - reached)
     indices = []
@@ -187,7 +187,7 @@ def block_sensitivity(task_model: TaskModel, expert: TaskExpert, examples: Seque
             total += float(task_model.loss(batch)) * len(batch)
         return total / len(examples)
 
-    depth = task_model.readout_layer or expert.num_blocks
+    depth = reached_blocks(task_model.readout_layer, expert.num_blocks)
     whole = [torch.arange(n, dtype=torch.int32) for n in expert.num_neurons]
     with eval_mode(model):
         base, rises = loss(), []
@@ -243,7 +243,7 @@ def choose_dense_blocks(task_model: TaskModel, scores: NeuronScores, config: Loc
     of ``_sensitive_blocks``), and the sensitivities measured."""
     first = localize(task_model.model, scores, replace(config, dense_blocks=()))
     rises = block_sensitivity(task_model, first, examples, batch_size)
-    reached = len(rises) if scores.depth is None else min(scores.depth, len(rises))  # the blocks the keep is over
+    reached = reached_blocks(scores.depth, len(rises))  # the blocks the keep is over
     chosen = _sensitive_blocks(rises[:reached], config, first.num_neurons[:reached])
     return replace(config, dense_blocks=chosen), rises
 
