@@ -39,7 +39,7 @@ from doe_kernels.dispatch import resolve_backend
 from doe_kernels.ops.api import glu_unchecked, linear_unchecked, segmented_glu_unchecked, segmented_linear_unchecked
 from doe_kernels.reference import activation_fn, canonical_activation
 from doe_kernels.segments import BatchGroups, GroupedIndices, choose_path, mixed_width
-from doe_kernels.compact import CompactWeights, compact_linear, use_compact
+from doe_kernels.compact import CompactWeights, compact_glu, compact_linear, use_compact
 from doe_kernels.validation import (
     check_glu_args,
     check_linear_args,
@@ -198,10 +198,6 @@ def _plus(bias: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> Optio
     if offset is None:
         return bias
     return offset if bias is None else bias + offset
-
-
-def _offset(y: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
-    return y if offset is None else y + offset
 
 
 def _group_offset(y: torch.Tensor, table: Optional[torch.Tensor], groups) -> torch.Tensor:
@@ -379,9 +375,9 @@ class GatheredLinear(_Wrapper):
             return _group_offset(_segmented(x, w.t() if self._transposed else w, b, plan, self.mode == "rows",
                                             resolve_backend(self.backend, x)), self.group_offsets, plan[1])
         compact = use_compact(self.compact, w)
-        if compact is not None:  # the store caches by the bias it is given: add the offset after
-            return _offset(compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows",
-                                           self.total, self._name, self._transposed), self.offset)
+        if compact is not None:
+            return compact_linear(compact, x, w, b, self._buffers["indices"], self.mode == "rows", self.total,
+                                  self._name, self._transposed, self.offset)
         if self._transposed:
             w = w.t()
         return _linear(x, w, _plus(b, self.offset), self._buffers["indices"], self.mode == "rows", self.total,
@@ -456,7 +452,7 @@ class GatheredGatedMLP(_Wrapper):
                 return _group_offset(_segmented(t, w, b, plan, rows, backend), None if rows else self.group_offsets,
                                      plan[1])
             if compact is not None:
-                return _offset(compact_linear(compact, t, w, b, idx, rows, total, name), offset)
+                return compact_linear(compact, t, w, b, idx, rows, total, name, offset=offset)
             return _linear(t, w, _plus(b, offset), idx, rows, total, backend, name)
 
         if isinstance(self.activation, str) and not hooked and plan is not None:
@@ -464,7 +460,10 @@ class GatheredGatedMLP(_Wrapper):
             grouped, groups, path, _ = plan
             check_segmented_glu_args(x, wg, wu, bg, bu, grouped, groups)
             h = segmented_glu_unchecked(x, wg, wu, bg, bu, grouped, groups, self.activation, path, backend)
-        elif isinstance(self.activation, str) and not hooked and compact is None:
+        elif isinstance(self.activation, str) and not hooked and compact is not None:
+            (wg, bg), (wu, bu) = _weight_bias(gate), _weight_bias(up)
+            h = compact_glu(compact, x, wg, bg, wu, bu, idx, activation_fn(self.activation), total, name)
+        elif isinstance(self.activation, str) and not hooked:
             wg, bg = _weight_bias(gate)
             wu, bu = _weight_bias(up)
             if not glu_args_ok(x, wg, wu, bg, bu, idx, total):

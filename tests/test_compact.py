@@ -200,3 +200,33 @@ def test_compact_with_a_mapping_of_experts_is_refused_before_any_change():
     assert_same_as(model, snap)
     with pytest.raises(ValueError, match="choose one"):
         UnplugAndPlay(model, None, mixed=True, compact=True)
+
+
+def test_gated_block_runs_gate_and_up_as_one_stacked_copy():
+    from doe_kernels import GatheredGatedMLP
+
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(16, 40), nn.Linear(16, 40, bias=False), nn.Linear(40, 16, bias=False)
+    for layer in (gate, up, down):
+        layer.requires_grad_(False)
+    block = nn.Module()
+    block.gate_proj, block.up_proj, block.down_proj = gate, up, down
+    idx = torch.tensor([0, 3, 4, 10, 22, 39], dtype=torch.int32)
+    mlp = GatheredGatedMLP(block, gate, up, down, idx, activation="silu")
+    mlp.compact = store = CompactWeights()
+    offset = torch.randn(16)
+    mlp.set_offset(offset)
+    x = torch.randn(2, 3, 16)
+    keep = idx.long()
+
+    def reference():
+        h = torch.nn.functional.silu(x @ gate.weight[keep].t() + gate.bias[keep]) * (x @ up.weight[keep].t())
+        return h @ down.weight[:, keep].t() + offset
+
+    torch.testing.assert_close(mlp(x), reference())
+    assert len(store) == 2  # [gate; up] stacked (a zero bias for up) and down's columns
+    assert store.nbytes == (2 * 6 * 16 + 2 * 6 + 16 * 6) * 4
+    with torch.no_grad():
+        up.weight.mul_(-1.5)  # an in-place change to one of the pair makes the stacked copy again
+    torch.testing.assert_close(mlp(x), reference())
+    assert len(store) == 2
