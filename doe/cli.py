@@ -178,6 +178,7 @@ def _cmd_localize(args) -> int:
     dense = () if dense == "none" else dense if dense == "auto" else tuple(int(b) for b in dense.split(","))
     if args.retune_offsets is not None:
         retune["retune_offsets"] = args.retune_offsets
+    compensate = "auto" if args.bias_compensation is None else args.bias_compensation
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
@@ -185,7 +186,7 @@ def _cmd_localize(args) -> int:
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,
-                                            bias_compensation=args.bias_compensation, dense_blocks=dense),
+                                            bias_compensation=compensate, dense_blocks=dense),
             reprobe=not args.no_reprobe, **retune,
         ) for keep in keeps]
     spec = _task(args)

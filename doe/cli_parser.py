@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="global", choices=["layer", "global"],
                    help="rank all neurons of the model together (global, default) or keep the ratio in every layer")
     p.add_argument("--multiple-of", type=int, help="round each layer's kept count to a multiple (e.g. 16)")
-    p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="add back the mean contribution of the neurons each layer leaves out (measured on the "
-                        "training texts; one vector per layer in the expert file, free at inference; default on)")
+                        "training texts; one vector per layer in the expert file, free at inference; default: on, "
+                        "except for a decoder head fitted again on the expert, see --no-reprobe)")
     p.add_argument("--dense-blocks", default="auto", metavar="auto|none|N,N",
                    help="FFN blocks every expert keeps whole (the others share the rest of --keep): auto (default: "
                         "the blocks whose pruning alone raises the training loss over 10 times the median block's, "

@@ -139,3 +139,33 @@ def test_mixed_batches_give_each_row_its_own_experts_offsets(family, backend):
     assert (plain[0] - mixed[0]).abs().max() > 1e-3 and torch.allclose(plain[4], mixed[4], atol=1e-5)
     doe.restore_(model)
     assert_same_as(model, snap)
+
+
+@pytest.mark.parametrize("compensation,reprobe,expected", [("auto", True, False), ("auto", False, True),
+                                                           (True, True, True), (False, False, False)])
+def test_find_expert_compensates_unless_auto_meets_a_reprobed_head(compensation, reprobe, expected):
+    from doe.attribution import AttributionConfig
+    from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert
+    from doe.prompt import PromptTuningConfig
+
+    data = load_task("offline_sentiment", max_train=12, max_eval=4)
+    model = make_tiny("llama")
+    tok = tiny_tokenizer([e.text for e in data.train])
+    config = ExpertSearchConfig(
+        prompt=PromptTuningConfig(epochs=1, num_tokens=2, show_progress=False, readout="mean", readout_layer=None),
+        attribution=AttributionConfig(show_progress=False), retune_epochs=0, reprobe=reprobe,
+        localization=LocalizationConfig(keep_ratio=0.5, dense_blocks=(), bias_compensation=compensation))
+    found = find_expert(model, tok, data, config)
+    if not expected:
+        assert found.expert.offsets is None
+        return
+    means = mean_down_inputs(found.task_model, list(data.train), config.attribution.batch_size)
+    for got, want in zip(found.expert.offsets, compensation_offsets(model, found.expert, means)):
+        torch.testing.assert_close(got, want)
+
+
+def test_bias_compensation_refuses_other_values():
+    from doe.localize import LocalizationConfig
+
+    with pytest.raises(ValueError, match="bias_compensation: expected True, False or 'auto', got 'yes'"):
+        LocalizationConfig(bias_compensation="yes")

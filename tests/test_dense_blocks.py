@@ -55,10 +55,11 @@ def test_bad_dense_blocks_are_refused_with_what_was_expected():
         LocalizationConfig(sensitivity_factor=0)
 
 
-def test_the_rule_keeps_outliers_whole_while_the_keep_leaves_the_others_half_their_share():
+def test_the_rule_keeps_outliers_whole_while_the_keep_leaves_the_others_a_quarter_of_their_share():
     sizes = [100] * 4
     rises = [5.0, 0.1, 0.2, 0.15]
     assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.5), sizes) == (0,)
+    assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.4), sizes) == (0,)  # 60 left for 300: a half
     assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.3), sizes) == ()  # 20 left for 300
     assert _sensitive_blocks(rises, LocalizationConfig(keep_ratio=0.5, sensitivity_factor=40), sizes) == ()
     assert _sensitive_blocks([0.0] * 4, LocalizationConfig(), sizes) == ()
