@@ -62,7 +62,8 @@ def _log(msg: str) -> None:
 
 def _search(cfg: DemoConfig, decoder: bool) -> ExpertSearchConfig:
     """The recipe. On a decoder, what the SmolLM2 ablation measured best: a head on the mean of
-    the text's states, global allocation, the log-probability target, bias compensation."""
+    the text's states, global allocation, the log-probability target, sensitive blocks kept
+    whole, bias compensation unless the head is re-probed (LocalizationConfig's defaults)."""
     retune = {} if cfg.retune_epochs is None else {"retune_epochs": cfg.retune_epochs}
     if not decoder:  # the recipe the README's MiniLM demo numbers were measured with
         return ExpertSearchConfig(
@@ -74,7 +75,7 @@ def _search(cfg: DemoConfig, decoder: bool) -> ExpertSearchConfig:
     return ExpertSearchConfig(
         prompt=PromptTuningConfig(epochs=cfg.epochs, seed=cfg.seed, show_progress=cfg.show_progress, readout="mean"),
         attribution=AttributionConfig(target="log_prob", show_progress=cfg.show_progress),
-        localization=LocalizationConfig(keep_ratio=cfg.keep_ratio, scope="global", bias_compensation=True), **retune)
+        localization=LocalizationConfig(keep_ratio=cfg.keep_ratio, scope="global"), **retune)
 
 
 def _topic_words(cfg: DemoConfig) -> TaskData:
@@ -179,7 +180,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         cfg = replace(cfg, max_train=cfg.max_train or 96, epochs=min(cfg.epochs, 4),
                       retune_epochs=min(cfg.retune_epochs or 2, 2))
         _log(f"  decoder: {cfg.max_train} training texts per task, {cfg.epochs} tuning epochs, a head on the mean "
-             "of the text's states, global allocation, log-probability scores, bias compensation")
+             "of the text's states, global allocation, log-probability scores, sensitive blocks kept whole")
     data = {t: load_task(t, max_train=cfg.max_train) for t in OFFLINE_TASKS}
     if decoder:
         data["offline_topic_words"] = _topic_words(cfg)
