@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "except for a decoder head fitted again on the expert, see --no-reprobe)")
     p.add_argument("--dense-blocks", default="auto", metavar="auto|none|N,N",
                    help="FFN blocks every expert keeps whole (the others share the rest of --keep): auto (default: "
-                        "the blocks whose pruning alone raises the training loss over 10 times the median block's, "
+                        "the blocks whose pruning alone raises the training loss over 5 times the median block's, "
                         "measured on 64 training examples), none, or block numbers")
     p.add_argument("--retune-offsets", action=argparse.BooleanOptionalAction, default=None,
                    help="re-tuning also trains each layer's output offset (default: on for generation tasks)")

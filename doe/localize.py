@@ -52,7 +52,9 @@ class LocalizationConfig:
     min_per_layer: int = 1
     bias_compensation: bool | str = "auto"
     dense_blocks: tuple | str = "auto"
-    sensitivity_factor: float = 10.0
+    #: 5 rather than 10: SmolLM2 past-tense analogies, held-out NLL at keep 0.35 1.55 -> 1.24 (one
+    #: more block whole), at keep 0.2 1.85 -> 2.14; R8 keeps the first block only either way
+    sensitivity_factor: float = 5.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
