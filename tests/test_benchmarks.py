@@ -197,8 +197,7 @@ def test_campaign_interrupts_a_stage_at_its_window_and_keeps_what_it_measured(tm
 
     campaign = _quiet_setup(monkeypatch)
     monkeypatch.setattr(campaign, "REPORT_S", 1.0)
-    # 10 s for pytest to stop after its interrupt: a stage killed instead leaves no JSON to check
-    monkeypatch.setattr(campaign, "STOP_S", 10.0)
+    monkeypatch.setattr(campaign, "STOP_S", 5.0)
     monkeypatch.setattr(campaign, "MIN_WINDOW_S", 1.0)
     monkeypatch.setattr(campaign, "MIN_RUN_S", 1.0)
     monkeypatch.setattr(campaign, "CLOSE_S", 1.0)
@@ -209,10 +208,11 @@ def test_campaign_interrupts_a_stage_at_its_window_and_keeps_what_it_measured(tm
                     "def test_hangs():\n    time.sleep(600)\n")
     quick = tmp_path / "test_quick.py"
     quick.write_text("def test_ok(benchmark):\n    benchmark(sum, [3])\n")
-    stages = (campaign.Stage("slow", (str(slow),), 24.0), campaign.Stage("quick", (str(quick),), 20.0))
+    stages = (campaign.Stage("slow", (str(slow),), 14.0), campaign.Stage("quick", (str(quick),), 20.0))
     t0 = time.monotonic()
-    text = campaign.run_campaign(stages, tmp_path / "out", budget_s=46.0)
-    assert time.monotonic() - t0 < 70
+    text = campaign.run_campaign(stages, tmp_path / "out", budget_s=36.0)
+    assert time.monotonic() - t0 < 60
+    # exit -9: the stage did not stop within STOP_S of its interrupt and was killed (a loaded machine)
     assert re.search(r"- slow: stopped at the end of its window \(\d+ s\), exit -?\d+ in \d+ s", text), text
     assert re.search(r"- quick: exit 0 in \d+ s .*1 passed", text), text
     with tarfile.open(tmp_path / "out" / "campaign.tgz") as tar:
