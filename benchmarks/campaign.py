@@ -229,6 +229,13 @@ def plan(stages: tuple, budget_s: float = BUDGET_S) -> list:
     return out
 
 
+def _interruptible() -> None:
+    """Run in a stage's process before exec: SIGINT back to its default, so that pytest sees the
+    interrupt that stops it (a shell's background job starts with SIGINT ignored, and children
+    inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Interrupt pytest (it stops and still writes its JSON); kill it if it does not end in time."""
     proc.send_signal(signal.SIGINT)
@@ -263,7 +270,8 @@ def run_stage(stage: Stage, raw: Path, window_s: float, clock: Callable[[], floa
         env["DOE_BENCH_BUDGET_S"] = f"{max(5.0, run_s - stage.tail_s):.0f}"
     t0 = clock()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_interruptible if os.name == "posix" else None)
         try:
             outcome = f"exit {proc.wait(timeout=max(1.0, run_s))}"
         except subprocess.TimeoutExpired:
