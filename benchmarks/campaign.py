@@ -229,6 +229,11 @@ def plan(stages: tuple, budget_s: float = BUDGET_S) -> list:
     return out
 
 
+def _sigint_ignored() -> bool:
+    """True where this process ignores SIGINT, so its children would too (POSIX)."""
+    return os.name == "posix" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 def _interruptible() -> None:
     """Run in a stage's process before exec: SIGINT back to its default, so that pytest sees the
     interrupt that stops it (a shell's background job starts with SIGINT ignored, and children
@@ -271,7 +276,7 @@ def run_stage(stage: Stage, raw: Path, window_s: float, clock: Callable[[], floa
     t0 = clock()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                preexec_fn=_interruptible if os.name == "posix" else None)
+                                preexec_fn=_interruptible if _sigint_ignored() else None)
         try:
             outcome = f"exit {proc.wait(timeout=max(1.0, run_s))}"
         except subprocess.TimeoutExpired:
