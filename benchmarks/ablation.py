@@ -47,7 +47,7 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
         retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False,
         dense_blocks: tuple = ()) -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
-    from doe.localize import LocalizationConfig, choose_dense_blocks, compensation_offsets, localize
+    from doe.localize import ExpertSearchConfig, LocalizationConfig, choose_dense_blocks, compensation_offsets, localize
     from doe.models import load_model
     from doe.prompt import PromptTuningConfig, TaskModel, probe_head, prompt_tune
     from doe.tasks import load_task
@@ -119,12 +119,13 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
                 print(f"  keep {keep} {variant}: {a:.3f}", flush=True)
 
         chosen = {}
+        sensitivity_examples = ExpertSearchConfig().sensitivity_examples  # as find_expert measures blocks
         for target in targets:
             scores = score_neurons(tm, data, AttributionConfig(seed=seed, target=target, show_progress=False))
             for keep, scope in itertools.product(keeps, scopes):
                 local = LocalizationConfig(keep_ratio=keep, scope=scope, dense_blocks=dense_blocks)
                 if dense_blocks == "auto":
-                    local, rises = choose_dense_blocks(tm, scores, local, data.train[:64])
+                    local, rises = choose_dense_blocks(tm, scores, local, data.train[:sensitivity_examples])
                     print(f"  keep {keep}: dense blocks {list(local.dense_blocks)} (largest rises "
                           f"{sorted(rises, reverse=True)[:3]})", flush=True)
                 chosen[keep] = local.dense_blocks

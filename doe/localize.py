@@ -223,9 +223,10 @@ def _sensitive_blocks(rises: Sequence[float], config: LocalizationConfig, totals
     if not measured:
         return ()
     bar = config.sensitivity_factor * max(measured[len(measured) // 2], 1e-6)
-    chosen, taken, budget = [], 0, config.keep_ratio * sum(totals)
+    whole = sum(totals)
+    chosen, taken, budget = [], 0, config.keep_ratio * whole
     for i in sorted(range(len(rises)), key=lambda b: -rises[b]):
-        rest = sum(totals) - taken - totals[i]
+        rest = whole - taken - totals[i]
         if rises[i] <= bar or (rest and budget - taken - totals[i] < _REST_SHARE * config.keep_ratio * rest):
             break
         chosen.append(i)
