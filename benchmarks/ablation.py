@@ -6,7 +6,7 @@ changed at a time.
                                       [--max-train 200] [--max-eval 200] [--retune-epochs 2] [--seeds 0]
                                       [--readout auto|head|mean|verbalizer] [--random-at 0.2]
                                       [--retune-compensated-only] [--readout-layer auto|last|N]
-                                      [--reprobe] [--dense-blocks 0]
+                                      [--reprobe] [--dense-blocks 0] [--readout-first auto|on|off]
 
 --task takes a registered task or a published data set (benchmarks.published: reuters_r8).
 --retune-epochs takes a comma list; the first value re-tunes every variant, each further value
@@ -15,7 +15,8 @@ ratios, randomly chosen neurons put through the same steps (compensated, re-tune
 adds, per expert, the head fitted again as a probe of the expert's states, then re-tuned from
 there (what ``find_expert`` does by default for a head that started as a probe); the random rows
 then take that path too. --readout-layer: the layer the head reads (default auto: chosen by
-cross-validated probes on the training texts).
+cross-validated probes on the training texts); --readout-first: whether the head also reads the
+first layer's states (PromptTuningConfig.readout_first; default auto).
 
 Per seed, one prompt tuning on the dense model; per attribution target one scoring pass; per
 keep ratio and allocation scope one localization, evaluated four ways: as localized or with the
@@ -45,11 +46,12 @@ def resolve_task(task: str):
 def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, retune_epochs, seeds: list,
         scopes: tuple = ("layer",), targets: tuple = ("logit",), readout: str = "auto", random_at=(),
         retune_compensated_only: bool = False, readout_layer="auto", reprobe: bool = False,
-        dense_blocks: tuple = ()) -> list:
+        dense_blocks: tuple = (), readout_first="auto") -> list:
     from doe.attribution import AttributionConfig, mean_down_inputs, score_neurons
     from doe.localize import ExpertSearchConfig, LocalizationConfig, choose_dense_blocks, compensation_offsets, localize
     from doe.models import load_model
-    from doe.prompt import PromptTuningConfig, TaskModel, probe_head, prompt_tune
+    from doe.probe import probe_head
+    from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
     from doe.tasks import load_task
     from doe.unplug import unplugged
 
@@ -66,14 +68,16 @@ def run(model_name: str, task: str, keeps: list, max_train: int, max_eval: int, 
     rows = []
     for seed in seeds:
         t0 = time.time()
-        cfg = PromptTuningConfig(seed=seed, show_progress=False, readout=readout, readout_layer=readout_layer)
+        cfg = PromptTuningConfig(seed=seed, show_progress=False, readout=readout, readout_layer=readout_layer,
+                                 readout_first=readout_first)
         tm = TaskModel(model, tok, data.spec, num_tokens=cfg.num_tokens, max_length=cfg.max_length, seed=seed,
                        readout=readout)
         prompt_tune(tm, data, cfg)
         dense = acc(tm)
         rows.append(dict(seed=seed, keep=1.0, variant="dense", acc=dense))
         means = mean_down_inputs(tm, data.train)
-        print(f"seed {seed}: dense {dense:.3f}, head reads layer {tm.readout_layer or 'last'} "
+        layers = ", ".join(str(k or "last") for k in tm.readout_layers)
+        print(f"seed {seed}: dense {dense:.3f}, head reads layer(s) {layers} "
               f"({time.time() - t0:.0f} s)", flush=True)
 
         def reprobed(expert, epochs):
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-at", default="", help="comma list of keep ratios for the random-neuron rows")
     ap.add_argument("--readout-layer", default="auto", help="auto, last, or a layer number")
     ap.add_argument("--reprobe", action="store_true", help="add the re-probed rows (see above)")
+    ap.add_argument("--readout-first", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--dense-blocks", default="", help="auto, or a comma list of FFN blocks every expert keeps whole")
     ap.add_argument("--retune-compensated-only", action="store_true",
                     help="re-tune only the compensated experts (the other rows as localized)")
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
                tuple(args.scopes.split(",")), tuple(args.targets.split(",")), args.readout,
                [float(k) for k in args.random_at.split(",") if k], args.retune_compensated_only,
                _layer_arg(args.readout_layer), args.reprobe,
-               "auto" if args.dense_blocks == "auto" else tuple(int(b) for b in args.dense_blocks.split(",") if b))
+               "auto" if args.dense_blocks == "auto" else tuple(int(b) for b in args.dense_blocks.split(",") if b),
+               {"auto": "auto", "on": True, "off": False}[args.readout_first])
     print(table(rows, f"{args.model} (readout {args.readout})", args.task))
     return 0
 

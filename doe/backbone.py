@@ -95,6 +95,12 @@ def layer_states(model: nn.Module, inputs: dict, layers) -> dict:
     return out
 
 
+def head_layers(head: Optional[nn.Module]) -> tuple:
+    """The layers whose states ``head`` reads, side by side in this order: its ``layers``
+    attribute, else its ``layer`` (None: the last hidden states)."""
+    return tuple(getattr(head, "layers", None) or (getattr(head, "layer", None),))
+
+
 def head_pooling(kind: str, head: Optional[nn.Module]) -> str:
     """How a head on a model of ``kind`` pools the text's states: "mean" (encoders always, a
     decoder head whose ``pooling`` attribute says so) or "last" (the last text token's)."""
@@ -201,8 +207,8 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         inputs: ``prompted_inputs``' dict.
         heads: per row, its linear head (H -> C_r) or None; rows may share a module. Encoders
             read the mean of the text's last hidden states, decoders the last text token's, or
-            the mean where the head's ``pooling`` attribute is "mean"; at the layer the head's
-            ``layer`` attribute names, where it has one.
+            the mean where the head's ``pooling`` attribute is "mean"; at the layers its
+            ``layers`` attribute names (their states side by side), or at its ``layer``.
         label_ids: per row, (C_r,) verbalizer token ids, for rows without a head (decoders:
             the next-token logits at the last text token; seq2seq: at the first decoder step).
     """
@@ -222,25 +228,24 @@ def classify(model: nn.Module, inputs: dict, *, heads: Optional[Sequence[Optiona
         dec = torch.full((b, 1), first, dtype=torch.long, device=embeds.device)
         logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
         return [logits[r, ids].float() for r, ids in enumerate(label_ids)]
-    # per row: which layer it reads (None: the last hidden states) and how it pools them
-    where = [getattr(heads[r], "layer", None) for r in range(b)]
+    # per row: which layers it reads (None: the last hidden states) and how it pools them
+    where = [head_layers(heads[r]) for r in range(b)]
     pooling = [head_pooling(kind, heads[r]) for r in range(b)]
-    hidden = layer_states(model, inputs, set(where))
-    states = None
+    hidden = layer_states(model, inputs, {k for layers in where for k in layers})
+    states: list = [None] * b  # per row, (n * H,): its layers' states side by side
     for key in dict.fromkeys(zip(where, pooling)):
         rows = [r for r in range(b) if (where[r], pooling[r]) == key]
-        read = read_states(hidden[key[0]], inputs, rows, key[1])
-        if states is None:
-            states = read.new_zeros(b, read.shape[-1], dtype=hidden[key[0]].dtype)
-        states[rows] = read.to(states.dtype)
+        read = torch.cat([read_states(hidden[k], inputs, rows, key[1]).to(hidden[k].dtype) for k in key[0]], -1)
+        for r, state in zip(rows, read):
+            states[r] = state
     out: list = [None] * b
     with_head = [r for r in range(b) if heads[r] is not None]
     for head, rows in _by_reader(heads, with_head):
-        for r, logits in zip(rows, head(states[rows].to(head.weight.dtype))):
+        for r, logits in zip(rows, head(torch.stack([states[r] for r in rows]).to(head.weight.dtype))):
             out[r] = logits.float()
     rest = [r for r in range(b) if heads[r] is None]
     if rest:
-        vocab = lm_logits(model, states[rest])
+        vocab = lm_logits(model, torch.stack([states[r] for r in rest]))
         place = {r: i for i, r in enumerate(rest)}
         for ids, rows in _by_reader(label_ids, rest):
             picked = vocab[[place[r] for r in rows]][:, ids].float()

@@ -182,7 +182,8 @@ def _cmd_localize(args) -> int:
     with _user_input("localize options"):  # the config classes validate every value
         configs = [ExpertSearchConfig(
             prompt=PromptTuningConfig(num_tokens=args.prompt_tokens, epochs=args.epochs, seed=args.seed,
-                                      show_progress=not args.quiet, readout=args.readout, readout_layer=layer),
+                                      show_progress=not args.quiet, readout=args.readout, readout_layer=layer,
+                                      readout_first="auto" if args.readout_first is None else args.readout_first),
             attribution=AttributionConfig(method=args.method, target=args.target, max_examples=args.max_examples,
                                           seed=args.seed, show_progress=not args.quiet),
             localization=LocalizationConfig(keep_ratio=keep, scope=args.scope, multiple_of=args.multiple_of,

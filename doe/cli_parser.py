@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the layer a head reads: N (the states after N layers; the forward stops there), last, or "
                         "auto (default: on decoders, the shallowest layer whose probe cross-validates within a point "
                         "of the best; the last layer on encoders)")
+    p.add_argument("--readout-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="a head reading a layer past the first also reads the first layer's states, side by side "
+                        "(default: on for heads that start as a probe, i.e. decoders)")
     p.add_argument("--no-reprobe", action="store_true",
                    help="keep the dense probe head on the expert instead of fitting it again on the expert's states")
     p.add_argument("--max-examples", type=int, help="examples used for scoring (default: all training examples)")

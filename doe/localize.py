@@ -19,7 +19,8 @@ from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, r
 from doe.expert import TaskExpert, model_fingerprint
 from doe.models import model_source
 from doe.models import eval_mode, frozen
-from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, probe_head, probes_head, prompt_tune
+from doe.probe import probe_head
+from doe.prompt import PromptTuningConfig, PromptTuningResult, TaskModel, probes_head, prompt_tune
 from doe.tasks import Example, TaskData, TaskSpec, get_task, load_task, spec_to_dict
 from doe.unplug import unplugged
 

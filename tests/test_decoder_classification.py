@@ -158,7 +158,7 @@ def test_localize_and_eval_commands_take_the_instruction_and_the_readout(tmp_pat
 
 
 def test_probe_head_is_the_penalized_logistic_regression_of_the_states_it_reads():
-    from doe.prompt import probe_head
+    from doe.probe import probe_head
 
     data = load_task(TASK, max_train=24)
     tok = tiny_tokenizer([e.text for e in data.train])

@@ -14,7 +14,8 @@ from doe.backbone import classify, layer_modules, prompted_inputs
 from doe.evaluate import evaluate
 from doe.expert import TaskExpert
 from doe.localize import ExpertSearchConfig, LocalizationConfig, find_expert, localize
-from doe.prompt import PromptTuningConfig, TaskModel, choose_readout_layer, probe_head, prompt_tune
+from doe.probe import choose_readout_layer, probe_head
+from doe.prompt import PromptTuningConfig, TaskModel, prompt_tune
 from doe.tasks import load_task
 from doe.testing import sliced_copy
 from tiny_models import HIDDEN, make_config, make_tiny, tiny_tokenizer
@@ -157,6 +158,7 @@ def test_the_expert_head_is_fitted_again_on_the_expert_states_as_on_a_hand_slice
     found = find_expert(model, tok, data, config)
     expert = found.expert
     assert expert.head["readout_layer"].item() == 3
+    assert expert.head["readout_layers"].tolist() == [1.0, 3.0]  # a probed head reads the first layer too
     # by hand: the dense prompt and head on a sliced copy, the head fitted there as a probe
     copy = sliced_copy(model, expert.indices)
     by_hand = TaskModel(copy, tok, data.spec, prompt=expert.dense_prompt, head=expert.dense_head)
