@@ -16,8 +16,10 @@ does not depend on its neighbours. Read-outs by model kind:
 - seq2seq (T5, ...): the first decoder step's logits at the verbalizer tokens.
 
 A head may read an earlier layer (its ``layer`` attribute: the states after that many layers;
-None, the model's last hidden states). The forward then stops after the deepest layer any row
-reads: a task read at layer 6 of 30 runs 6 layers.
+None, the model's last hidden states), or several side by side (its ``layers``). The forward then
+stops after the deepest layer any row reads: a task read at layer 6 of 30 runs 6 layers.
+``LayerReplay`` records the first layers' outputs over a fixed sequence of forwards and answers
+them again instead of running those layers (what a change in a later layer leaves the same).
 
 ``pooled_text`` gives the dense model's mean-pooled text states without a prompt (the router's
 embeddings); ``generation_inputs`` the prompted embeddings a decoder continues in ``generate``.
@@ -25,6 +27,7 @@ embeddings); ``generation_inputs`` the prompted embeddings a decoder continues i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -34,7 +37,8 @@ from doe.locking import model_lock
 from doe.models import model_kind
 
 __all__ = ["prompted_inputs", "classify", "lm_logits", "pooled_text", "generation_inputs", "base_model",
-           "layer_modules", "layer_states", "head_pooling", "read_states"]
+           "layer_modules", "layer_states", "head_layers", "head_pooling", "read_states", "LayerReplay",
+           "layer_index"]
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -93,6 +97,83 @@ def layer_states(model: nn.Module, inputs: dict, layers) -> dict:
             for h in handles:
                 h.remove()
     return out
+
+
+class _Replayed(nn.Module):
+    """Stands in for a layer: answers the outputs it recorded, one per call, in order; any other
+    attribute is the layer's (models read some, e.g. its attention type)."""
+
+    def __init__(self, layer: nn.Module, outputs: list):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its parameters stay the layer's own
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        if self.calls >= len(self.outputs):
+            raise RuntimeError(f"LayerReplay: {self.calls + 1} forwards asked for the {len(self.outputs)} recorded")
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._layer, name)
+
+
+class LayerReplay:
+    """The outputs of the first ``depth`` layers of ``model``'s stack over the forwards run inside
+    ``recording()``; inside ``skipping(n)`` the first n layers answer them again, forward by
+    forward in the same order, instead of running. For a change that starts at layer n (an FFN
+    inside it pruned), forwards over the same batches then cost the layers from n on only.
+    Holds every recorded output: (batches x depth) tensors of (B, L, H)."""
+
+    def __init__(self, model: nn.Module, depth: int):
+        self.stack = layer_modules(model) if depth > 0 else nn.ModuleList()
+        self.depth = min(depth, len(self.stack))
+        self.outputs: list[list] = [[] for _ in range(self.depth)]
+
+    @contextmanager
+    def recording(self):
+        hooks = [self.stack[j].register_forward_hook(lambda m, args, out, j=j: self.outputs[j].append(out))
+                 for j in range(self.depth)]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    @contextmanager
+    def skipping(self, n: int):
+        if not 0 <= n <= self.depth:
+            raise ValueError(f"LayerReplay.skipping: expected 0..{self.depth} layers, got {n}")
+        originals = [self.stack[j] for j in range(n)]
+        replayed = [_Replayed(layer, self.outputs[j]) for j, layer in enumerate(originals)]
+        try:
+            for j, stub in enumerate(replayed):
+                self.stack[j] = stub
+            yield self
+        finally:
+            for j, layer in enumerate(originals):
+                self.stack[j] = layer
+        short = [j for j, stub in enumerate(replayed) if stub.calls != len(stub.outputs)]
+        if short:
+            raise RuntimeError(f"LayerReplay: layers {short} answered {replayed[short[0]].calls} forwards, "
+                               f"{len(self.outputs[short[0]])} were recorded")
+
+
+def layer_index(model: nn.Module, module_name: str) -> Optional[int]:
+    """The index in ``model``'s layer stack of the layer that holds the module named
+    ``module_name``; None where no layer of the stack holds it (a seq2seq decoder's)."""
+    try:
+        stack = layer_modules(model)
+    except ValueError:  # no stack of layers to name
+        return None
+    names = {id(m): name for name, m in model.named_modules()}
+    for j, layer in enumerate(stack):
+        if module_name.startswith(names.get(id(layer), "\0") + "."):
+            return j
+    return None
 
 
 def head_layers(head: Optional[nn.Module]) -> tuple:

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from doe.architectures import find_ffn_blocks
 from doe.attribution import AttributionConfig, NeuronScores, mean_down_inputs, reached_blocks, score_neurons
+from doe.backbone import LayerReplay, layer_index
 from doe.expert import TaskExpert, model_fingerprint
+from doe.locking import model_lock
 from doe.models import model_source
 from doe.models import eval_mode, frozen
 from doe.probe import probe_head
@@ -185,7 +187,8 @@ def block_sensitivity(task_model: TaskModel, expert: TaskExpert, examples: Seque
                       batch_size: int = 16) -> list[float]:
     """Per FFN block, how much pruning that block alone to ``expert``'s neurons raises the mean
     task loss of the dense ``task_model`` on ``examples`` (0 for a block the expert keeps whole or
-    the task never runs)."""
+    the task never runs). Each block's pass runs the layers from the block's on only (the ones
+    before answer the dense pass's outputs, ``LayerReplay``)."""
     model, examples = task_model.model, list(examples)
     if not examples:
         raise ValueError("block_sensitivity: expected at least one example, got none")
@@ -199,14 +202,18 @@ def block_sensitivity(task_model: TaskModel, expert: TaskExpert, examples: Seque
 
     depth = reached_blocks(task_model.readout_layer, expert.num_blocks)
     whole = [torch.arange(n, dtype=torch.int32) for n in expert.num_neurons]
-    with eval_mode(model):
-        base, rises = loss(), []
-        for i, (kept, n) in enumerate(zip(expert.kept, expert.num_neurons)):
-            if i >= depth or kept == n:
-                rises.append(0.0)
-                continue
-            with unplugged(model, TaskExpert.from_indices(model, whole[:i] + [expert.indices[i]] + whole[i + 1:])):
-                rises.append(loss() - base)
+    measured = [i for i, (kept, n) in enumerate(zip(expert.kept, expert.num_neurons)) if i < depth and kept < n]
+    # a block inside layer j leaves layers 0..j-1 as they were: they answer the dense pass's outputs
+    starts = {i: layer_index(model, block.name) or 0 for i, block in enumerate(find_ffn_blocks(model)) if i in measured}
+    replay = LayerReplay(model, max(starts.values(), default=0))
+    rises = [0.0] * expert.num_blocks
+    with model_lock(model), eval_mode(model):  # no other thread's forward meets the recording or the stand-ins
+        with replay.recording():
+            base = loss()
+        for i in measured:
+            with unplugged(model, TaskExpert.from_indices(model, whole[:i] + [expert.indices[i]] + whole[i + 1:])), \
+                    replay.skipping(starts[i]):
+                rises[i] = loss() - base
     return rises
 
 
